@@ -1,0 +1,62 @@
+"""mailgate's exceptions: one tree, each carrying what the caller needs as data.
+
+Callers branch on the class and on `transient`, never on the text: the text is for people.
+"""
+
+from __future__ import annotations
+
+
+class MailgateError(Exception):
+    """Base of every error mailgate raises on purpose."""
+
+
+class InvalidInput(MailgateError, ValueError):
+    """Input that can never succeed as given: a bad message or a bad settings document.
+
+    `problems` lists every problem found, each as (field, explanation), so an API or a form can
+    point at all the fields at once instead of one per round trip.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{field}: {text}" if field else text for field, text in problems))
+
+    @property
+    def field(self) -> str:
+        return self.problems[0][0] if self.problems else ""
+
+
+class MessageError(InvalidInput):
+    """The message is not valid: an address, a header, its size, or it has no recipient."""
+
+
+class SettingsError(InvalidInput):
+    """The mail server document is not valid."""
+
+
+class DeliveryError(MailgateError):
+    """Talking to a mail server failed before a message could be handed over.
+
+    `transient` says whether trying again later, unchanged, may succeed. `code`, `enhanced` and
+    `reply` are the server's answer when there was one (None when the failure was ours or the
+    network's).
+    """
+
+    transient: bool = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        enhanced: str | None = None,
+        reply: str | None = None,
+        transient: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.enhanced = enhanced
+        self.reply = reply
+        if transient is not None:
+            self.transient = transient

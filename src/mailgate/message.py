@@ -1,0 +1,480 @@
+"""Messages: the model applications build, its validation, its envelope and its MIME bytes.
+
+A `Message` is validated when it is made, so a bad address or an injected header is refused at
+the application's call, not minutes later in a worker. `compose()` writes RFC 5322 bytes straight
+from the fields (see `_mime`); the result reads back identically through the stdlib parser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from functools import lru_cache
+
+from . import _mime
+from ._mime import CRLF
+from .errors import MessageError
+
+DEFAULT_MAX_SIZE = 35 * 1024 * 1024  # Exchange Online's default maximum message size
+MAX_NAME_LENGTH = 256
+
+# Headers that the composer writes from the message's own fields, or that only servers may add.
+FORBIDDEN_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "From",
+        "Sender",
+        "To",
+        "Cc",
+        "Bcc",
+        "Reply-To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Content-Disposition",
+        "Return-Path",
+        "Received",
+    )
+)
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ":"
+_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+_CONTENT_ID = re.compile(r"[!-;=?-~]+")  # visible ASCII without "<" and ">"
+_NAME_ADDR = re.compile(r"(.*?)\s*<([^<>]*)>")
+
+
+def _has_line_break(text: str) -> bool:
+    return "\r" in text or "\n" in text
+
+
+@lru_cache(maxsize=8192)
+def _check_address(address: str) -> tuple[str, str | None, str]:
+    """(normalized address, ASCII form or None when the local part needs SMTPUTF8, ASCII domain).
+
+    Cached: notification mail repeats its senders and many of its recipients.
+    """
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        v = validate_email(
+            address,
+            check_deliverability=False,
+            # Notification mail goes through relays to internal domains too ("intranet",
+            # "corp.example"); only names that can never receive mail are refused.
+            globally_deliverable=False,
+            test_environment=True,
+        )
+    except EmailNotValidError as e:
+        raise ValueError(str(e)) from None
+    ascii_form = v.ascii_email or (v.local_part + "@" + v.ascii_domain if v.local_part.isascii() else None)
+    return v.normalized, ascii_form, v.ascii_domain
+
+
+class Address:
+    """A mailbox: an address and an optional display name.
+
+    `Address("jörg@exämple.de", "Jörg")`, or parsed from `"Jörg <jörg@exämple.de>"`.
+    """
+
+    __slots__ = ("address", "ascii_address", "ascii_domain", "name")
+
+    address: str  # normalized: domain lower-cased, Unicode NFC
+    name: str
+    ascii_address: str | None  # domain as A-labels; None when the local part is not ASCII
+    ascii_domain: str
+
+    def __init__(self, address: str, name: str = "") -> None:
+        if not isinstance(address, str) or not isinstance(name, str):
+            raise ValueError("an address and its display name must be text")
+        if _has_line_break(address) or _has_line_break(name):
+            raise ValueError("line breaks are not allowed in an address or display name (header injection)")
+        if len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"the display name is longer than {MAX_NAME_LENGTH} characters")
+        address = address.strip()
+        if not address:
+            raise ValueError("the address is empty")
+        self.address, self.ascii_address, self.ascii_domain = _check_address(address)
+        self.name = name.strip()
+
+    @classmethod
+    def parse(cls, value: str | Address) -> Address:
+        """An `Address` from `"addr"`, `"Name <addr>"` or `'"Name, Inc." <addr>'`."""
+        if isinstance(value, Address):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"expected an address as text, got {type(value).__name__}")
+        if _has_line_break(value):
+            raise ValueError("line breaks are not allowed in an address or display name (header injection)")
+        m = _NAME_ADDR.fullmatch(value.strip())
+        if not m:
+            return cls(value)
+        name = m.group(1).strip()
+        if len(name) >= 2 and name[0] == name[-1] == '"':
+            name = re.sub(r"\\(.)", r"\1", name[1:-1])
+        return cls(m.group(2), name)
+
+    @property
+    def requires_smtputf8(self) -> bool:
+        return self.ascii_address is None
+
+    def envelope_form(self, utf8: bool) -> str:
+        if utf8 or self.ascii_address is None:
+            return self.address
+        return self.ascii_address
+
+    def header_tokens(self, utf8: bool) -> list[str]:
+        addr = self.envelope_form(utf8)
+        if not self.name:
+            return [addr]
+        return [*_mime.phrase(self.name, utf8), f"<{addr}>"]
+
+    def __str__(self) -> str:
+        return f'"{self.name}" <{self.address}>' if self.name else self.address
+
+    def __repr__(self) -> str:
+        return f"Address({self.address!r}, {self.name!r})" if self.name else f"Address({self.address!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Address) and (self.address, self.name) == (other.address, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.address, self.name))
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file sent with the message. With a `content_id` it is inline: the HTML refers to it as
+    `cid:<content_id>` and it travels in multipart/related beside the HTML."""
+
+    filename: str
+    content_type: str
+    data: bytes
+    content_id: str | None = None
+
+    @property
+    def inline(self) -> bool:
+        return self.content_id is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The SMTP envelope: who the server hears it is from (MAIL FROM) and who gets it (RCPT TO)."""
+
+    mail_from: str
+    rcpt_to: tuple[str, ...]
+
+
+_now_cache: tuple[int, datetime, str] = (0, datetime.now(UTC), "")
+
+
+def _now() -> tuple[datetime, str]:
+    # format_datetime costs ~5 µs; one format per second serves every message of that second.
+    global _now_cache
+    t = int(time.time())
+    if _now_cache[0] != t:
+        dt = datetime.fromtimestamp(t, UTC)
+        _now_cache = (t, dt, format_datetime(dt))
+    return _now_cache[1], _now_cache[2]
+
+
+AddressInput = str | Address
+AddressesInput = AddressInput | Iterable[AddressInput] | None
+HeadersInput = Mapping[str, str] | Sequence[tuple[str, str]] | None
+
+
+class Message:
+    """One notification e-mail. Validated on construction; raises `MessageError` listing every
+    problem found (field and explanation).
+
+    `from_` is the From mailbox (the trailing underscore because `from` is a keyword).
+    `message_id` and `date` are fixed at construction, so a message composed again for a retry is
+    byte-for-byte the same message and duplicates can be recognized.
+    """
+
+    __slots__ = (
+        "_date_header",
+        "attachments",
+        "bcc",
+        "cc",
+        "date",
+        "from_",
+        "headers",
+        "html",
+        "message_id",
+        "reply_to",
+        "subject",
+        "text",
+        "to",
+    )
+
+    def __init__(
+        self,
+        *,
+        from_: AddressInput,
+        to: AddressesInput = None,
+        cc: AddressesInput = None,
+        bcc: AddressesInput = None,
+        reply_to: AddressesInput = None,
+        subject: str = "",
+        text: str | None = None,
+        html: str | None = None,
+        attachments: Iterable[Attachment] = (),
+        headers: HeadersInput = None,
+        message_id: str | None = None,
+        date: datetime | None = None,
+        max_size: int = DEFAULT_MAX_SIZE,
+    ) -> None:
+        problems: list[tuple[str, str]] = []
+
+        def one(field: str, value: AddressInput) -> Address | None:
+            try:
+                return Address.parse(value)
+            except ValueError as e:
+                problems.append((field, f"{value!r} is not a valid address: {e}"))
+                return None
+
+        def many(field: str, values: AddressesInput) -> list[Address]:
+            if values is None:
+                return []
+            if isinstance(values, (str, Address)):
+                values = [values]
+            out = []
+            for i, v in enumerate(values):
+                a = one(f"{field}[{i}]", v)
+                if a is not None:
+                    out.append(a)
+            return out
+
+        sender = one("from", from_)
+        self.to = many("to", to)
+        self.cc = many("cc", cc)
+        self.bcc = many("bcc", bcc)
+        self.reply_to = many("reply_to", reply_to)
+        if not (self.to or self.cc or self.bcc) and not any(f.startswith(("to", "cc", "bcc")) for f, _ in problems):
+            problems.append(("to", "the message has no recipient (to, cc or bcc)"))
+
+        if not isinstance(subject, str):
+            problems.append(("subject", "must be text"))
+        elif _has_line_break(subject):
+            problems.append(("subject", "line breaks are not allowed in the subject (header injection)"))
+        for field, body in (("text", text), ("html", html)):
+            if body is not None and not isinstance(body, str):
+                problems.append((field, "must be text"))
+        self.subject, self.text, self.html = subject, text, html
+
+        self.attachments = list(attachments)
+        for i, att in enumerate(self.attachments):
+            problems.extend((f"attachments[{i}].{f}", t) for f, t in _attachment_problems(att))
+
+        self.headers = _check_headers(headers, problems)
+
+        if message_id is None:
+            domain = sender.ascii_domain if sender else "mailgate.invalid"
+            message_id = f"<{time.time_ns():x}.{os.urandom(8).hex()}@{domain}>"
+        elif not isinstance(message_id, str) or not re.fullmatch(r"<?[!-;=?-~]+@[!-;=?-~]+>?", message_id):
+            problems.append(("message_id", "must look like <unique-part@domain>, visible ASCII only"))
+        elif not message_id.startswith("<"):
+            message_id = f"<{message_id.rstrip('>')}>"
+        self.message_id = message_id
+
+        if date is None:
+            self.date, self._date_header = _now()
+        elif not isinstance(date, datetime) or date.tzinfo is None:
+            problems.append(("date", "must be a datetime with a time zone"))
+        else:
+            self.date, self._date_header = date, format_datetime(date)
+
+        if not problems:
+            size = self.estimated_size()
+            if size > max_size:
+                problems.append(("size", f"the message would be about {size:,} bytes; the limit is {max_size:,} bytes"))
+        if problems:
+            raise MessageError(problems)
+        assert sender is not None
+        self.from_ = sender
+
+    # ---- envelope -------------------------------------------------------------------------
+
+    @property
+    def recipients(self) -> list[Address]:
+        """To, Cc and Bcc in that order, each address once."""
+        seen: set[str] = set()
+        out = []
+        for a in (*self.to, *self.cc, *self.bcc):
+            if a.address not in seen:
+                seen.add(a.address)
+                out.append(a)
+        return out
+
+    @property
+    def requires_smtputf8(self) -> bool:
+        """True when an address has a non-ASCII local part: only SMTPUTF8 servers can take it."""
+        return any(a.requires_smtputf8 for a in (self.from_, *self.to, *self.cc, *self.bcc, *self.reply_to))
+
+    def envelope(self, *, utf8: bool = False, mail_from: str | None = None) -> Envelope:
+        """The envelope, in ASCII form unless `utf8` (addresses with non-ASCII local parts stay
+        Unicode either way; only an SMTPUTF8 server accepts those)."""
+        sender = mail_from if mail_from is not None else self.from_.envelope_form(utf8)
+        return Envelope(sender, tuple(a.envelope_form(utf8) for a in self.recipients))
+
+    # ---- composition ----------------------------------------------------------------------
+
+    def estimated_size(self) -> int:
+        """An upper estimate of the composed size (base64 grows content by 4/3, plus headers)."""
+        n = 2048 + len(self.subject) * 4
+        for body in (self.text, self.html):
+            if body:
+                n += len(body) * 4 if not body.isascii() else len(body) + len(body) // 32
+        for att in self.attachments:
+            n += len(att.data) * 4 // 3 + len(att.data) // 38 + 512
+        return n
+
+    def compose(self, *, utf8: bool = False) -> bytes:
+        """RFC 5322 bytes with CRLF line ends. `utf8` writes non-ASCII headers as raw UTF-8
+        (RFC 6532, only for SMTPUTF8 servers); otherwise they become RFC 2047 encoded words.
+        Bcc never appears in the headers."""
+        if self.requires_smtputf8:
+            utf8 = True
+        h = [
+            "Date: ",
+            self._date_header,
+            CRLF,
+            _mime.fold("From", self.from_.header_tokens(utf8)),
+        ]
+        if self.reply_to:
+            h.append(_address_list("Reply-To", self.reply_to, utf8))
+        if self.to:
+            h.append(_address_list("To", self.to, utf8))
+        if self.cc:
+            h.append(_address_list("Cc", self.cc, utf8))
+        h.append(_mime.unstructured("Subject", self.subject, utf8))
+        h += ["Message-ID: ", self.message_id, CRLF]
+        for name, value in self.headers:
+            h.append(_mime.unstructured(name, value, utf8, literal=False))
+        h.append("MIME-Version: 1.0\r\n")
+        part_headers, body = self._body()
+        h.append(part_headers)
+        h.append(CRLF)
+        return "".join(h).encode("utf-8" if utf8 else "ascii") + body
+
+    def _body(self) -> tuple[str, bytes]:
+        """(Content-* header lines, body bytes) of the whole MIME tree.
+
+        mixed(alternative(text, related(html, inline…)), attachment…), with every level that has
+        a single member collapsed into that member.
+        """
+        inline = [a for a in self.attachments if a.inline and self.html is not None]
+        files = [a for a in self.attachments if not (a.inline and self.html is not None)]
+        parts: list[tuple[str, bytes]] = []
+        if self.text is not None or self.html is None:
+            parts.append(_text_part(self.text or "", "plain"))
+        if self.html is not None:
+            html = _text_part(self.html, "html")
+            if inline:
+                html = _multipart("related", [html, *map(_attachment_part, inline)], 'type="text/html"')
+            parts.append(html)
+        body = parts[0] if len(parts) == 1 else _multipart("alternative", parts)
+        if files:
+            body = _multipart("mixed", [body, *map(_attachment_part, files)])
+        return body
+
+    def __repr__(self) -> str:
+        return f"<Message {self.message_id} from {self.from_} to {len(self.recipients)} recipient(s)>"
+
+
+def _address_list(name: str, addresses: list[Address], utf8: bool) -> str:
+    tokens: list[str] = []
+    for i, a in enumerate(addresses):
+        t = a.header_tokens(utf8)
+        if i < len(addresses) - 1:
+            t[-1] += ","
+        tokens += t
+    return _mime.fold(name, tokens)
+
+
+def _text_part(text: str, subtype: str) -> tuple[str, bytes]:
+    cte, body = _mime.text_body(text)
+    return f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n', body
+
+
+def _attachment_part(att: Attachment) -> tuple[str, bytes]:
+    name_param, file_param = _mime.filename_params(att.filename)
+    headers = [
+        _mime.fold("Content-Type", [att.content_type + ";", name_param]),
+        _mime.fold("Content-Disposition", ["inline;" if att.inline else "attachment;", file_param]),
+        "Content-Transfer-Encoding: base64\r\n",
+    ]
+    if att.content_id is not None:
+        headers.append(f"Content-ID: <{att.content_id}>\r\n")
+    return "".join(headers), _mime.base64_lines(att.data)
+
+
+def _multipart(subtype: str, parts: list[tuple[str, bytes]], params: str = "") -> tuple[str, bytes]:
+    boundary = _mime.boundary()
+    marker = boundary.encode()
+    while any(marker in body for _, body in parts):  # never in practice; see _mime.boundary
+        boundary = _mime.boundary()
+        marker = boundary.encode()
+    delimiter = b"\r\n--" + marker + b"\r\n"
+    out = [b"This is a multipart message in MIME format.\r\n"]
+    for headers, body in parts:
+        out += [delimiter, headers.encode("ascii"), b"\r\n", body]
+    out.append(b"\r\n--" + marker + b"--\r\n")
+    extra = f"; {params}" if params else ""
+    return f'Content-Type: multipart/{subtype}; boundary="{boundary}"{extra}\r\n', b"".join(out)
+
+
+def _attachment_problems(att: object) -> list[tuple[str, str]]:
+    if not isinstance(att, Attachment):
+        return [("", f"expected an Attachment, got {type(att).__name__}")]
+    problems = []
+    if not isinstance(att.filename, str) or not att.filename.strip():
+        problems.append(("filename", "is empty"))
+    elif any(ord(c) < 32 or ord(c) == 127 for c in att.filename):
+        problems.append(("filename", "control characters and line breaks are not allowed"))
+    elif len(att.filename.encode("utf-8")) > 255:
+        problems.append(("filename", "is longer than 255 bytes"))
+    if not isinstance(att.content_type, str) or not _CONTENT_TYPE.fullmatch(att.content_type):
+        problems.append(("content_type", f"{att.content_type!r} is not a MIME type like application/pdf"))
+    if not isinstance(att.data, (bytes, bytearray, memoryview)):
+        problems.append(("data", "must be bytes"))
+    cid = att.content_id
+    if cid is not None and (not isinstance(cid, str) or not _CONTENT_ID.fullmatch(cid)):
+        problems.append(("content_id", "must be visible ASCII without spaces, '<' or '>'"))
+    return problems
+
+
+def _check_headers(headers: HeadersInput, problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if headers is None:
+        return []
+    items = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            problems.append(("headers", f"expected (name, value) text pairs, got {item!r}"))
+            continue
+        name, value = item
+        field = f"headers[{name!r}]"
+        lower = name.lower()
+        if not _HEADER_NAME.fullmatch(name):
+            problems.append((field, "a header name is printable ASCII without spaces or ':' (header injection?)"))
+        elif _has_line_break(value) or "\x00" in value:
+            problems.append((field, "line breaks are not allowed in a header value (header injection)"))
+        elif lower in FORBIDDEN_HEADERS:
+            problems.append((field, "is set by mailgate from the message's fields; use those instead"))
+        elif lower in seen:
+            problems.append((field, "is given twice"))
+        elif value.isascii() and len(name) + 2 + max(map(len, value.split(" "))) > _mime.HARD_LIMIT:
+            problems.append((field, "has a word too long for a header line (998 octets)"))
+        else:
+            seen.add(lower)
+            out.append((name, value))
+    return out
