@@ -1,0 +1,137 @@
+"""SASL mechanisms for SMTP AUTH (RFC 4954): PLAIN, LOGIN, CRAM-MD5 and XOAUTH2.
+
+Each mechanism talks through `Exchange`, which sends one line and returns the reply; the second
+argument is what the protocol log shows instead of the line, so a credential never reaches it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .errors import SMTPAuthError
+from .reply import Reply
+
+REDACTED = "[redacted]"
+
+Exchange = Callable[[bytes, str], Awaitable[Reply]]
+TokenSource = Callable[[], Awaitable[str]]
+
+# Strongest first: CRAM-MD5 never sends the password itself.
+PASSWORD_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")
+
+
+@dataclass(frozen=True)
+class PasswordAuth:
+    username: str
+    password: str = field(repr=False)
+    mechanism: str = "auto"  # or one of PASSWORD_MECHANISMS
+
+
+@dataclass(frozen=True)
+class OAuth2Auth:
+    """XOAUTH2: `token` is called for every new connection and returns a current access token."""
+
+    username: str
+    token: TokenSource = field(repr=False)
+
+
+Credentials = PasswordAuth | OAuth2Auth
+
+
+def choose_mechanism(creds: Credentials, offered: list[str]) -> str:
+    """The mechanism to use, or SMTPAuthError naming what the server offers."""
+    offered_text = "AUTH " + " ".join(offered) if offered else "no AUTH at all"
+    if isinstance(creds, OAuth2Auth):
+        wanted = ["XOAUTH2"]
+    elif creds.mechanism.lower() == "auto":
+        wanted = list(PASSWORD_MECHANISMS)
+    else:
+        wanted = [creds.mechanism.upper()]
+    for mech in wanted:
+        if mech in offered:
+            return mech
+    if not offered:
+        raise SMTPAuthError(
+            "the server does not offer authentication (no AUTH in its EHLO reply); if it is a relay "
+            "that needs no password, set auth to none",
+            transient=False,
+        )
+    if len(wanted) == 1:
+        raise SMTPAuthError(
+            f"the settings ask for {wanted[0]} but the server offers {offered_text}", mechanism=wanted[0]
+        )
+    raise SMTPAuthError(
+        f"the server offers {offered_text}; mailgate can log in with a password using " + ", ".join(PASSWORD_MECHANISMS)
+    )
+
+
+async def authenticate(exchange: Exchange, mechanism: str, creds: Credentials) -> Reply:
+    if mechanism == "XOAUTH2":
+        assert isinstance(creds, OAuth2Auth)
+        return await _xoauth2(exchange, creds)
+    assert isinstance(creds, PasswordAuth)
+    user, password = creds.username.encode(), creds.password.encode()
+    if mechanism == "PLAIN":
+        reply = await exchange(b"AUTH PLAIN " + _b64(b"\0" + user + b"\0" + password), f"AUTH PLAIN {REDACTED}")
+    elif mechanism == "LOGIN":
+        reply = await exchange(b"AUTH LOGIN", "AUTH LOGIN")
+        if reply.code == 334:
+            reply = await exchange(_b64(user), REDACTED)
+        if reply.code == 334:
+            reply = await exchange(_b64(password), REDACTED)
+    elif mechanism == "CRAM-MD5":
+        reply = await exchange(b"AUTH CRAM-MD5", "AUTH CRAM-MD5")
+        if reply.code == 334:
+            challenge = _unb64(reply.text)
+            digest = hmac.new(password, challenge, hashlib.md5).hexdigest().encode()
+            reply = await exchange(_b64(user + b" " + digest), REDACTED)
+    else:
+        raise SMTPAuthError(f"mailgate does not implement AUTH {mechanism}", mechanism=mechanism)
+    return await _finish(exchange, mechanism, reply)
+
+
+async def _xoauth2(exchange: Exchange, creds: OAuth2Auth) -> Reply:
+    token = await creds.token()
+    blob = f"user={creds.username}\x01auth=Bearer {token}\x01\x01".encode()
+    reply = await exchange(b"AUTH XOAUTH2 " + _b64(blob), f"AUTH XOAUTH2 {REDACTED}")
+    challenge: dict[str, object] | None = None
+    if reply.code == 334:
+        # An error challenge (Gmail): base64 JSON with status, schemes and scope. The client must
+        # answer with an empty line; the server then sends the final failure.
+        try:
+            decoded = json.loads(_unb64(reply.text))
+            challenge = decoded if isinstance(decoded, dict) else None
+        except ValueError:
+            challenge = None
+        reply = await exchange(b"", "")
+    if reply.code == 235:
+        return reply
+    what = "authentication with XOAUTH2 failed"
+    if challenge:
+        what += f" (the token was refused: {json.dumps(challenge, sort_keys=True)})"
+    raise SMTPAuthError.from_reply(what, reply, mechanism="XOAUTH2", challenge=challenge)
+
+
+async def _finish(exchange: Exchange, mechanism: str, reply: Reply) -> Reply:
+    if reply.code == 334:  # a further challenge we don't expect: cancel (RFC 4954 "*")
+        reply = await exchange(b"*", "*")
+        raise SMTPAuthError(f"the server sent an unexpected challenge during AUTH {mechanism}", mechanism=mechanism)
+    if reply.code != 235:
+        raise SMTPAuthError.from_reply(f"authentication with {mechanism} failed", reply, mechanism=mechanism)
+    return reply
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.strip(), validate=False)
+    except ValueError:
+        return b""

@@ -1,0 +1,506 @@
+"""The SMTP client: one connection, its session set-up, and message transactions over it.
+
+It pipelines (RFC 2920) when the server offers PIPELINING: MAIL FROM, every RCPT TO and DATA go
+out in one write and their replies are matched in order, then the body goes out in a second
+write: two round trips per message instead of 2 + recipients. Everything a transaction learns
+is returned per recipient in a `Delivery`; errors that stop the session itself (connect, TLS,
+AUTH, a timeout) raise an `SMTPError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Literal
+
+from ..delivery import Delivery, Outcome, RecipientResult
+from ..errors import MessageError
+from ..message import Envelope
+from . import auth as _auth
+from .auth import Credentials
+from .errors import (
+    SMTPConnectError,
+    SMTPDisconnectedError,
+    SMTPError,
+    SMTPNotSupportedError,
+    SMTPProtocolError,
+    SMTPResponseError,
+    SMTPSecurityError,
+    SMTPTimeoutError,
+    SMTPTLSError,
+)
+from .protocol import ProtocolLog, SMTPProtocol
+from .reply import Reply
+
+Security = Literal["none", "starttls", "starttls-required", "tls"]
+SECURITY_MODES: tuple[Security, ...] = ("none", "starttls", "starttls-required", "tls")
+
+_UNSAFE_IN_PATH = re.compile(r"[\x00-\x20\x7f<>]")
+_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+_SMALL_BODY = 1 << 16  # below this, body and final dot go out in one write
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    """Where and how to connect. Timeouts are seconds; `protocol_timeout` bounds every wait for
+    a reply, `connect_timeout` the TCP connect and each TLS handshake."""
+
+    host: str
+    port: int = 587
+    security: Security = "starttls-required"
+    verify_certificate: bool = True
+    ca_file: str | None = None
+    helo_name: str | None = None
+    connect_timeout: float = 30.0
+    protocol_timeout: float = 60.0
+    auth: Credentials | None = None
+
+    @property
+    def server(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@functools.lru_cache(maxsize=32)
+def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    """A client context, TLS 1.2 or newer. With `ca_file` only that CA bundle is trusted."""
+    if verify:
+        try:
+            ctx = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise SMTPTLSError(f"cannot load the CA file {ca_file!r}: {e}") from None
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+@functools.lru_cache(maxsize=1)
+def default_helo_name() -> str:
+    # Not socket.getfqdn(): it may wait seconds on DNS. Servers that insist on a fully qualified
+    # name say so in their reply, and `helo_name` sets one.
+    return socket.gethostname() or "localhost"
+
+
+class SMTPClient:
+    """One SMTP connection. Use as `async with SMTPClient(config) as smtp: await smtp.send(…)`.
+
+    `protocol_log`, when given, receives every line of the conversation ("C: …" / "S: …") with
+    AUTH payloads replaced by "[redacted]" and message content by its size only (notification
+    mail carries reset links and other secrets in its body).
+    """
+
+    def __init__(self, config: SMTPConfig, *, protocol_log: ProtocolLog | None = None) -> None:
+        self.config = config
+        self._log = protocol_log
+        self._proto: SMTPProtocol | None = None
+        self.greeting: Reply | None = None
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.tls_version: str | None = None
+        self.peer_certificate: dict[str, object] | None = None
+        self.auth_mechanism: str | None = None
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        p = self._proto
+        return p is not None and p.error is None and p.transport is not None and not p.transport.is_closing()
+
+    @property
+    def tls_active(self) -> bool:
+        return self.tls_version is not None
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    @property
+    def max_size(self) -> int | None:
+        """The server's SIZE limit in octets; None when it announces none (or "SIZE 0")."""
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.extensions
+
+    @property
+    def auth_mechanisms(self) -> list[str]:
+        return self.extensions.get("AUTH", "").upper().split()
+
+    # ---- session -------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> SMTPClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.quit()
+
+    async def connect(self) -> None:
+        """Connect, read the greeting, EHLO, STARTTLS as configured, EHLO again, and AUTH."""
+        cfg = self.config
+        try:
+            await self._open()
+            greeting = (await self._proto_().read(1, cfg.protocol_timeout))[0]
+            self.greeting = greeting
+            if greeting.code != 220:
+                raise SMTPConnectError.from_reply(f"{cfg.server} refused the session", greeting)
+            await self._ehlo()
+            if cfg.security in ("starttls", "starttls-required"):
+                await self._starttls()
+            if cfg.auth is not None:
+                await self._authenticate(cfg.auth)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _open(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        proto = SMTPProtocol(loop, self._log)
+        self._proto = proto
+        ctx = tls_context(cfg.verify_certificate, cfg.ca_file) if cfg.security == "tls" else None
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                await loop.create_connection(
+                    lambda: proto, cfg.host, cfg.port, ssl=ctx, server_hostname=cfg.host if ctx else None
+                )
+        except TimeoutError:
+            raise SMTPTimeoutError(f"connecting to {cfg.server} took longer than {cfg.connect_timeout:g} s") from None
+        except socket.gaierror as e:
+            raise SMTPConnectError(f"cannot resolve {cfg.host!r}: {e.strerror}") from None
+        except ssl.SSLCertVerificationError as e:
+            raise _certificate_error(cfg, e) from None
+        except ssl.SSLError as e:
+            raise SMTPTLSError(f"TLS with {cfg.server} failed: {e.reason or e}") from None
+        except OSError as e:
+            raise SMTPConnectError(f"cannot connect to {cfg.server}: {e.strerror or e}") from None
+        if ctx is not None:
+            self._note_tls()
+        if self._log:
+            self._log(f"-- connected to {cfg.server}" + (f" ({self.tls_version})" if ctx else ""))
+
+    async def _ehlo(self) -> None:
+        name = self.config.helo_name or default_helo_name()
+        reply = await self.command(f"EHLO {name}")
+        self.extensions = {}
+        if reply.code == 250:
+            self.esmtp = True
+            for line in reply.lines[1:]:
+                keyword, _, params = line.strip().partition(" ")
+                keyword = keyword.upper()
+                if keyword.startswith("AUTH="):  # pre-RFC 4954 servers: "AUTH=LOGIN PLAIN"
+                    keyword, params = "AUTH", keyword[5:] + " " + params
+                if keyword == "AUTH" and "AUTH" in self.extensions:
+                    params = self.extensions["AUTH"] + " " + params
+                self.extensions[keyword] = params.strip()
+            return
+        if reply.code in (500, 502, 504):  # a server from before ESMTP: HELO, no extensions
+            reply = await self.command(f"HELO {name}")
+            if reply.code == 250:
+                self.esmtp = False
+                return
+        raise SMTPResponseError.from_reply("the server refused EHLO", reply)
+
+    async def _starttls(self) -> None:
+        cfg = self.config
+        required = cfg.security == "starttls-required"
+        if "STARTTLS" not in self.extensions:
+            if required:
+                raise SMTPSecurityError(f"{cfg.server} does not offer STARTTLS, and security is starttls-required")
+            return
+        reply = await self.command("STARTTLS")
+        if reply.code != 220:
+            if required:
+                raise SMTPSecurityError.from_reply("the server refused STARTTLS", reply)
+            return
+        proto = self._proto_()
+        if proto.has_buffered_input:
+            # Anything that arrived before the handshake could have been injected by an attacker
+            # on the path (CVE-2011-0411 style): never read it as part of the encrypted session.
+            raise SMTPProtocolError("the server sent data after its STARTTLS reply, before TLS started")
+        loop = asyncio.get_running_loop()
+        assert proto.transport is not None
+        ctx = tls_context(cfg.verify_certificate, cfg.ca_file)
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                transport = await loop.start_tls(proto.transport, proto, ctx, server_hostname=cfg.host)
+        except TimeoutError:
+            raise SMTPTimeoutError(
+                f"the TLS handshake with {cfg.server} took longer than {cfg.connect_timeout:g} s"
+            ) from None
+        except ssl.SSLCertVerificationError as e:
+            raise _certificate_error(cfg, e) from None
+        except (ssl.SSLError, ConnectionError) as e:
+            raise SMTPTLSError(f"TLS with {cfg.server} failed: {getattr(e, 'reason', None) or e}") from None
+        if transport is None:
+            raise SMTPDisconnectedError("the server closed the connection during the TLS handshake")
+        proto.transport = transport
+        self._note_tls()
+        await self._ehlo()  # RFC 3207: forget what was learnt before TLS
+
+    def _note_tls(self) -> None:
+        transport = self._proto_().transport
+        assert transport is not None
+        sslobj = transport.get_extra_info("ssl_object")
+        self.tls_version = sslobj.version() if sslobj is not None else "TLS"
+        self.peer_certificate = sslobj.getpeercert() if sslobj is not None else None
+
+    async def _authenticate(self, creds: Credentials) -> None:
+        cfg = self.config
+        if not self.tls_active and cfg.security != "none":
+            secret = "access token" if isinstance(creds, _auth.OAuth2Auth) else "password"
+            raise SMTPSecurityError(
+                f"{cfg.server} did not offer STARTTLS, so the {secret} would cross the network "
+                "unencrypted; mailgate sends it in clear only when security is none"
+            )
+        mechanism = _auth.choose_mechanism(creds, self.auth_mechanisms)
+        await _auth.authenticate(self._exchange, mechanism, creds)
+        self.auth_mechanism = mechanism
+
+    async def _exchange(self, line: bytes, log_as: str) -> Reply:
+        proto = self._proto_()
+        if self._log:
+            self._log("C: " + log_as)
+        proto.write(line + b"\r\n")
+        return (await proto.read(1, self.config.protocol_timeout))[0]
+
+    async def command(self, line: str) -> Reply:
+        """Send one command line and return its reply (whatever the code)."""
+        return await self._exchange(line.encode("utf-8"), line)
+
+    async def noop(self) -> Reply:
+        reply = await self.command("NOOP")
+        if reply.code != 250:
+            raise SMTPResponseError.from_reply("NOOP failed", reply)
+        return reply
+
+    async def rset(self) -> Reply:
+        reply = await self.command("RSET")
+        if reply.code != 250:
+            raise SMTPResponseError.from_reply("RSET failed", reply)
+        return reply
+
+    async def quit(self) -> None:
+        """QUIT politely if the connection still works; close it in any case."""
+        if self.is_connected:
+            with contextlib.suppress(SMTPError, TimeoutError):
+                await asyncio.wait_for(self.command("QUIT"), min(self.config.protocol_timeout, 5.0))
+        self.close()
+
+    def close(self) -> None:
+        if self._proto is not None:
+            self._proto.abort()
+
+    def _proto_(self) -> SMTPProtocol:
+        if self._proto is None:
+            raise SMTPDisconnectedError("not connected")
+        return self._proto
+
+    # ---- transactions --------------------------------------------------------------------------
+
+    async def send(self, envelope: Envelope, data: bytes) -> Delivery:
+        """Hand `data` (RFC 5322 bytes) to the server for every recipient of `envelope`.
+
+        Raises SMTPNotSupportedError, before sending anything, when the message needs SMTPUTF8 or
+        8BITMIME and the server lacks it, or exceeds its SIZE. Everything else the server says
+        ends up, per recipient, in the returned Delivery. Recipients refused with "too many
+        recipients" go in a further transaction on the same connection.
+        """
+        proto = self._proto_()
+        if proto.error is not None:
+            raise proto.error
+        recipients = list(dict.fromkeys(envelope.rcpt_to))
+        params, encoding = self._mail_parameters(envelope.mail_from, recipients, data)
+        payload = _dot_stuff(data)
+        results: dict[str, RecipientResult] = {}
+        pending = recipients
+        body_sent: list[str] = []
+        try:
+            while pending:
+                body_sent = []
+                retry = await self._transaction(
+                    envelope.mail_from, params, pending, payload, encoding, results, body_sent
+                )
+                if retry and len(retry) == len(pending):  # no progress: leave the rest for later
+                    for rcpt in retry:
+                        results[rcpt] = _result(rcpt, retry[rcpt])
+                    break
+                pending = list(retry)
+        except SMTPError as e:
+            self.close()
+            for rcpt in recipients:
+                if rcpt not in results:
+                    results[rcpt] = RecipientResult(
+                        rcpt,
+                        Outcome.TRANSIENT,
+                        e.code,
+                        e.enhanced,
+                        (
+                            f"{e.message}; the message was sent and may have been accepted"
+                            if rcpt in body_sent
+                            else e.message
+                        ),
+                        uncertain=rcpt in body_sent,
+                    )
+        return Delivery(self.config.server, [results[r] for r in recipients])
+
+    def _mail_parameters(self, mail_from: str, recipients: list[str], data: bytes) -> tuple[str, str]:
+        for addr in (mail_from, *recipients):
+            if _UNSAFE_IN_PATH.search(addr):
+                raise MessageError([("envelope", f"{addr!r} cannot be used in an SMTP command")])
+        if not recipients:
+            raise MessageError([("envelope", "no recipients")])
+        needs_utf8 = not (mail_from.isascii() and all(r.isascii() for r in recipients))
+        eight_bit = not data.isascii()
+        if eight_bit and not needs_utf8:
+            end = data.find(b"\r\n\r\n")
+            needs_utf8 = not (data if end < 0 else data[:end]).isascii()
+        params = []
+        server = self.config.server
+        if self.max_size is not None and len(data) > self.max_size:
+            raise SMTPNotSupportedError(
+                f"the message is {len(data):,} bytes and {server} accepts at most {self.max_size:,} (SIZE)"
+            )
+        if "SIZE" in self.extensions:
+            params.append(f"SIZE={len(data)}")
+        if eight_bit:
+            if "8BITMIME" in self.extensions:
+                params.append("BODY=8BITMIME")
+            elif not needs_utf8:
+                raise SMTPNotSupportedError(f"the message has 8-bit content and {server} does not offer 8BITMIME")
+        if needs_utf8:
+            if not self.smtputf8:
+                raise SMTPNotSupportedError(
+                    f"the message has an internationalized address or UTF-8 headers, and {server} "
+                    "does not offer SMTPUTF8"
+                )
+            params.append("SMTPUTF8")
+        return "".join(" " + p for p in params), ("utf-8" if needs_utf8 else "ascii")
+
+    async def _transaction(
+        self,
+        mail_from: str,
+        params: str,
+        recipients: list[str],
+        payload: bytes,
+        encoding: str,
+        results: dict[str, RecipientResult],
+        body_sent: list[str],
+    ) -> dict[str, Reply]:
+        """One MAIL … DATA transaction. Fills `results` with final outcomes and returns the
+        recipients refused as "too many recipients", with their replies, for a next one."""
+        proto = self._proto_()
+        timeout = self.config.protocol_timeout
+        log = self._log
+        mail = f"MAIL FROM:<{mail_from}>{params}\r\n".encode(encoding)
+        rcpts = [f"RCPT TO:<{r}>\r\n".encode(encoding) for r in recipients]
+        data_reply: Reply | None
+        if self.pipelining:
+            if log:
+                for line in (mail, *rcpts, b"DATA\r\n"):
+                    log("C: " + line[:-2].decode(encoding))
+            proto.write(b"".join((mail, *rcpts, b"DATA\r\n")))
+            replies = await proto.read(len(rcpts) + 2, timeout)
+            mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+        else:
+            mail_reply = await self._exchange(mail[:-2], mail[:-2].decode(encoding))
+            rcpt_replies, data_reply = [], None
+            if mail_reply.code == 250:
+                for line in rcpts:
+                    rcpt_replies.append(await self._exchange(line[:-2], line[:-2].decode(encoding)))
+                if any(r.code in (250, 251) for r in rcpt_replies):
+                    data_reply = await self.command("DATA")
+
+        if mail_reply.code != 250:
+            for rcpt in recipients:
+                results[rcpt] = _result(rcpt, mail_reply)
+            await self._reset()
+            return {}
+
+        accepted: list[str] = []
+        retry: dict[str, Reply] = {}
+        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            elif reply.too_many_recipients:
+                retry[rcpt] = reply
+            else:
+                results[rcpt] = _result(rcpt, reply)
+
+        if data_reply is None or data_reply.code != 354:
+            for rcpt in accepted:
+                assert data_reply is not None
+                results[rcpt] = _result(rcpt, data_reply)
+            await self._reset()
+            return retry
+        if not accepted:
+            # A server that says 354 with no valid recipient (RFC 2920 3.1 says it shouldn't):
+            # send an empty body so the session stays in step, then reset.
+            if log:
+                log("C: .")
+            proto.write(b".\r\n")
+            await proto.read(1, timeout)
+            await self._reset()
+            return retry
+
+        if log:
+            log(f"C: [message content, {len(payload):,} bytes]")
+            log("C: .")
+        body_sent.extend(accepted)
+        if len(payload) < _SMALL_BODY:
+            proto.write(payload + b".\r\n")
+        else:
+            proto.write(payload)
+            proto.write(b".\r\n")
+            await proto.drain(timeout)
+        final = (await proto.read(1, timeout))[0]
+        for rcpt in accepted:
+            results[rcpt] = _result(rcpt, final)
+        body_sent.clear()
+        return retry
+
+    async def _reset(self) -> None:
+        """RSET after a failed transaction, so the connection can carry the next one."""
+        reply = await self.command("RSET")
+        if reply.code != 250:
+            raise SMTPResponseError.from_reply("RSET failed", reply)
+
+
+def _result(rcpt: str, reply: Reply) -> RecipientResult:
+    return RecipientResult(rcpt, reply.outcome, reply.code, reply.enhanced, reply.message)
+
+
+def _dot_stuff(data: bytes) -> bytes:
+    """CRLF line ends (Exchange refuses bare LF: 550 5.6.11), leading dots doubled (RFC 5321
+    4.5.2), and a final CRLF, so that ".\\r\\n" can follow."""
+    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
+        data = _BARE_LINE_END.sub(b"\r\n", data)
+    if data.startswith(b"."):
+        data = b"." + data
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def _certificate_error(cfg: SMTPConfig, e: ssl.SSLCertVerificationError) -> SMTPTLSError:
+    hint = "" if cfg.ca_file else "; if the server uses a private CA, give its certificate as ca_file"
+    return SMTPTLSError(f"the certificate of {cfg.server} is not trusted: {e.verify_message}{hint}")
+
+
+async def send_message(
+    config: SMTPConfig, envelope: Envelope, data: bytes, *, protocol_log: ProtocolLog | None = None
+) -> Delivery:
+    """Connect, send one message, and QUIT."""
+    async with SMTPClient(config, protocol_log=protocol_log) as client:
+        return await client.send(envelope, data)

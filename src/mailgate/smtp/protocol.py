@@ -1,0 +1,153 @@
+"""Bytes on the wire: writes commands, parses replies, and hands them over in batches.
+
+A pipelined group of N commands is answered by N replies; the caller waits for all N with one
+future and one timer, instead of a wake-up per reply. This is where the client's speed comes
+from, so this module stays small and does nothing per byte in Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from .errors import SMTPDisconnectedError, SMTPError, SMTPProtocolError, SMTPTimeoutError
+from .reply import Reply
+
+ProtocolLog = Callable[[str], None]
+
+MAX_LINE = 65536  # a reply line longer than this is not SMTP
+
+
+class SMTPProtocol(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, log: ProtocolLog | None = None) -> None:
+        self.loop = loop
+        self.log = log
+        self.transport: asyncio.Transport | None = None
+        self._tail = b""
+        self._lines: list[str] = []
+        self._replies: deque[Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._want = 0
+        self._error: SMTPError | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # ---- asyncio callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        if self._tail:
+            data = self._tail + data
+        lines = data.split(b"\n")
+        self._tail = lines.pop()
+        for raw in lines:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if self.log is not None:
+                self.log("S: " + line.decode("utf-8", "replace"))
+            if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in b" -"):
+                self._fail(SMTPProtocolError(f"the server sent something that is not an SMTP reply: {line[:80]!r}"))
+                return
+            self._lines.append(line[4:].decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                self._replies.append(Reply(int(line[:3]), self._lines))
+                self._lines = []
+        if len(self._tail) > MAX_LINE:
+            self._fail(SMTPProtocolError("the server sent a reply line longer than 64 KiB"))
+            return
+        waiter = self._waiter
+        if waiter is not None and len(self._replies) >= self._want and not waiter.done():
+            waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            last = self._replies[-1] if self._replies else None
+            if last is not None and last.code == 421:
+                err: SMTPError = SMTPDisconnectedError.from_reply("the server closed the connection", last)
+            else:
+                err = SMTPDisconnectedError("the server closed the connection" + (f" ({exc})" if exc else ""))
+            self._fail(err)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # ---- used by the client ----------------------------------------------------------------
+
+    @property
+    def error(self) -> SMTPError | None:
+        return self._error
+
+    @property
+    def has_buffered_input(self) -> bool:
+        return bool(self._tail or self._lines or self._replies)
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def read(self, n: int, timeout: float) -> list[Reply]:
+        """The next `n` replies, or SMTPTimeoutError if they don't all arrive in `timeout`."""
+        if len(self._replies) < n:
+            if self._error is not None:
+                raise self._error
+            fut: asyncio.Future[None] = self.loop.create_future()
+            self._waiter, self._want = fut, n
+            timer = self.loop.call_later(timeout, self._time_out, fut, timeout)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._waiter = None
+        replies = self._replies
+        return [replies.popleft() for _ in range(n)]
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the write buffer is below its high-water mark, failing only when no
+        progress at all is made for `timeout` (a large body may take longer than that to send)."""
+        while self._paused and self._error is None:
+            assert self.transport is not None
+            before = self.transport.get_write_buffer_size()
+            self._drain = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drain), timeout)
+            except TimeoutError:
+                if self.transport.get_write_buffer_size() >= before:
+                    self._fail(SMTPTimeoutError(f"the server took no data for {timeout:g} s"))
+            finally:
+                self._drain = None
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        if self._error is None:
+            self._error = SMTPDisconnectedError("the connection was closed")
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _fail(self, error: SMTPError) -> None:
+        self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def _time_out(self, fut: asyncio.Future[None], timeout: float) -> None:
+        if not fut.done():
+            self._fail(SMTPTimeoutError(f"the server did not answer within {timeout:g} s"))
