@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from smtp_servers import RecordingServer, ServerConfig, serve_in_thread
 
 MAILGATE = str(Path(sys.executable).with_name("mailgate"))
@@ -69,7 +70,7 @@ def test_send_delivers_and_exits_0_with_json_outcome(tmp_path: Path) -> None:
     assert parsed["From"].addresses[0].display_name == "Example Notifications"
     assert parsed["X-Tenant"] == "acme"
     assert parsed["Bcc"] is None
-    attachment = [p for p in parsed.iter_attachments()][0]
+    (attachment,) = parsed.iter_attachments()
     assert attachment.get_filename() == "report.csv"
     assert attachment.get_payload(decode=True) == report.read_bytes()
 
@@ -97,7 +98,9 @@ def test_some_recipients_refused_exits_1(tmp_path: Path) -> None:
         ({}, [], "to"),
     ],
 )
-def test_bad_input_exits_2_naming_the_field(tmp_path: Path, changes: dict[str, Any], args: list[str], field: str) -> None:
+def test_bad_input_exits_2_naming_the_field(
+    tmp_path: Path, changes: dict[str, Any], args: list[str], field: str
+) -> None:
     with serve_in_thread(ServerConfig()) as server:
         out = run("--server", server_doc(server, tmp_path, **changes), *args, "--json")
         assert server.connection_count == 0
@@ -189,7 +192,12 @@ def test_xoauth2_with_an_access_token_from_stdin(tmp_path: Path) -> None:
             auth={
                 "method": "oauth2",
                 "username": USER,
-                "token": {"grant": "client_credentials", "provider": "microsoft", "directory_id": "t", "client_id": "c"},
+                "token": {
+                    "grant": "client_credentials",
+                    "provider": "microsoft",
+                    "directory_id": "t",
+                    "client_id": "c",
+                },
             },
         )
         out = run("--server", doc, "--to", "a@example.org", "--access-token-stdin", "--protocol-log", stdin=token)
