@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# mailgate beside its peers, in one run, on 127.0.0.1 only (see ../shared/bench-peers/README.md).
+#
+#   bash bench/run.sh          (or: make bench)
+#
+# 1. Composition cost: bench/compose.py (CPU per message, mailgate vs email.message.EmailMessage).
+# 2. Throughput into Postfix's smtp-sink, 10 reused connections, N messages of ~1.26 KB, median of
+#    RUNS runs, each row in raw (pre-built bytes) and compose (message built per send) mode:
+#    the C limit (smtp-source), aiosmtplib, Nodemailer's pool, mailgate; then the same against a
+#    sink that does not offer PIPELINING.
+# The peers' setup (postfix's smtp-sink/smtp-source, aiosmtplib, nodemailer) is installed by their
+# setup.sh on first use. Every load is bounded by count, by --max-seconds and by bench.py's per-run
+# timeout; the sinks started here are stopped here.
+#
+# Env: PEERS (../shared/bench-peers), SCRATCH (/tmp/perfbase), N (5000), RUNS (3), LIMIT_N (20000).
+# Output: $SCRATCH/mailgate-results.jsonl and the table in $SCRATCH/mailgate-table.md.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PEERS=${PEERS:-$(cd "$ROOT/../shared/bench-peers" 2>/dev/null && pwd || true)}
+[ -n "$PEERS" ] && [ -f "$PEERS/bench.py" ] || { echo "peer harness not found: set PEERS=/path/to/shared/bench-peers"; exit 2; }
+export PEERS
+SCRATCH=${SCRATCH:-/tmp/perfbase}
+N=${N:-5000}
+RUNS=${RUNS:-3}
+LIMIT_N=${LIMIT_N:-20000}
+for n in "$N" "$RUNS" "$LIMIT_N"; do
+    [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200000 ] || { echo "bad count $n"; exit 2; }
+done
+OUT=$SCRATCH/mailgate-results.jsonl
+HOST=127.0.0.1
+PORT_SINK=2525
+PORT_SINK_NOPIPE=2527
+export PATH="$PATH:/usr/sbin" PYTHONDONTWRITEBYTECODE=1
+MG="$ROOT/.venv/bin/python"
+[ -x "$MG" ] || { echo "run 'make run' or 'make test' first to create .venv"; exit 2; }
+
+if ! command -v smtp-sink >/dev/null || [ ! -x "$SCRATCH/venv/bin/python" ] \
+   || [ ! -f "$SCRATCH/node/node_modules/nodemailer/package.json" ]; then
+    SCRATCH=$SCRATCH bash "$PEERS/setup.sh"
+fi
+PY="$SCRATCH/venv/bin/python"
+NODE=(env "NODE_PATH=$SCRATCH/node/node_modules" node)
+mkdir -p "$SCRATCH"
+: > "$OUT"
+
+STARTED=()
+cleanup() { local p; for p in "${STARTED[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+port_busy() { ss -ltnH "sport = :$1" | grep -q .; }
+wait_port() { local i; for i in $(seq 1 100); do port_busy "$1" && return 0; sleep 0.05; done; echo "nothing on $1"; exit 1; }
+start_sink() {  # port log [smtp-sink options]; sets SINK_PID
+    local port=$1 log=$2; shift 2
+    if port_busy "$port"; then echo "port $port already in use; not starting"; exit 1; fi
+    smtp-sink -c "$@" -u nobody "$HOST:$port" 1000 > "$log" 2>&1 &
+    SINK_PID=$!; STARTED+=("$SINK_PID"); wait_port "$port"
+}
+stop_sink() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+bench() { "$PY" "$PEERS/bench.py" run --out "$OUT" --timeout 300 "$@"; }
+
+echo "== $(date -u +%Y-%m-%dT%H:%MZ) host: $(nproc) cores,$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+echo "== mailgate $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), $("$MG" --version 2>&1)"
+echo
+echo "== composition cost"
+"$MG" "$ROOT/bench/compose.py" --count 20000 --repeat 7 | tee "$SCRATCH/mailgate-compose.txt"
+echo
+
+LOG=$SCRATCH/mg-sink-$PORT_SINK.log
+start_sink "$PORT_SINK" "$LOG"
+P=$SINK_PID
+S=(--sink-pid "$P" --sink-log "$LOG")
+L1="L1: smtp-source -s10 -d (10 conns, reused)"
+C=(--count "$N" --max-seconds 120 --port "$PORT_SINK")
+echo "== smtp-sink (PIPELINING offered) pid $P"
+bench --label "$L1" --runs 5 --expect "$LIMIT_N" "${S[@]}" -- smtp-source -d -s 10 -m "$LIMIT_N" -l 1000 "$HOST:$PORT_SINK"
+for m in raw compose; do
+    bench --label "aiosmtplib, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$PY" "$PEERS/peer_c_aiosmtplib.py" "${C[@]}" --mode $m
+    bench --label "nodemailer pool, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "${NODE[@]}" "$PEERS/peer_d_nodemailer.js" "${C[@]}" --mode $m
+    bench --label "mailgate, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$MG" "$ROOT/bench/mailgate_peer.py" "${C[@]}" --mode $m
+done
+stop_sink "$P"
+
+LOG=$SCRATCH/mg-sink-$PORT_SINK_NOPIPE.log
+start_sink "$PORT_SINK_NOPIPE" "$LOG" -p
+P=$SINK_PID
+S=(--sink-pid "$P" --sink-log "$LOG")
+C=(--count "$N" --max-seconds 120 --port "$PORT_SINK_NOPIPE")
+echo "== smtp-sink -p (no PIPELINING) pid $P"
+bench --label "L1p: smtp-source -s10 -d, sink -p" --runs 5 --expect "$LIMIT_N" "${S[@]}" -- smtp-source -d -s 10 -m "$LIMIT_N" -l 1000 "$HOST:$PORT_SINK_NOPIPE"
+for m in raw compose; do
+    bench --label "nodemailer pool, 10 conns, sink -p [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "${NODE[@]}" "$PEERS/peer_d_nodemailer.js" "${C[@]}" --mode $m
+    bench --label "mailgate, 10 conns, sink -p [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$MG" "$ROOT/bench/mailgate_peer.py" "${C[@]}" --mode $m
+done
+stop_sink "$P"
+
+echo
+"$PY" "$PEERS/bench.py" table "$OUT" --limit "$L1" | tee "$SCRATCH/mailgate-table.md"
