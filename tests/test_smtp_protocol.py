@@ -149,3 +149,26 @@ async def test_a_closed_client_refuses_to_send() -> None:
         smtp.close()
         with pytest.raises(SMTPDisconnectedError):
             await smtp.send(Envelope("a@example.com", ("b@example.com",)), b"x\r\n")
+
+
+async def test_a_cancelled_send_drops_the_connection_instead_of_reusing_it() -> None:
+    reached_data = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx\r\n")
+        await reader.readline()
+        writer.write(b"250 mx\r\n")
+        await writer.drain()
+        await reader.readline()  # MAIL: never answered
+        reached_data.set()
+        await reader.read(100)
+
+    async with raw_server(slow) as port:
+        smtp = SMTPClient(SMTPConfig("127.0.0.1", port, security="none", protocol_timeout=5))
+        await smtp.connect()
+        task = asyncio.create_task(smtp.send(Envelope("a@example.com", ("b@example.com",)), b"x\r\n"))
+        await asyncio.wait_for(reached_data.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not smtp.is_connected

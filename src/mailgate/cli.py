@@ -213,6 +213,10 @@ def _build_message(
 
 def _secret(from_stdin: bool, env: str) -> str | None:
     if from_stdin:
+        if sys.stdin.isatty():  # typed by a person: don't echo it
+            import getpass
+
+            return getpass.getpass("secret: ")
         return sys.stdin.readline().rstrip("\r\n")
     return os.environ.get(env) or None
 

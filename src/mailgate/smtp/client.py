@@ -337,7 +337,7 @@ class SMTPClient:
                     break
                 pending = list(retry)
         except SMTPError as e:
-            self.close()
+            self.close()  # the session's state is unknown: never reuse it
             for rcpt in recipients:
                 if rcpt not in results:
                     results[rcpt] = RecipientResult(
@@ -352,6 +352,11 @@ class SMTPClient:
                         ),
                         uncertain=rcpt in body_sent,
                     )
+        except BaseException:
+            # Cancelled (a worker stopping) or worse, half-way through a transaction: replies
+            # still due would be read as answers to the next one. Drop the connection.
+            self.close()
+            raise
         return Delivery(self.config.server, [results[r] for r in recipients])
 
     def _mail_parameters(self, mail_from: str, recipients: list[str], data: bytes) -> tuple[str, str]:
