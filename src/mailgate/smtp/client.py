@@ -101,11 +101,21 @@ class SMTPClient:
         self._log = protocol_log
         self._proto: SMTPProtocol | None = None
         self.greeting: Reply | None = None
-        self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.tls_version: str | None = None
         self.peer_certificate: dict[str, object] | None = None
         self.auth_mechanism: str | None = None
+        self._learn({})
+
+    def _learn(self, extensions: dict[str, str]) -> None:
+        """Keep what EHLO said, and what the transactions need from it, worked out once."""
+        self.extensions = extensions
+        size = extensions.get("SIZE", "")
+        self._max_size = int(size) if size.isdigit() and int(size) > 0 else None
+        self._size = "SIZE" in extensions
+        self._pipelining = "PIPELINING" in extensions
+        self._8bitmime = "8BITMIME" in extensions
+        self._smtputf8 = "SMTPUTF8" in extensions
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -120,17 +130,16 @@ class SMTPClient:
 
     @property
     def pipelining(self) -> bool:
-        return "PIPELINING" in self.extensions
+        return self._pipelining
 
     @property
     def max_size(self) -> int | None:
         """The server's SIZE limit in octets; None when it announces none (or "SIZE 0")."""
-        value = self.extensions.get("SIZE", "")
-        return int(value) if value.isdigit() and int(value) > 0 else None
+        return self._max_size
 
     @property
     def smtputf8(self) -> bool:
-        return "SMTPUTF8" in self.extensions
+        return self._smtputf8
 
     @property
     def auth_mechanisms(self) -> list[str]:
@@ -192,17 +201,19 @@ class SMTPClient:
     async def _ehlo(self) -> None:
         name = self.config.helo_name or default_helo_name()
         reply = await self.command(f"EHLO {name}")
-        self.extensions = {}
+        self._learn({})
         if reply.code == 250:
             self.esmtp = True
+            extensions: dict[str, str] = {}
             for line in reply.lines[1:]:
                 keyword, _, params = line.strip().partition(" ")
                 keyword = keyword.upper()
                 if keyword.startswith("AUTH="):  # pre-RFC 4954 servers: "AUTH=LOGIN PLAIN"
                     keyword, params = "AUTH", keyword[5:] + " " + params
-                if keyword == "AUTH" and "AUTH" in self.extensions:
-                    params = self.extensions["AUTH"] + " " + params
-                self.extensions[keyword] = params.strip()
+                if keyword == "AUTH" and "AUTH" in extensions:
+                    params = extensions["AUTH"] + " " + params
+                extensions[keyword] = params.strip()
+            self._learn(extensions)
             return
         if reply.code in (500, 502, 504):  # a server from before ESMTP: HELO, no extensions
             reply = await self.command(f"HELO {name}")
@@ -372,19 +383,19 @@ class SMTPClient:
             needs_utf8 = not (data if end < 0 else data[:end]).isascii()
         params = []
         server = self.config.server
-        if self.max_size is not None and len(data) > self.max_size:
+        if self._max_size is not None and len(data) > self._max_size:
             raise SMTPNotSupportedError(
-                f"the message is {len(data):,} bytes and {server} accepts at most {self.max_size:,} (SIZE)"
+                f"the message is {len(data):,} bytes and {server} accepts at most {self._max_size:,} (SIZE)"
             )
-        if "SIZE" in self.extensions:
+        if self._size:
             params.append(f"SIZE={len(data)}")
         if eight_bit:
-            if "8BITMIME" in self.extensions:
+            if self._8bitmime:
                 params.append("BODY=8BITMIME")
             elif not needs_utf8:
                 raise SMTPNotSupportedError(f"the message has 8-bit content and {server} does not offer 8BITMIME")
         if needs_utf8:
-            if not self.smtputf8:
+            if not self._smtputf8:
                 raise SMTPNotSupportedError(
                     f"the message has an internationalized address or UTF-8 headers, and {server} "
                     "does not offer SMTPUTF8"
@@ -410,7 +421,7 @@ class SMTPClient:
         mail = f"MAIL FROM:<{mail_from}>{params}\r\n".encode(encoding)
         rcpts = [f"RCPT TO:<{r}>\r\n".encode(encoding) for r in recipients]
         data_reply: Reply | None
-        if self.pipelining:
+        if self._pipelining:
             if log:
                 for line in (mail, *rcpts, b"DATA\r\n"):
                     log("C: " + line[:-2].decode(encoding))
@@ -488,7 +499,8 @@ def _result(rcpt: str, reply: Reply) -> RecipientResult:
 def _dot_stuff(data: bytes) -> bytes:
     """CRLF line ends (Exchange refuses bare LF: 550 5.6.11), leading dots doubled (RFC 5321
     4.5.2), and a final CRLF, so that ".\\r\\n" can follow."""
-    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
         data = _BARE_LINE_END.sub(b"\r\n", data)
     if data.startswith(b"."):
         data = b"." + data

@@ -32,6 +32,11 @@ class SMTPProtocol(asyncio.Protocol):
         self._error: SMTPError | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
+        # One timer per connection, not one per wait: waits are short and many, and a timer
+        # created and cancelled per round trip costs more than the rest of the round trip.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._timeout = 0.0
 
     # ---- asyncio callbacks -----------------------------------------------------------------
 
@@ -46,16 +51,19 @@ class SMTPProtocol(asyncio.Protocol):
             data = self._tail + data
         lines = data.split(b"\n")
         self._tail = lines.pop()
-        for raw in lines:
-            line = raw[:-1] if raw.endswith(b"\r") else raw
-            if self.log is not None:
-                self.log("S: " + line.decode("utf-8", "replace"))
-            if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in b" -"):
+        log = self.log
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if log is not None:
+                log("S: " + line.decode("utf-8", "replace"))
+            code, sep = line[:3], line[3:4]
+            if not code.isdigit() or len(code) != 3 or sep not in b" -":
                 self._fail(SMTPProtocolError(f"the server sent something that is not an SMTP reply: {line[:80]!r}"))
                 return
             self._lines.append(line[4:].decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                self._replies.append(Reply(int(line[:3]), self._lines))
+            if sep != b"-":
+                self._replies.append(Reply(int(code), self._lines))
                 self._lines = []
         if len(self._tail) > MAX_LINE:
             self._fail(SMTPProtocolError("the server sent a reply line longer than 64 KiB"))
@@ -106,11 +114,13 @@ class SMTPProtocol(asyncio.Protocol):
                 raise self._error
             fut: asyncio.Future[None] = self.loop.create_future()
             self._waiter, self._want = fut, n
-            timer = self.loop.call_later(timeout, self._time_out, fut, timeout)
+            self._timeout = timeout
+            self._deadline = self.loop.time() + timeout
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._deadline, self._check_deadline)
             try:
                 await fut
             finally:
-                timer.cancel()
                 self._waiter = None
         replies = self._replies
         return [replies.popleft() for _ in range(n)]
@@ -135,6 +145,9 @@ class SMTPProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self._error is None:
             self._error = SMTPDisconnectedError("the connection was closed")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -142,12 +155,21 @@ class SMTPProtocol(asyncio.Protocol):
 
     def _fail(self, error: SMTPError) -> None:
         self._error = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
-    def _time_out(self, fut: asyncio.Future[None], timeout: float) -> None:
-        if not fut.done():
-            self._fail(SMTPTimeoutError(f"the server did not answer within {timeout:g} s"))
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next read arms the timer again
+        if self.loop.time() >= self._deadline:
+            self._fail(SMTPTimeoutError(f"the server did not answer within {self._timeout:g} s"))
+        else:
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)

@@ -12,11 +12,13 @@ _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 class Reply:
     """One complete (possibly multi-line) server reply."""
 
-    __slots__ = ("code", "lines")
+    __slots__ = ("_enhanced", "_parsed", "code", "lines")
 
     def __init__(self, code: int, lines: list[str]) -> None:
         self.code = code
         self.lines = lines
+        self._parsed = False  # the enhanced code is parsed on first use, once
+        self._enhanced: str | None = None
 
     @property
     def text(self) -> str:
@@ -27,10 +29,12 @@ class Reply:
     def enhanced(self) -> str | None:
         """The enhanced status code ("5.7.139") when the first line starts with one whose class
         agrees with the reply code's class."""
-        m = _ENHANCED.match(self.lines[0]) if self.lines else None
-        if m and m.group(1) == str(self.code)[0]:
-            return m.group(0).strip()
-        return None
+        if not self._parsed:
+            self._parsed = True
+            m = _ENHANCED.match(self.lines[0]) if self.lines else None
+            if m and m.group(1) == str(self.code)[0]:
+                self._enhanced = m.group(0).strip()
+        return self._enhanced
 
     @property
     def message(self) -> str:
