@@ -110,6 +110,23 @@ def test_bad_input_exits_2_naming_the_field(
     assert field in [p["field"] for p in result["error"]["problems"]]
 
 
+def test_a_switched_off_server_is_not_used(tmp_path: Path) -> None:
+    with serve_in_thread(ServerConfig()) as server:
+        out = run("--server", server_doc(server, tmp_path, enabled=False), "--to", "a@example.org")
+        assert server.connection_count == 0
+    assert out.returncode == 2
+    assert '"enabled": false' in out.stderr
+
+
+def test_a_body_file_that_is_not_utf8_exits_2(tmp_path: Path) -> None:
+    body = tmp_path / "body.txt"
+    body.write_bytes(b"caf\xe9")  # Latin-1
+    with serve_in_thread(ServerConfig()) as server:
+        out = run("--server", server_doc(server, tmp_path), "--to", "a@example.org", "--text-file", body)
+    assert out.returncode == 2
+    assert "UTF-8" in out.stderr
+
+
 def test_a_missing_server_file_exits_2(tmp_path: Path) -> None:
     out = run("--server", tmp_path / "nope.json", "--to", "a@example.org")
     assert out.returncode == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 from datetime import UTC, datetime
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 
 import pytest
@@ -373,3 +374,26 @@ def test_bad_attachments_are_refused(attachment: Attachment, field: str) -> None
 def test_naive_date_is_refused() -> None:
     with pytest.raises(MessageError, match="time zone"):
         simple(text="x", date=datetime(2026, 1, 1))
+
+
+def test_a_very_long_utf8_display_name_never_makes_a_line_over_998_octets() -> None:
+    name = "😀" * 256
+    raw = simple(from_=Address("sender@example.com", name), text="x").compose(utf8=True)
+    assert_wire_format(raw)
+    # Several adjacent encoded words: RFC 2047 6.2 says the space between them is ignored. The
+    # stdlib's modern address parser keeps it (it can't read back its own long names either), so
+    # decode as the RFC says, with the legacy decoder.
+    folded = email.message_from_bytes(raw, policy=email.policy.compat32)["From"]
+    assert str(make_header(decode_header(folded))) == f"{name} <sender@example.com>"
+
+
+@pytest.mark.parametrize("message_id", ["<a@b", "a@b>", "no-at-sign", "<a b@c>", "<a@b>>"])
+def test_malformed_message_ids_are_refused(message_id: str) -> None:
+    with pytest.raises(MessageError) as e:
+        simple(text="x", message_id=message_id)
+    assert e.value.field == "message_id"
+
+
+def test_headers_given_as_a_string_are_refused_clearly() -> None:
+    with pytest.raises(MessageError, match="not a single string"):
+        simple(text="x", headers="X-A: 1")

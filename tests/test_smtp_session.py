@@ -129,8 +129,15 @@ async def test_wrong_password_is_a_permanent_auth_error_with_the_reply() -> None
     assert server.messages == []
 
 
-async def test_xoauth2_bad_token_answers_gmail_challenge_with_an_empty_line() -> None:
-    cfg = ServerConfig(security="tls", auth=frozenset({"XOAUTH2"}), tokens=frozenset({TOKEN}), xoauth2_style="gmail")
+@pytest.mark.parametrize("security", SECURITY)
+async def test_xoauth2_bad_token_answers_gmail_challenge_with_an_empty_line(security: str) -> None:
+    cfg = ServerConfig(
+        security=security,  # type: ignore[arg-type]
+        auth=frozenset({"XOAUTH2"}),
+        tokens=frozenset({TOKEN}),
+        xoauth2_style="gmail",
+        auth_require_tls=security != "none",
+    )
     async with serve(cfg) as server:
         with pytest.raises(SMTPAuthError) as e:
             await send_one(server, auth=OAuth2Auth(USER, token_source("expired-token")))

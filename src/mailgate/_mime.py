@@ -21,6 +21,7 @@ HARD_LIMIT = 998  # ... and MUST be at most 998 octets
 # for base64; 42 input bytes (56 base64 characters) also keep a folded line near 78.
 _EW_CHUNK = 42
 
+_TOKEN_LIMIT = 900  # longest header token written as is; leaves room on a 998-octet line
 _PLAIN_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ ]+")
 _PLAIN_PHRASE_UTF8 = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ \u0080-\U0010ffff]+")
 
@@ -75,11 +76,18 @@ def unstructured(name: str, value: str, utf8: bool, *, literal: bool = True) -> 
 
 
 def phrase(text: str, utf8: bool) -> list[str]:
-    """A display name as header tokens: atoms, a quoted string, or encoded words."""
+    """A display name as header tokens: atoms, a quoted string, or encoded words.
+
+    Encoded words also whenever a token would not fit on a line (a very long name in UTF-8),
+    because `fold` never splits a token.
+    """
+    tokens: list[str] | None = None
     if "=?" not in text and (_PLAIN_PHRASE_UTF8 if utf8 else _PLAIN_PHRASE).fullmatch(text):
-        return text.split()
-    if utf8 or text.isascii():
-        return ['"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"']
+        tokens = text.split()
+    elif utf8 or text.isascii():
+        tokens = [quote_param(text)]
+    if tokens is not None and max(len(t.encode()) for t in tokens) <= _TOKEN_LIMIT:
+        return tokens
     return encoded_words(text)
 
 

@@ -121,6 +121,10 @@ def send(
         _fail(EXIT_INPUT, str(e), as_json, problems=[{"field": f, "problem": p} for f, p in e.problems])
     except OSError as e:
         _fail(EXIT_INPUT, f"cannot read {e.filename}: {e.strerror}", as_json)
+    except UnicodeDecodeError:
+        _fail(EXIT_INPUT, "--text-file and --html-file must be UTF-8 text", as_json)
+    if not doc.enabled:
+        _fail(EXIT_INPUT, f'the mail server in {server} is switched off ("enabled": false)', as_json)
 
     log = _stderr_log if (protocol_log or doc.debug.protocol_log) else None
     try:

@@ -47,6 +47,7 @@ FORBIDDEN_HEADERS = frozenset(
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ":"
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
 _CONTENT_ID = re.compile(r"[!-;=?-~]+")  # visible ASCII without "<" and ">"
+_MESSAGE_ID = re.compile(r"<[!-;=?-~]+@[!-;=?-~]+>|[!-;=?-~]+@[!-;=?-~]+")  # brackets: both or none
 _NAME_ADDR = re.compile(r"(.*?)\s*<([^<>]*)>")
 
 
@@ -278,10 +279,10 @@ class Message:
         if message_id is None:
             domain = sender.ascii_domain if sender else "mailgate.invalid"
             message_id = f"<{time.time_ns():x}.{os.urandom(8).hex()}@{domain}>"
-        elif not isinstance(message_id, str) or not re.fullmatch(r"<?[!-;=?-~]+@[!-;=?-~]+>?", message_id):
+        elif not isinstance(message_id, str) or not _MESSAGE_ID.fullmatch(message_id):
             problems.append(("message_id", "must look like <unique-part@domain>, visible ASCII only"))
         elif not message_id.startswith("<"):
-            message_id = f"<{message_id.rstrip('>')}>"
+            message_id = f"<{message_id}>"
         self.message_id = message_id
 
         if date is None:
@@ -453,6 +454,9 @@ def _attachment_problems(att: object) -> list[tuple[str, str]]:
 
 def _check_headers(headers: HeadersInput, problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
     if headers is None:
+        return []
+    if isinstance(headers, (str, bytes)):
+        problems.append(("headers", "expected a mapping or (name, value) pairs, not a single string"))
         return []
     items = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
     seen: set[str] = set()
