@@ -72,6 +72,14 @@ async def raw_server(handler: Handler) -> AsyncIterator[int]:
         await asyncio.wait_for(server.wait_closed(), 5)
 
 
+async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ehlo: bytes = b"250 mx\r\n") -> None:
+    """The start every raw server here shares: a greeting, then the answer to EHLO."""
+    writer.write(b"220 mx ESMTP\r\n")
+    await reader.readline()
+    writer.write(ehlo)
+    await writer.drain()
+
+
 async def test_an_http_server_is_not_mistaken_for_smtp() -> None:
     async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
@@ -85,9 +93,7 @@ async def test_an_http_server_is_not_mistaken_for_smtp() -> None:
 
 async def test_data_injected_before_the_tls_handshake_is_refused() -> None:
     async def injecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 mx ESMTP\r\n")
-        await reader.readline()
-        writer.write(b"250-mx\r\n250 STARTTLS\r\n")
+        await greet(reader, writer, b"250-mx\r\n250 STARTTLS\r\n")
         await reader.readline()
         # A man in the middle appends a reply after "220 ready": it must never be read as if it
         # had come over TLS (CVE-2011-0411).
@@ -121,9 +127,7 @@ async def test_multi_line_replies_are_joined_and_ehlo_keywords_parsed() -> None:
 
 async def test_a_421_in_the_middle_of_a_session_is_reported_with_its_text() -> None:
     async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 mx\r\n")
-        await reader.readline()
-        writer.write(b"250 mx\r\n")
+        await greet(reader, writer)
         await reader.readline()  # MAIL
         writer.write(b"421 4.7.0 Too many errors, closing connection\r\n")
         await writer.drain()
@@ -136,14 +140,11 @@ async def test_a_421_in_the_middle_of_a_session_is_reported_with_its_text() -> N
 
 
 async def test_a_closed_client_refuses_to_send() -> None:
-    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 mx\r\n")
-        await reader.readline()
-        writer.write(b"250 mx\r\n")
-        await writer.drain()
+    async def idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await greet(reader, writer)
         await reader.read(100)
 
-    async with raw_server(greet) as port:
+    async with raw_server(idle) as port:
         smtp = SMTPClient(SMTPConfig("127.0.0.1", port, security="none", protocol_timeout=2))
         await smtp.connect()
         smtp.close()
@@ -155,10 +156,7 @@ async def test_a_cancelled_send_drops_the_connection_instead_of_reusing_it() -> 
     reached_data = asyncio.Event()
 
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 mx\r\n")
-        await reader.readline()
-        writer.write(b"250 mx\r\n")
-        await writer.drain()
+        await greet(reader, writer)
         await reader.readline()  # MAIL: never answered
         reached_data.set()
         await reader.read(100)
