@@ -17,6 +17,8 @@ import typer
 if TYPE_CHECKING:
     from .delivery import Delivery
     from .message import Message
+    from .settings import MailServer
+    from .smtp.protocol import ProtocolLog
 
 EXIT_OK, EXIT_PARTIAL, EXIT_INPUT, EXIT_TRANSIENT, EXIT_PERMANENT = 0, 1, 2, 3, 4
 
@@ -100,21 +102,9 @@ def send(
     try:
         doc = load_server(server)
         message = _build_message(
-            doc.from_address,
-            doc.from_name,
-            doc.reply_to,
-            from_,
-            to,
-            cc,
-            bcc,
-            reply_to,
-            subject,
-            text,
-            text_file,
-            html_file,
-            attach,
-            header,
-        )
+            doc, from_=from_, to=to, cc=cc, bcc=bcc, reply_to=reply_to, subject=subject, text=text,
+            text_file=text_file, html_file=html_file, attach=attach, header=header,
+        )  # fmt: skip
         password = _secret(password_stdin, "MAILGATE_SMTP_PASSWORD")
         token = _secret(access_token_stdin, "MAILGATE_ACCESS_TOKEN")
     except InvalidInput as e:
@@ -137,7 +127,9 @@ def send(
     raise typer.Exit(_report(delivery, message, as_json))
 
 
-async def _send_once(doc: Any, message: Message, password: str | None, token: str | None, log: Any) -> Delivery:
+async def _send_once(
+    doc: MailServer, message: Message, password: str | None, token: str | None, log: ProtocolLog | None
+) -> Delivery:
     from .errors import SettingsError
     from .transports.smtp import SMTPTransport
 
@@ -148,7 +140,7 @@ async def _send_once(doc: Any, message: Message, password: str | None, token: st
 
         async def source() -> str:
             return token
-    elif getattr(doc.auth, "method", None) == "oauth2":
+    elif doc.auth.method == "oauth2":
         raise SettingsError(
             [
                 (
@@ -167,9 +159,8 @@ async def _send_once(doc: Any, message: Message, password: str | None, token: st
 
 
 def _build_message(
-    server_from: str,
-    server_name: str,
-    server_reply_to: str | None,
+    doc: MailServer,
+    *,
     from_: str | None,
     to: list[str],
     cc: list[str],
@@ -200,13 +191,13 @@ def _build_message(
         if not sep:
             raise MessageError([("headers", f"{h!r} is not 'Name: value'")])
         headers.append((name.strip(), value.strip()))
-    sender: str | Address = from_ if from_ is not None else Address(server_from, server_name)
+    sender: str | Address = from_ if from_ is not None else Address(doc.from_address, doc.from_name)
     return Message(
         from_=sender,
         to=to,
         cc=cc,
         bcc=bcc,
-        reply_to=reply_to or ([server_reply_to] if server_reply_to else []),
+        reply_to=reply_to or ([doc.reply_to] if doc.reply_to else []),
         subject=subject,
         text=text,
         html=html,
