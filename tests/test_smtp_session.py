@@ -289,3 +289,10 @@ async def test_noop_rset_and_quit() -> None:
         await smtp.quit()
         assert not smtp.is_connected
         assert [c.split()[0].upper() for c in server.commands] == ["EHLO", "NOOP", "RSET", "QUIT"]
+
+
+def test_credentials_never_show_in_a_config_repr() -> None:
+    cfg = SMTPConfig("smtp.example.com", auth=PasswordAuth(USER, PASSWORD))
+    assert PASSWORD not in repr(cfg) and USER in repr(cfg)
+    oauth = SMTPConfig("smtp.example.com", auth=OAuth2Auth(USER, token_source()))
+    assert "token_source" not in repr(oauth) and "source" not in repr(oauth.auth)
