@@ -34,6 +34,18 @@ class SettingsError(InvalidInput):
     """The mail server document is not valid."""
 
 
+class NotFound(InvalidInput):
+    """The tenant or mail server named does not exist."""
+
+
+class Conflict(InvalidInput):
+    """It exists already."""
+
+
+class SendingDisabled(MailgateError):
+    """No mail server may send for this tenant: there is no global server, or it is switched off."""
+
+
 class DeliveryError(MailgateError):
     """Talking to a mail server failed before a message could be handed over.
 

@@ -7,6 +7,7 @@ strict (no silent "587" → 587, no unknown fields) and every problem names its 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -171,9 +172,11 @@ class MailServer(_Section):
 
 
 def parse_server(doc: object) -> MailServer:
-    """A `MailServer` from a parsed JSON document, or SettingsError naming every bad field."""
+    """A `MailServer` from a parsed JSON document, or SettingsError naming every bad field.
+
+    {"set": …} markers in secret fields (see `without_secret_markers`) are understood."""
     try:
-        return MailServer.model_validate(doc)
+        return MailServer.model_validate(without_secret_markers(doc))
     except ValidationError as e:
         raise SettingsError([_problem(err) for err in e.errors()]) from None
 
@@ -192,8 +195,11 @@ def load_server(path: str | Path) -> MailServer:
 
 
 def _problem(err: Any) -> tuple[str, str]:
-    # The discriminator of `auth` appears as a path element ("password"); drop it from the path.
-    loc = [str(p) for p in err["loc"] if p not in ("none", "password", "oauth2")]
+    # pydantic puts the auth method (the union's tag) into the path: ("auth", "password",
+    # "password") means auth.password. Drop the tag, and only the tag.
+    loc = [str(p) for p in err["loc"]]
+    if len(loc) > 1 and loc[0] == "auth" and loc[1] in ("none", "password", "oauth2"):
+        del loc[1]
     field = ".".join(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -206,3 +212,139 @@ def _problem(err: Any) -> tuple[str, str]:
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
     return field, msg
+
+
+# ---- secrets in the document ------------------------------------------------------------------
+
+# Every field that holds a secret, by its path. Reading a server shows each as {"set": true|false};
+# a write may send that marker back to mean "keep" (true) or "remove" (false).
+SECRET_FIELDS = ("auth.password", "auth.token.client_secret", "auth.token.refresh_token", "graph.client_secret")
+
+# Where a stored secret would be sent. When any of these changes, a stored secret is not carried
+# over: it must be given again, so it can never reach a destination it was not saved for.
+DESTINATION_FIELDS = (
+    "kind", "smtp.host", "smtp.port", "smtp.security", "auth.method",
+    "auth.token.grant", "auth.token.provider", "auth.token.token_url", "auth.token.authority",
+    "auth.token.directory_id", "auth.token.client_id",
+    "graph.authority", "graph.directory_id", "graph.client_id", "graph.endpoint",
+)  # fmt: skip
+
+
+def secret_fields(server: MailServer) -> tuple[str, ...]:
+    """The secret fields this document's kind and auth method have."""
+    if server.kind == "graph":
+        return ("graph.client_secret",)
+    if isinstance(server.auth, PasswordAuthSettings):
+        return ("auth.password",)
+    if isinstance(server.auth, OAuth2AuthSettings):
+        return ("auth.token.client_secret", "auth.token.refresh_token")
+    return ()
+
+
+def required_secrets(server: MailServer) -> tuple[str, ...]:
+    """The secrets a saved server can't send without. A delegated grant gets its refresh token
+    from the consent flow, after the save."""
+    if server.kind == "graph":
+        return ("graph.client_secret",)
+    auth = server.auth
+    if isinstance(auth, PasswordAuthSettings):
+        return ("auth.password",)
+    if isinstance(auth, OAuth2AuthSettings):
+        if auth.token.grant == "client_credentials":
+            return ("auth.token.client_secret",)
+        if auth.token.grant == "refresh_token":
+            return ("auth.token.refresh_token",)
+    return ()
+
+
+def lookup(server: MailServer, path: str) -> tuple[BaseModel | None, str]:
+    """(the model holding the field at `path`, the field's name); the model is None when the
+    document has no such section."""
+    *parents, name = path.split(".")
+    node: BaseModel = server
+    for part in parents:
+        child = getattr(node, part, None)
+        if not isinstance(child, BaseModel):
+            return None, name
+        node = child
+    return node, name
+
+
+def secret_value(server: MailServer, path: str) -> str | None:
+    model, name = lookup(server, path)
+    value = getattr(model, name, None) if model is not None else None
+    return value.get_secret_value() if isinstance(value, SecretStr) else None
+
+
+def secret_cleared(server: MailServer, path: str) -> bool:
+    """True when the document says null (or {"set": false}) for this secret: remove it."""
+    model, name = lookup(server, path)
+    return model is not None and name in model.model_fields_set and getattr(model, name) is None
+
+
+def destination(server: MailServer) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for path in DESTINATION_FIELDS:
+        model, name = lookup(server, path)
+        values[path] = getattr(model, name, None) if model is not None else None
+    if server.smtp is not None:
+        values["smtp.port"] = server.smtp.effective_port
+    return values
+
+
+def without_secret_markers(doc: object) -> object:
+    """The document with {"set": …} markers taken out of secret fields: {"set": true} becomes an
+    absent field (keep what is stored), {"set": false} becomes null (remove it). A marker on any
+    other field is an error naming that field."""
+    if not isinstance(doc, dict):
+        return doc
+    problems: list[tuple[str, str]] = []
+
+    def walk(node: dict[str, object], prefix: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if _is_marker(value):
+                if path not in SECRET_FIELDS:
+                    problems.append((path, '{"set": …} is only for secret fields: ' + ", ".join(SECRET_FIELDS)))
+                elif value == {"set": False}:
+                    out[key] = None
+                continue  # {"set": true}: keep what is stored
+            out[key] = walk(value, path + ".") if isinstance(value, dict) else value
+        return out
+
+    cleaned = walk(doc, "")
+    if problems:
+        raise SettingsError(problems)
+    return cleaned
+
+
+def _is_marker(value: object) -> bool:
+    return isinstance(value, dict) and set(value) == {"set"} and isinstance(value["set"], bool)
+
+
+def public_document(stored: dict[str, Any], secrets_set: set[str], server: MailServer) -> dict[str, Any]:
+    """A stored document as it may be shown: each of its secret fields as {"set": bool}."""
+    doc = copy.deepcopy(stored)
+    for path in secret_fields(server):
+        *parents, name = path.split(".")
+        node = doc
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = {"set": path in secrets_set}
+    return doc
+
+
+def storable_document(server: MailServer) -> dict[str, Any]:
+    """The document as stored: every field, secrets and the enabled switch taken out (those live
+    in their own columns and rows)."""
+    doc = server.model_dump(mode="json")
+    doc.pop("enabled", None)
+    for path in SECRET_FIELDS:
+        *parents, name = path.split(".")
+        node: Any = doc
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return doc

@@ -1,0 +1,166 @@
+"""Opening the database: URLs, engines, sessions, and bringing the schema up to date.
+
+SQLite (one file, WAL) is the default, in the working directory; PostgreSQL serves more than one
+machine. Both go through SQLAlchemy's asyncio engine: aiosqlite for SQLite, psycopg 3 for
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, Connection, event, inspect, make_url, text
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from ..errors import SettingsError
+
+DEFAULT_URL = "sqlite:///mailgate.db"
+ENV_URL = "MAILGATE_DATABASE_URL"
+# The newest migration in migrations/versions. A database at this revision is used as it is,
+# without loading Alembic; tests/test_db.py keeps the two in step.
+SCHEMA_REVISION = "0001"
+MIGRATIONS = Path(__file__).with_name("migrations")
+_MIGRATION_LOCK = 0x6D61696C67617465  # "mailgate": one schema upgrade at a time on PostgreSQL
+
+
+def database_url(url: str | None = None) -> URL:
+    """The async driver URL for `url`, $MAILGATE_DATABASE_URL, or the default SQLite file."""
+    raw = url or os.environ.get(ENV_URL) or DEFAULT_URL
+    try:
+        parsed = make_url(raw)
+    except ArgumentError:
+        raise SettingsError([("database_url", f"{_redact(raw)!r} is not a database URL")]) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg")
+    raise SettingsError([("database_url", f"mailgate stores its data in sqlite or postgresql, not {backend}")])
+
+
+def _redact(raw: str) -> str:
+    # A URL may carry a password; never repeat it in an error.
+    return raw.split("@", 1)[1] if "@" in raw else raw
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The database file of a SQLite URL (None for PostgreSQL and in-memory SQLite)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
+
+
+@dataclass(frozen=True)
+class Database:
+    url: URL
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.get_backend_name() == "sqlite"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        return sqlite_path(self.url)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def connect(url: URL) -> Database:
+    if url.get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_async_engine(url, pool_pre_ping=True)
+    return Database(url, engine, async_sessionmaker(engine, expire_on_commit=False))
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it safe
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+async def current_revision(db: Database) -> str | None:
+    async with db.engine.connect() as conn:
+        return await conn.run_sync(_current_revision)
+
+
+def _current_revision(conn: Connection) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    value = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return str(value) if value is not None else None
+
+
+async def ensure_schema(db: Database) -> bool:
+    """Create or upgrade the schema unless it is current. True when a migration ran."""
+    if await current_revision(db) == SCHEMA_REVISION:
+        return False
+    await upgrade(db)
+    return True
+
+
+async def upgrade(db: Database, revision: str = "head") -> None:
+    """Run Alembic migrations up to `revision`, one at a time.
+
+    Alembic's migration context is global to the process, so runs in one process take turns
+    (a lock per event loop); across processes a lock file beside the SQLite database, or an
+    advisory lock on PostgreSQL, does the same. Alembic reads the revision again inside the
+    lock, so whoever comes second finds nothing left to do.
+    """
+    from alembic import command
+    from alembic.config import Config
+    from alembic.util.exc import CommandError
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+
+    def run(conn: Connection) -> None:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+    loop = asyncio.get_running_loop()
+    lock = _loop_locks.setdefault(loop, asyncio.Lock())
+    async with lock, _file_lock(db.sqlite_path), db.engine.begin() as conn:
+        if not db.is_sqlite:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        try:
+            await conn.run_sync(run)
+        except CommandError as e:
+            raise SettingsError(
+                [("database", f"cannot migrate the database ({e}); is it from a newer mailgate?")]
+            ) from None
+
+
+_loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(database: Path | None) -> AsyncIterator[None]:
+    if database is None:
+        yield
+        return
+    fd = os.open(database.with_name(database.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,513 @@
+"""Tenants and mail servers in the database: saving, reading (secrets write-only), resolving which
+server a tenant sends through, and the audit log of every change.
+
+Every change is one transaction: validated first, written whole, audited in the same commit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Select, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ..db.engine import Database
+from ..db.models import AuditEntry, MailServerRow, ServerSecret, Tenant, now
+from ..errors import Conflict, NotFound, SettingsError
+from .document import (
+    MailServer,
+    destination,
+    parse_server,
+    public_document,
+    required_secrets,
+    secret_cleared,
+    secret_fields,
+    secret_value,
+    storable_document,
+)
+from .secrets import Keyring
+
+GLOBAL = "global"
+_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    id: str
+    name: str
+    may_use_own_server: bool
+    support_address: str | None
+    may_set_support_address: bool
+    created_at: datetime
+    updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "may_use_own_server": self.may_use_own_server,
+            "support_address": self.support_address,
+            "may_set_support_address": self.may_set_support_address,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A mail server as it may be shown: `document` has {"set": bool} for each secret."""
+
+    scope: str
+    version: int
+    enabled: bool
+    document: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    updated_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "version": self.version,
+            "updated_at": self.updated_at.isoformat(),
+            "updated_by": self.updated_by,
+            "server": self.document,
+        }
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Which mail server a tenant sends through, and why. `server` carries its secrets (as
+    SecretStr); it is None when sending is disabled for the tenant."""
+
+    tenant: str
+    source: Literal["tenant", "global"] | None
+    server: MailServer | None
+    server_id: int | None
+    version: int | None
+    reason: str
+
+    @property
+    def disabled(self) -> bool:
+        return self.server is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "source": self.source, "version": self.version, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    at: datetime
+    actor: str
+    action: str
+    tenant_id: str | None
+    scope: str | None
+    changes: list[Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "actor": self.actor,
+            "action": self.action,
+            "tenant": self.tenant_id,
+            "scope": self.scope,
+            "changes": self.changes,
+        }
+
+
+class Store:
+    def __init__(self, db: Database, keyring: Keyring) -> None:
+        self.db = db
+        self.keyring = keyring
+
+    # ---- tenants -------------------------------------------------------------------------------
+
+    async def add_tenant(
+        self,
+        tenant_id: str,
+        *,
+        name: str | None = None,
+        may_use_own_server: bool = False,
+        support_address: str | None = None,
+        may_set_support_address: bool = False,
+        actor: str,
+    ) -> TenantInfo:
+        _check_tenant_id(tenant_id)
+        fields = _tenant_fields(name=name if name is not None else tenant_id, support_address=support_address)
+        async with self.db.sessions.begin() as s:
+            if await s.get(Tenant, tenant_id) is not None:
+                raise Conflict([("tenant", f"a tenant {tenant_id!r} exists already")])
+            row = Tenant(
+                id=tenant_id,
+                may_use_own_server=may_use_own_server,
+                may_set_support_address=may_set_support_address,
+                **fields,
+            )
+            s.add(row)
+            await s.flush()
+            info = _tenant_info(row)
+            changes = [{"field": k, "from": None, "to": v} for k, v in _audited(info).items()]
+            _audit(s, actor, "tenant.add", tenant_id, None, changes)
+        return info
+
+    async def get_tenant(self, tenant_id: str) -> TenantInfo:
+        async with self.db.sessions() as s:
+            return _tenant_info(await _tenant(s, tenant_id))
+
+    async def list_tenants(self) -> list[TenantInfo]:
+        async with self.db.sessions() as s:
+            rows = (await s.scalars(select(Tenant).order_by(Tenant.id))).all()
+            return [_tenant_info(r) for r in rows]
+
+    async def update_tenant(
+        self,
+        tenant_id: str,
+        *,
+        name: str | None = None,
+        may_use_own_server: bool | None = None,
+        support_address: str | None = None,
+        clear_support_address: bool = False,
+        may_set_support_address: bool | None = None,
+        actor: str,
+    ) -> TenantInfo:
+        async with self.db.sessions.begin() as s:
+            row = await _tenant(s, tenant_id, lock=True)
+            before = _audited(_tenant_info(row))
+            fields = _tenant_fields(name=name, support_address=support_address)
+            for key, value in fields.items():
+                if value is not None:
+                    setattr(row, key, value)
+            if clear_support_address:
+                row.support_address = None
+            if may_use_own_server is not None:
+                row.may_use_own_server = may_use_own_server
+            if may_set_support_address is not None:
+                row.may_set_support_address = may_set_support_address
+            row.updated_at = now()
+            await s.flush()
+            info = _tenant_info(row)
+            after = _audited(info)
+            changes = [{"field": k, "from": before[k], "to": after[k]} for k in after if before[k] != after[k]]
+            if changes:
+                _audit(s, actor, "tenant.update", tenant_id, None, changes)
+        return info
+
+    async def remove_tenant(self, tenant_id: str, *, actor: str) -> None:
+        """Remove a tenant and its own mail server (the audit log keeps their history)."""
+        async with self.db.sessions.begin() as s:
+            row = await _tenant(s, tenant_id, lock=True)
+            server = await _server_row(s, tenant_id)
+            await s.delete(row)
+            changes: list[Any] = [{"field": "tenant", "from": tenant_id, "to": None}]
+            if server is not None:
+                changes.append({"field": "server", "from": f"version {server.version}", "to": None})
+            _audit(s, actor, "tenant.remove", tenant_id, None, changes)
+
+    # ---- servers -------------------------------------------------------------------------------
+
+    async def get_server(self, scope: str) -> ServerInfo | None:
+        async with self.db.sessions() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope)
+            if row is None:
+                return None
+            return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
+
+    async def set_server(
+        self,
+        scope: str,
+        document: Mapping[str, Any] | MailServer,
+        *,
+        secrets: Mapping[str, str] | None = None,
+        actor: str,
+    ) -> ServerInfo:
+        """Save the mail server of `scope` ("global" or a tenant id), whole.
+
+        Secrets are write-only. A secret field in the document (or in `secrets`, by path, e.g.
+        {"auth.password": …} for one read from stdin) replaces the stored one; null or
+        {"set": false} removes it; absent or {"set": true} keeps the stored one — but only if no
+        destination field (host, port, security, token URL, authority, directory id, client id,
+        graph endpoint…) changed; otherwise the save is refused until the secret is given again.
+        """
+        server = document if isinstance(document, MailServer) else parse_server(dict(document))
+        fields = secret_fields(server)
+        given = {path: value for path in fields if (value := secret_value(server, path)) is not None}
+        for path, value in (secrets or {}).items():
+            if path not in fields:
+                raise SettingsError([(path, _not_a_secret_here(server, path))])
+            given[path] = value
+        cleared = {path for path in fields if path not in given and secret_cleared(server, path)}
+
+        async with self.db.sessions.begin() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope, lock=True)
+            stored: dict[str, ServerSecret] = {}
+            old: MailServer | None = None
+            if row is not None:
+                stored = {x.field: x for x in await s.scalars(_secrets_of(row))}
+                old = _stored_server(row)
+            kept = {path for path in fields if path not in given and path not in cleared and path in stored}
+            problems: list[tuple[str, str]] = []
+            if kept and old is not None:
+                moved = [k for k, v in destination(server).items() if destination(old).get(k) != v]
+                if moved:
+                    problems += [
+                        (path, f"give it again: {', '.join(moved)} changed, and a stored secret is never "
+                               "sent to a destination it was not saved for")
+                        for path in sorted(kept)
+                    ]  # fmt: skip
+            missing = [p for p in required_secrets(server) if p not in given and p not in kept]
+            problems += [(p, "is required") for p in missing]
+            if problems:
+                raise SettingsError(problems)
+
+            old_public = _server_info(row, set(stored)).document if row is not None else {}
+            old_enabled = row.enabled if row is not None else None
+            if row is None:
+                row = MailServerRow(
+                    scope=scope,
+                    tenant_id=None if scope == GLOBAL else scope,
+                    enabled=server.enabled,
+                    document=storable_document(server),
+                    version=1,
+                    updated_by=actor,
+                )
+                s.add(row)
+                await s.flush()
+            else:
+                row.enabled = server.enabled
+                row.document = storable_document(server)
+                row.version += 1
+                row.updated_at = now()
+                row.updated_by = actor
+            for path, secret in stored.items():
+                if path not in kept and path not in given:
+                    await s.delete(secret)
+            for path, value in given.items():
+                ciphertext = self.keyring.encrypt(scope, path, value)
+                if path in stored:
+                    stored[path].ciphertext = ciphertext
+                    stored[path].updated_at = now()
+                else:
+                    s.add(ServerSecret(server_id=row.id, field=path, ciphertext=ciphertext))
+            await s.flush()
+            info = _server_info(row, kept | set(given))
+            changes = _diff(old_public, info.document, fields)
+            if old_enabled != server.enabled:
+                changes.insert(0, {"field": "enabled", "from": old_enabled, "to": server.enabled})
+            changes += [{"field": p, "secret": "changed"} for p in sorted(given)]
+            changes += [{"field": p, "secret": "removed"} for p in sorted(set(stored) - kept - set(given))]
+            _audit(s, actor, "server.set", None if scope == GLOBAL else scope, scope, changes)
+        return info
+
+    async def set_server_enabled(self, scope: str, enabled: bool, *, actor: str) -> ServerInfo:
+        async with self.db.sessions.begin() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope, lock=True)
+            if row is None:
+                raise NotFound([("server", f"no mail server is set for {scope}")])
+            if row.enabled != enabled:
+                _audit(s, actor, "server.enable" if enabled else "server.disable", _tenant_of(scope), scope,
+                       [{"field": "enabled", "from": row.enabled, "to": enabled}])  # fmt: skip
+                row.enabled = enabled
+                row.version += 1
+                row.updated_at = now()
+                row.updated_by = actor
+            return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
+
+    async def delete_server(self, scope: str, *, actor: str) -> None:
+        async with self.db.sessions.begin() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope, lock=True)
+            if row is None:
+                raise NotFound([("server", f"no mail server is set for {scope}")])
+            await s.delete(row)
+            _audit(s, actor, "server.delete", _tenant_of(scope), scope,
+                   [{"field": "server", "from": f"version {row.version}", "to": None}])  # fmt: skip
+
+    # ---- resolution ----------------------------------------------------------------------------
+
+    async def resolve(self, tenant_id: str) -> Resolution:
+        """The mail server `tenant_id` sends through, exactly by DESIGN.md's rules:
+        1. no global server, or the global server switched off: sending is disabled for everyone;
+        2. the tenant's own server, when it is switched on and the tenant may have one;
+        3. otherwise the global server.
+        One server's document, whole, with that server's secrets; never a mix of two."""
+        async with self.db.sessions() as s:
+            tenant = await _tenant(s, tenant_id)
+            query = select(MailServerRow).where(MailServerRow.scope.in_([GLOBAL, tenant_id]))
+            rows = {r.scope: r for r in await s.scalars(query)}
+            glob, own = rows.get(GLOBAL), rows.get(tenant_id)
+            if glob is None or not glob.enabled:
+                state = "is not set" if glob is None else "is switched off"
+                why = f"the global mail server {state}: sending is disabled for every tenant"
+                return Resolution(tenant_id, None, None, None, None, why)
+            if own is not None and own.enabled and tenant.may_use_own_server:
+                server = await self._with_secrets(s, own)
+                why = f"{tenant_id} sends through its own mail server"
+                return Resolution(tenant_id, "tenant", server, own.id, own.version, why)
+            if own is None:
+                why = f"{tenant_id} has no mail server of its own"
+            elif not tenant.may_use_own_server:
+                why = f"{tenant_id} has a mail server of its own but may not use it"
+            else:
+                why = f"{tenant_id}'s own mail server is switched off"
+            server = await self._with_secrets(s, glob)
+            return Resolution(tenant_id, "global", server, glob.id, glob.version, f"{why}: it uses the global one")
+
+    async def server_with_secrets(self, scope: str) -> MailServer | None:
+        """A stored server with its secrets decrypted, for sending or testing; never for showing."""
+        async with self.db.sessions() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope)
+            return await self._with_secrets(s, row) if row is not None else None
+
+    async def _with_secrets(self, s: AsyncSession, row: MailServerRow) -> MailServer:
+        doc = {**row.document, "enabled": row.enabled}
+        for secret in await s.scalars(_secrets_of(row)):
+            *parents, name = secret.field.split(".")
+            node = doc
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[name] = self.keyring.decrypt(row.scope, secret.field, secret.ciphertext)
+        return parse_server(doc)
+
+    # ---- keys and audit ------------------------------------------------------------------------
+
+    async def rotate_keys(self, *, actor: str) -> int:
+        """Re-encrypt every stored secret under the newest key. Returns how many."""
+        async with self.db.sessions.begin() as s:
+            rows = (await s.execute(select(ServerSecret, MailServerRow.scope).join(MailServerRow))).all()
+            for secret, scope in rows:
+                secret.ciphertext = self.keyring.rotate(scope, secret.field, secret.ciphertext)
+            _audit(s, actor, "keys.rotate", None, None, [{"field": "secrets", "from": None, "to": len(rows)}])
+            return len(rows)
+
+    async def audit_log(self, tenant_id: str | None = None, *, limit: int = 100) -> list[AuditRecord]:
+        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+        if tenant_id is not None:
+            query = query.where(AuditEntry.tenant_id == tenant_id)
+        async with self.db.sessions() as s:
+            return [
+                AuditRecord(e.at, e.actor, e.action, e.tenant_id, e.scope, e.changes) for e in await s.scalars(query)
+            ]
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _check_tenant_id(tenant_id: str) -> None:
+    if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
+        raise SettingsError(
+            [("tenant", f"{tenant_id!r}: a tenant id is 1-64 letters, digits, '.', '_' or '-', starting "
+                        "with a letter or digit")]
+        )  # fmt: skip
+    if tenant_id.lower() == GLOBAL:
+        raise SettingsError([("tenant", "'global' names the global mail server; choose another tenant id")])
+
+
+def _tenant_fields(*, name: str | None, support_address: str | None) -> dict[str, Any]:
+    from ..message import Address
+
+    problems = []
+    if name is not None and (not name.strip() or len(name) > 200 or "\r" in name or "\n" in name):
+        problems.append(("name", "is 1-200 characters on one line"))
+    if support_address is not None:
+        try:
+            support_address = Address(support_address).address
+        except ValueError as e:
+            problems.append(("support_address", f"{support_address!r} is not a valid address: {e}"))
+    if problems:
+        raise SettingsError(problems)
+    return {"name": name.strip() if name is not None else None, "support_address": support_address}
+
+
+async def _tenant(s: AsyncSession, tenant_id: str, *, lock: bool = False) -> Tenant:
+    query = select(Tenant).where(Tenant.id == tenant_id)
+    row = await s.scalar(query.with_for_update() if lock else query)
+    if row is None:
+        raise NotFound([("tenant", f"there is no tenant {tenant_id!r}")])
+    return row
+
+
+async def _check_scope(s: AsyncSession, scope: str) -> None:
+    if scope != GLOBAL:
+        await _tenant(s, scope)
+
+
+async def _server_row(s: AsyncSession, scope: str, *, lock: bool = False) -> MailServerRow | None:
+    query = select(MailServerRow).where(MailServerRow.scope == scope)
+    return await s.scalar(query.with_for_update() if lock else query)
+
+
+def _tenant_of(scope: str) -> str | None:
+    return None if scope == GLOBAL else scope
+
+
+def _stored_server(row: MailServerRow) -> MailServer:
+    return parse_server({**row.document, "enabled": row.enabled})
+
+
+def _server_info(row: MailServerRow, secrets_set: set[str]) -> ServerInfo:
+    server = _stored_server(row)
+    document = {"enabled": row.enabled, **public_document(row.document, secrets_set, server)}
+    return ServerInfo(row.scope, row.version, row.enabled, document, row.created_at, row.updated_at, row.updated_by)
+
+
+def _tenant_info(row: Tenant) -> TenantInfo:
+    return TenantInfo(
+        row.id, row.name, row.may_use_own_server, row.support_address, row.may_set_support_address,
+        row.created_at, row.updated_at,
+    )  # fmt: skip
+
+
+def _audited(info: TenantInfo) -> dict[str, Any]:
+    return {k: v for k, v in info.to_dict().items() if k not in ("id", "created_at", "updated_at")}
+
+
+def _audit(
+    s: AsyncSession, actor: str, action: str, tenant_id: str | None, scope: str | None, changes: list[Any]
+) -> None:
+    s.add(AuditEntry(actor=actor, action=action, tenant_id=tenant_id, scope=scope, changes=changes))
+
+
+def _secrets_of(row: MailServerRow) -> Select[ServerSecret]:
+    return select(ServerSecret).where(ServerSecret.server_id == row.id)
+
+
+def _flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and set(value) != {"set"}:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any], secrets: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Plain fields that changed, with both values. Secrets are listed by the caller, by name only."""
+    a, b = _flatten(old), _flatten(new)
+    return [
+        {"field": k, "from": a.get(k), "to": b.get(k)}
+        for k in sorted(set(a) | set(b))
+        if k != "enabled" and a.get(k) != b.get(k) and not _is_secret_path(k, secrets)
+    ]
+
+
+def _is_secret_path(path: str, secrets: tuple[str, ...]) -> bool:
+    from .document import SECRET_FIELDS
+
+    return path in secrets or path in SECRET_FIELDS
+
+
+def _not_a_secret_here(server: MailServer, path: str) -> str:
+    fields = secret_fields(server)
+    if not fields:
+        return f"this mail server ({server.kind}, auth {getattr(server.auth, 'method', 'none')}) takes no secret"
+    return f"this mail server takes no such secret; its secret fields are {', '.join(fields)}"
