@@ -1,0 +1,12 @@
+"""The `mailgate` command line. Start-up stays fast: commands import what they need inside.
+
+Modules: `_common` (the app, exit statuses, shared plumbing), `send`, `settings` (tenants,
+servers, keys, db).
+"""
+
+from . import send, settings  # noqa: F401  (registers the commands)
+from ._common import app
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,251 @@
+"""`mailgate send`: one message, now, through a mail server document or a tenant's resolved server.
+
+Exit status: 0 all recipients accepted, 1 some refused, 2 bad input, 3 transient failure (try
+again later), 4 permanent failure (sending disabled for the tenant included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ._common import (
+    EXIT_INPUT,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_PERMANENT,
+    EXIT_TRANSIENT,
+    app,
+    cli_actor,
+    dumps,
+    fail,
+    fail_input,
+    read_secret,
+)
+
+if TYPE_CHECKING:
+    from ..delivery import Delivery
+    from ..message import Attachment, Message
+    from ..settings import MailServer
+    from ..smtp.protocol import ProtocolLog
+
+
+@dataclass
+class Content:
+    """The message as given on the command line, files already read."""
+
+    from_: str | None
+    to: list[str]
+    cc: list[str]
+    bcc: list[str]
+    reply_to: list[str]
+    subject: str
+    text: str | None
+    html: str | None
+    headers: list[tuple[str, str]]
+    attachments: list[Attachment] = field(default_factory=list)
+
+
+@app.command()
+def send(
+    ctx: typer.Context,
+    server: Annotated[
+        Path | None, typer.Option("--server", help="Send through this mail server document (JSON).")
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Send through this tenant's resolved mail server.")
+    ] = None,
+    to: Annotated[list[str], typer.Option("--to", help="Recipient; repeat for more.")] = [],  # noqa: B006
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Sender, 'addr' or 'Name <addr>' (default: the server's).")
+    ] = None,
+    cc: Annotated[list[str], typer.Option("--cc", help="Cc recipient; repeat for more.")] = [],  # noqa: B006
+    bcc: Annotated[list[str], typer.Option("--bcc", help="Bcc recipient; repeat for more.")] = [],  # noqa: B006
+    reply_to: Annotated[list[str], typer.Option("--reply-to", help="Reply-To address.")] = [],  # noqa: B006
+    subject: Annotated[str, typer.Option("--subject")] = "",
+    text: Annotated[str | None, typer.Option("--text", help="Plain-text body.")] = None,
+    text_file: Annotated[
+        Path | None, typer.Option("--text-file", help="Plain-text body from a file ('-': stdin).")
+    ] = None,
+    html_file: Annotated[Path | None, typer.Option("--html-file", help="HTML body from a file.")] = None,
+    attach: Annotated[list[Path], typer.Option("--attach", help="Attach a file; repeat for more.")] = [],  # noqa: B006
+    header: Annotated[list[str], typer.Option("--header", help="Extra header 'Name: value'; repeat.")] = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="Print the per-recipient outcome as JSON.")] = False,
+    protocol_log: Annotated[
+        bool, typer.Option("--protocol-log", help="Print the SMTP conversation to stderr, secrets redacted.")
+    ] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the SMTP password from stdin (else $MAILGATE_SMTP_PASSWORD).")
+    ] = False,
+    access_token_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--access-token-stdin", help="Read an OAuth2 access token from stdin (else $MAILGATE_ACCESS_TOKEN)."
+        ),
+    ] = False,
+) -> None:
+    """Send one message now, directly, without the queue."""
+    from ..errors import DeliveryError, InvalidInput, MailgateError, SendingDisabled
+
+    if (server is None) == (tenant is None):
+        fail(EXIT_INPUT, "give the mail server: --server FILE or --tenant TENANT", as_json)
+    if text is not None and text_file is not None:
+        fail(EXIT_INPUT, "give the body with --text or --text-file, not both", as_json)
+    if tenant is not None and password_stdin:
+        fail(EXIT_INPUT, "--password-stdin goes with --server; a tenant's server uses its stored secret", as_json)
+    readers = [n for n, on in (("--password-stdin", password_stdin), ("--access-token-stdin", access_token_stdin),
+                               ("--text-file -", str(text_file) == "-")) if on]  # fmt: skip
+    if len(readers) > 1:
+        fail(EXIT_INPUT, f"only one of {', '.join(readers)} can read stdin", as_json)
+    try:
+        content = _read_content(from_, to, cc, bcc, reply_to, subject, text, text_file, html_file, attach, header)
+        password = read_secret(password_stdin, "MAILGATE_SMTP_PASSWORD") if tenant is None else None
+        token = read_secret(access_token_stdin, "MAILGATE_ACCESS_TOKEN")
+    except InvalidInput as e:
+        fail_input(e, as_json)
+    except OSError as e:
+        fail(EXIT_INPUT, f"cannot read {e.filename}: {e.strerror}", as_json)
+    except UnicodeDecodeError:
+        fail(EXIT_INPUT, "--text-file and --html-file must be UTF-8 text", as_json)
+
+    log = _stderr_log if protocol_log else None
+    try:
+        message, delivery = asyncio.run(_main(ctx.obj["database_url"], server, tenant, content, password, token, log))
+    except SendingDisabled as e:
+        fail(EXIT_PERMANENT, str(e), as_json)
+    except InvalidInput as e:
+        fail_input(e, as_json)
+    except DeliveryError as e:
+        exit_code = EXIT_TRANSIENT if e.transient else EXIT_PERMANENT
+        fail(exit_code, e.message, as_json, type=type(e).__name__, code=e.code, enhanced=e.enhanced, reply=e.reply)
+    except MailgateError as e:
+        fail(EXIT_PERMANENT, str(e), as_json)
+    raise typer.Exit(_report(delivery, message, as_json))
+
+
+async def _main(
+    database_url: str | None,
+    server_file: Path | None,
+    tenant: str | None,
+    content: Content,
+    password: str | None,
+    token: str | None,
+    log: ProtocolLog | None,
+) -> tuple[Message, Delivery]:
+    from ..errors import SendingDisabled, SettingsError
+    from ..settings import load_server
+
+    if server_file is not None:
+        doc = load_server(server_file)
+        if not doc.enabled:
+            raise SettingsError([("enabled", f'the mail server in {server_file} is switched off ("enabled": false)')])
+    else:
+        from ..service import Mailgate
+
+        assert tenant is not None
+        async with Mailgate.open(database_url, actor=cli_actor()) as mg:
+            resolution = await mg.resolve(tenant)
+        if resolution.server is None:
+            raise SendingDisabled(resolution.reason)
+        doc = resolution.server
+    message = _message(doc, content)
+    if doc.debug.protocol_log and log is None:
+        log = _stderr_log
+    return message, await _deliver(doc, message, password, token, log)
+
+
+async def _deliver(
+    doc: MailServer, message: Message, password: str | None, token: str | None, log: ProtocolLog | None
+) -> Delivery:
+    from ..errors import SettingsError
+    from ..transports.smtp import SMTPTransport
+
+    if doc.kind != "smtp":
+        raise SettingsError([("kind", "mailgate send supports mail servers of kind smtp for now")])
+    source = None
+    if token is not None:
+
+        async def source() -> str:
+            return token
+
+    elif doc.auth.method == "oauth2":
+        raise SettingsError(
+            [("auth.token", "fetching tokens from a token source is not available yet; pass a current "
+                            "access token with --access-token-stdin or $MAILGATE_ACCESS_TOKEN")]
+        )  # fmt: skip
+    transport = SMTPTransport.from_server(doc, password=password, token=source, protocol_log=log)
+    try:
+        return await transport.send(message.envelope(mail_from=doc.envelope_from), message)
+    finally:
+        await transport.aclose()
+
+
+def _read_content(
+    from_: str | None, to: list[str], cc: list[str], bcc: list[str], reply_to: list[str], subject: str,
+    text: str | None, text_file: Path | None, html_file: Path | None, attach: list[Path], header: list[str],
+) -> Content:  # fmt: skip
+    import mimetypes
+
+    from ..errors import MessageError
+    from ..message import Attachment
+
+    if text_file is not None:
+        text = sys.stdin.read() if str(text_file) == "-" else text_file.read_text(encoding="utf-8")
+    html = html_file.read_text(encoding="utf-8") if html_file is not None else None
+    headers = []
+    for h in header:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise MessageError([("headers", f"{h!r} is not 'Name: value'")])
+        headers.append((name.strip(), value.strip()))
+    attachments = [
+        Attachment(p.name, mimetypes.guess_type(p.name)[0] or "application/octet-stream", p.read_bytes())
+        for p in attach
+    ]
+    return Content(from_, to, cc, bcc, reply_to, subject, text, html, headers, attachments)
+
+
+def _message(doc: MailServer, c: Content) -> Message:
+    from ..message import Address, Message
+
+    return Message(
+        from_=c.from_ if c.from_ is not None else Address(doc.from_address, doc.from_name),
+        to=c.to,
+        cc=c.cc,
+        bcc=c.bcc,
+        reply_to=c.reply_to or ([doc.reply_to] if doc.reply_to else []),
+        subject=c.subject,
+        text=c.text,
+        html=c.html,
+        attachments=c.attachments,
+        headers=c.headers,
+    )
+
+
+def _stderr_log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _report(delivery: Delivery, message: Message, as_json: bool) -> int:
+    refused = delivery.refused
+    if not refused:
+        code, status = EXIT_OK, "sent"
+    elif delivery.accepted:
+        code, status = EXIT_PARTIAL, "partial"
+    elif any(r.outcome.value == "transient" for r in refused):
+        code, status = EXIT_TRANSIENT, "transient"
+    else:
+        code, status = EXIT_PERMANENT, "permanent"
+    if as_json:
+        print(dumps({"status": status, "message_id": message.message_id, **delivery.to_dict()}))
+    else:
+        for r in delivery.results:
+            reply = " ".join(str(x) for x in (r.code, r.enhanced, r.text) if x)
+            note = " (may have been delivered)" if r.uncertain else ""
+            print(f"{r.outcome.value:<9} {r.recipient}  {reply}{note}")
+    return code
