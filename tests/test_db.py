@@ -81,3 +81,19 @@ async def test_two_processes_creating_a_fresh_database_at_once_both_succeed(data
     async with Mailgate.open(database_url, secret_keys=TEST_KEY) as mg:
         assert [t.id for t in await mg.tenants.list()] == ["a", "b"]
         assert await current_revision(mg.db) == SCHEMA_REVISION
+
+
+async def test_concurrent_writers_never_see_database_is_locked(database_url: str) -> None:
+    # On SQLite a transaction that reads, then writes after another writer committed, fails at
+    # once unless it began IMMEDIATE; several service instances at once provoke exactly that.
+    async with Mailgate.open(database_url, secret_keys=TEST_KEY):
+        pass  # create the schema first: this test is about writers, not migrations
+
+    async def writer(i: int) -> None:
+        async with Mailgate.open(database_url, secret_keys=TEST_KEY) as mg:
+            await mg.tenants.add(f"t{i}")
+            await mg.tenants.update(f"t{i}", may_use_own_server=True)
+
+    await asyncio.gather(*(writer(i) for i in range(8)))
+    async with Mailgate.open(database_url, secret_keys=TEST_KEY) as mg:
+        assert len(await mg.tenants.list()) == 8

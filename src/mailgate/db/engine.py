@@ -73,6 +73,19 @@ class Database:
     def sqlite_path(self) -> Path | None:
         return sqlite_path(self.url)
 
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A session in a transaction that will write: committed at the end, rolled back on error.
+
+        On SQLite it begins IMMEDIATE, taking the write lock first: a transaction that reads, then
+        writes after another writer committed, fails at once in WAL mode ("database is locked",
+        no busy wait). Reads use plain `sessions()`, which never block.
+        """
+        async with self.sessions.begin() as session:
+            if self.is_sqlite:
+                await session.connection(execution_options={_BEGIN: "IMMEDIATE"})
+            yield session
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 
@@ -84,18 +97,29 @@ def connect(url: URL) -> Database:
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
     else:
         engine = create_async_engine(url, pool_pre_ping=True)
     return Database(url, engine, async_sessionmaker(engine, expire_on_commit=False))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy, not the sqlite3 module, says when a transaction begins (see _sqlite_begin):
+    # the module's own implicit BEGIN is always DEFERRED and comes only before DML.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it safe
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+_BEGIN = "mailgate_sqlite_begin"
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN, '')}".strip())
 
 
 async def current_revision(db: Database) -> str | None:
@@ -139,15 +163,18 @@ async def upgrade(db: Database, revision: str = "head") -> None:
 
     loop = asyncio.get_running_loop()
     lock = _loop_locks.setdefault(loop, asyncio.Lock())
-    async with lock, _file_lock(db.sqlite_path), db.engine.begin() as conn:
-        if not db.is_sqlite:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
-        try:
-            await conn.run_sync(run)
-        except CommandError as e:
-            raise SettingsError(
-                [("database", f"cannot migrate the database ({e}); is it from a newer mailgate?")]
-            ) from None
+    async with lock, _file_lock(db.sqlite_path), db.engine.connect() as conn:
+        if db.is_sqlite:
+            await conn.execution_options(**{_BEGIN: "IMMEDIATE"})
+        async with conn.begin():
+            if not db.is_sqlite:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            try:
+                await conn.run_sync(run)
+            except CommandError as e:
+                raise SettingsError(
+                    [("database", f"cannot migrate the database ({e}); is it from a newer mailgate?")]
+                ) from None
 
 
 _loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()

@@ -138,7 +138,7 @@ class Store:
     ) -> TenantInfo:
         _check_tenant_id(tenant_id)
         fields = _tenant_fields(name=name if name is not None else tenant_id, support_address=support_address)
-        async with self.db.sessions.begin() as s:
+        async with self.db.write() as s:
             if await s.get(Tenant, tenant_id) is not None:
                 raise Conflict([("tenant", f"a tenant {tenant_id!r} exists already")])
             row = Tenant(
@@ -174,7 +174,7 @@ class Store:
         may_set_support_address: bool | None = None,
         actor: str,
     ) -> TenantInfo:
-        async with self.db.sessions.begin() as s:
+        async with self.db.write() as s:
             row = await _tenant(s, tenant_id, lock=True)
             before = _audited(_tenant_info(row))
             fields = _tenant_fields(name=name, support_address=support_address)
@@ -198,7 +198,7 @@ class Store:
 
     async def remove_tenant(self, tenant_id: str, *, actor: str) -> None:
         """Remove a tenant and its own mail server (the audit log keeps their history)."""
-        async with self.db.sessions.begin() as s:
+        async with self.db.write() as s:
             row = await _tenant(s, tenant_id, lock=True)
             server = await _server_row(s, tenant_id)
             await s.delete(row)
@@ -242,7 +242,7 @@ class Store:
             given[path] = value
         cleared = {path for path in fields if path not in given and secret_cleared(server, path)}
 
-        async with self.db.sessions.begin() as s:
+        async with self.db.write() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope, lock=True)
             stored: dict[str, ServerSecret] = {}
@@ -305,7 +305,7 @@ class Store:
         return info
 
     async def set_server_enabled(self, scope: str, enabled: bool, *, actor: str) -> ServerInfo:
-        async with self.db.sessions.begin() as s:
+        async with self.db.write() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope, lock=True)
             if row is None:
@@ -320,7 +320,7 @@ class Store:
             return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
 
     async def delete_server(self, scope: str, *, actor: str) -> None:
-        async with self.db.sessions.begin() as s:
+        async with self.db.write() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope, lock=True)
             if row is None:
@@ -380,7 +380,7 @@ class Store:
 
     async def rotate_keys(self, *, actor: str) -> int:
         """Re-encrypt every stored secret under the newest key. Returns how many."""
-        async with self.db.sessions.begin() as s:
+        async with self.db.write() as s:
             rows = (await s.execute(select(ServerSecret, MailServerRow.scope).join(MailServerRow))).all()
             for secret, scope in rows:
                 secret.ciphertext = self.keyring.rotate(scope, secret.field, secret.ciphertext)
