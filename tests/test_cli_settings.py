@@ -116,8 +116,8 @@ def test_secrets_from_stdin(cli: CLI) -> None:
 
     async def stored() -> tuple[str, str]:
         async with Mailgate.open(cli.url, secret_keys=TEST_KEY) as mg:
-            g = await mg.store.server_with_secrets("global")
-            a = await mg.store.server_with_secrets("acme")
+            g = await mg.servers.with_secrets("global")
+            a = await mg.servers.with_secrets("acme")
         assert g is not None and a is not None and a.graph is not None and a.graph.client_secret is not None
         return g.auth.password.get_secret_value(), a.graph.client_secret.get_secret_value()  # type: ignore[union-attr]
 

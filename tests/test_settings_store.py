@@ -160,7 +160,7 @@ async def test_reading_a_server_shows_set_never_the_secret(mg: Mailgate) -> None
 async def test_saving_without_the_secret_keeps_it_when_the_destination_is_unchanged(mg: Mailgate) -> None:
     await mg.servers.set("global", smtp_doc())
     await mg.servers.set("global", smtp_doc(password=None, from_name="Renamed", smtp={"verify_certificate": False}))
-    server = await mg.store.server_with_secrets("global")
+    server = await mg.servers.with_secrets("global")
     assert server is not None and server.from_name == "Renamed"
     assert server.auth.password.get_secret_value() == PASSWORD  # type: ignore[union-attr]
 
@@ -170,7 +170,7 @@ async def test_a_read_document_can_be_saved_back_unchanged(mg: Mailgate) -> None
     again = await mg.servers.set("global", first.document)  # {"set": true} means keep
     assert again.version == first.version + 1
     assert again.document == first.document
-    server = await mg.store.server_with_secrets("global")
+    server = await mg.servers.with_secrets("global")
     assert server is not None and server.auth.password.get_secret_value() == PASSWORD  # type: ignore[union-attr]
 
 
@@ -214,7 +214,7 @@ async def test_stored_secret_is_not_sent_to_a_changed_destination(
 async def test_a_changed_destination_is_accepted_with_the_secret_given_again(mg: Mailgate) -> None:
     await mg.servers.set("global", smtp_doc())
     await mg.servers.set("global", smtp_doc(host="smtp2.example.com", password="new-one"))
-    server = await mg.store.server_with_secrets("global")
+    server = await mg.servers.with_secrets("global")
     assert server is not None and server.smtp is not None and server.smtp.host == "smtp2.example.com"
     assert server.auth.password.get_secret_value() == "new-one"  # type: ignore[union-attr]
 
@@ -240,7 +240,7 @@ async def test_an_optional_secret_is_removed_by_null(mg: Mailgate) -> None:
 
 async def test_secrets_given_apart_from_the_document(mg: Mailgate) -> None:
     await mg.servers.set("global", smtp_doc(password=None), secrets={"auth.password": "from-stdin"})
-    server = await mg.store.server_with_secrets("global")
+    server = await mg.servers.with_secrets("global")
     assert server is not None and server.auth.password.get_secret_value() == "from-stdin"  # type: ignore[union-attr]
     with pytest.raises(SettingsError) as e:
         await mg.servers.set("global", oauth_doc(), secrets={"auth.password": "x"})
@@ -268,7 +268,7 @@ async def test_nothing_is_half_saved(mg: Mailgate) -> None:
         await mg.servers.set("global", smtp_doc(password="other", smtp={"port": 70000}))
     after = await mg.servers.get("global")
     assert after == before
-    server = await mg.store.server_with_secrets("global")
+    server = await mg.servers.with_secrets("global")
     assert server is not None and server.auth.password.get_secret_value() == PASSWORD  # type: ignore[union-attr]
 
 
@@ -330,7 +330,7 @@ async def test_without_keys_a_key_file_is_made_beside_the_database(
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert str(key_file) in caplog.text  # the operator is told where
     async with Mailgate.open(url) as mg:  # the same key is found again
-        server = await mg.store.server_with_secrets("global")
+        server = await mg.servers.with_secrets("global")
     assert server is not None and server.auth.password.get_secret_value() == PASSWORD  # type: ignore[union-attr]
 
 
@@ -474,3 +474,12 @@ async def test_resolution_carries_the_server_version(mg: Mailgate) -> None:
     second = await mg.resolve("acme")
     assert (first.server_id, first.version) == (second.server_id, 1)
     assert second.version == 2
+
+
+async def test_an_empty_key_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAILGATE_SECRET_KEYS", raising=False)
+    (tmp_path / "mailgate.db.keys").write_text("# no keys here\n")
+    (tmp_path / "mailgate.db.keys").chmod(0o600)
+    with pytest.raises(SettingsError, match="holds no key") as e:
+        await Mailgate.open(f"sqlite:///{tmp_path}/mailgate.db")
+    assert e.value.field.endswith("mailgate.db.keys")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import getpass
 import os
-from collections.abc import Generator, Mapping
+from collections.abc import Generator
 from types import TracebackType
 from typing import Any
 
 from .db.engine import Database, connect, database_url, ensure_schema
-from .settings.document import MailServer
-from .settings.secrets import ENV_KEYS, key_file_for, load_keyring
-from .settings.store import AuditRecord, Resolution, ServerInfo, Store, TenantInfo
+from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
+from .settings.store import AuditRecord, Resolution, Servers, Tenants, read_audit_log
 
 
 def default_actor() -> str:
@@ -28,92 +27,15 @@ def default_actor() -> str:
     return f"{user}@{os.uname().nodename}" if hasattr(os, "uname") else user
 
 
-class Tenants:
-    """`mg.tenants`: the tenants mailgate knows."""
-
-    def __init__(self, mg: Mailgate) -> None:
-        self._mg = mg
-
-    async def add(
-        self,
-        tenant_id: str,
-        *,
-        name: str | None = None,
-        may_use_own_server: bool = False,
-        support_address: str | None = None,
-        may_set_support_address: bool = False,
-    ) -> TenantInfo:
-        return await self._mg.store.add_tenant(
-            tenant_id,
-            name=name,
-            may_use_own_server=may_use_own_server,
-            support_address=support_address,
-            may_set_support_address=may_set_support_address,
-            actor=self._mg.actor,
-        )
-
-    async def get(self, tenant_id: str) -> TenantInfo:
-        return await self._mg.store.get_tenant(tenant_id)
-
-    async def list(self) -> list[TenantInfo]:
-        return await self._mg.store.list_tenants()
-
-    async def update(
-        self,
-        tenant_id: str,
-        *,
-        name: str | None = None,
-        may_use_own_server: bool | None = None,
-        support_address: str | None = None,
-        clear_support_address: bool = False,
-        may_set_support_address: bool | None = None,
-    ) -> TenantInfo:
-        return await self._mg.store.update_tenant(
-            tenant_id,
-            name=name,
-            may_use_own_server=may_use_own_server,
-            support_address=support_address,
-            clear_support_address=clear_support_address,
-            may_set_support_address=may_set_support_address,
-            actor=self._mg.actor,
-        )
-
-    async def remove(self, tenant_id: str) -> None:
-        await self._mg.store.remove_tenant(tenant_id, actor=self._mg.actor)
-
-
-class Servers:
-    """`mg.servers`: the global mail server ("global") and each tenant's own (its id)."""
-
-    def __init__(self, mg: Mailgate) -> None:
-        self._mg = mg
-
-    async def get(self, scope: str) -> ServerInfo | None:
-        """The server as it may be shown (each secret as {"set": bool}), or None."""
-        return await self._mg.store.get_server(scope)
-
-    async def set(
-        self, scope: str, document: Mapping[str, Any] | MailServer, *, secrets: Mapping[str, str] | None = None
-    ) -> ServerInfo:
-        return await self._mg.store.set_server(scope, document, secrets=secrets, actor=self._mg.actor)
-
-    async def enable(self, scope: str) -> ServerInfo:
-        return await self._mg.store.set_server_enabled(scope, True, actor=self._mg.actor)
-
-    async def disable(self, scope: str) -> ServerInfo:
-        return await self._mg.store.set_server_enabled(scope, False, actor=self._mg.actor)
-
-    async def delete(self, scope: str) -> None:
-        await self._mg.store.delete_server(scope, actor=self._mg.actor)
-
-
 class Mailgate:
-    def __init__(self, db: Database, store: Store, actor: str) -> None:
+    """The service. `tenants` and `servers` are the settings (settings/store.py); `actor` names
+    who makes the changes in the audit log."""
+
+    def __init__(self, db: Database, keyring: Keyring, actor: str) -> None:
         self.db = db
-        self.store = store
         self.actor = actor
-        self.tenants = Tenants(self)
-        self.servers = Servers(self)
+        self.tenants = Tenants(db, keyring, actor)
+        self.servers = Servers(db, keyring, actor)
 
     @classmethod
     def open(
@@ -129,13 +51,15 @@ class Mailgate:
         return _Opening(database_url, secret_keys, actor)
 
     async def resolve(self, tenant: str) -> Resolution:
-        return await self.store.resolve(tenant)
+        """The mail server `tenant` sends through, and why (DESIGN.md's resolution rules)."""
+        return await self.servers.resolve(tenant)
 
     async def rotate_keys(self) -> int:
-        return await self.store.rotate_keys(actor=self.actor)
+        """Re-encrypt every stored secret under the newest key; returns how many."""
+        return await self.servers.rotate_keys()
 
     async def audit_log(self, tenant: str | None = None, *, limit: int = 100) -> list[AuditRecord]:
-        return await self.store.audit_log(tenant, limit=limit)
+        return await read_audit_log(self.db, tenant, limit=limit)
 
     async def aclose(self) -> None:
         await self.db.dispose()
@@ -160,8 +84,6 @@ class _Opening:
         try:
             path = db.sqlite_path
             if db.is_sqlite and path is None and not (secret_keys or os.environ.get(ENV_KEYS)):
-                from .settings.secrets import Keyring
-
                 keyring = Keyring([Keyring.generate()], "a key for this in-memory database only")
             else:
                 keyring = load_keyring(secret_keys or os.environ.get(ENV_KEYS), key_file_for(path) if path else None)
@@ -169,7 +91,7 @@ class _Opening:
         except BaseException:
             await db.dispose()
             raise
-        return Mailgate(db, Store(db, keyring), actor or default_actor())
+        return Mailgate(db, keyring, actor or default_actor())
 
     def __await__(self) -> Generator[Any, None, Mailgate]:
         return self._open().__await__()

@@ -30,7 +30,7 @@ class SecretsError(MailgateError):
 class Keyring:
     def __init__(self, keys: list[str], source: str) -> None:
         if not keys:
-            raise SettingsError([(ENV_KEYS, "no keys given")])
+            raise SettingsError([(source, "holds no key; make one with `mailgate keys generate`")])
         fernets = []
         for i, key in enumerate(keys, 1):
             try:

@@ -119,14 +119,19 @@ class AuditRecord:
         }
 
 
-class Store:
-    def __init__(self, db: Database, keyring: Keyring) -> None:
+class _Part:
+    """What both halves of the store share: the database, the keys, and who makes the changes."""
+
+    def __init__(self, db: Database, keyring: Keyring, actor: str) -> None:
         self.db = db
         self.keyring = keyring
+        self.actor = actor
 
-    # ---- tenants -------------------------------------------------------------------------------
 
-    async def add_tenant(
+class Tenants(_Part):
+    """`mg.tenants`: the tenants mailgate knows."""
+
+    async def add(
         self,
         tenant_id: str,
         *,
@@ -134,7 +139,6 @@ class Store:
         may_use_own_server: bool = False,
         support_address: str | None = None,
         may_set_support_address: bool = False,
-        actor: str,
     ) -> TenantInfo:
         _check_tenant_id(tenant_id)
         fields = _tenant_fields(name=name if name is not None else tenant_id, support_address=support_address)
@@ -151,19 +155,19 @@ class Store:
             await s.flush()
             info = _tenant_info(row)
             changes = [{"field": k, "from": None, "to": v} for k, v in _audited(info).items()]
-            _audit(s, actor, "tenant.add", tenant_id, None, changes)
+            _audit(s, self.actor, "tenant.add", tenant_id, None, changes)
         return info
 
-    async def get_tenant(self, tenant_id: str) -> TenantInfo:
+    async def get(self, tenant_id: str) -> TenantInfo:
         async with self.db.sessions() as s:
             return _tenant_info(await _tenant(s, tenant_id))
 
-    async def list_tenants(self) -> list[TenantInfo]:
+    async def list(self) -> list[TenantInfo]:
         async with self.db.sessions() as s:
             rows = (await s.scalars(select(Tenant).order_by(Tenant.id))).all()
             return [_tenant_info(r) for r in rows]
 
-    async def update_tenant(
+    async def update(
         self,
         tenant_id: str,
         *,
@@ -172,7 +176,6 @@ class Store:
         support_address: str | None = None,
         clear_support_address: bool = False,
         may_set_support_address: bool | None = None,
-        actor: str,
     ) -> TenantInfo:
         async with self.db.write() as s:
             row = await _tenant(s, tenant_id, lock=True)
@@ -193,10 +196,10 @@ class Store:
             after = _audited(info)
             changes = [{"field": k, "from": before[k], "to": after[k]} for k in after if before[k] != after[k]]
             if changes:
-                _audit(s, actor, "tenant.update", tenant_id, None, changes)
+                _audit(s, self.actor, "tenant.update", tenant_id, None, changes)
         return info
 
-    async def remove_tenant(self, tenant_id: str, *, actor: str) -> None:
+    async def remove(self, tenant_id: str) -> None:
         """Remove a tenant and its own mail server (the audit log keeps their history)."""
         async with self.db.write() as s:
             row = await _tenant(s, tenant_id, lock=True)
@@ -205,11 +208,14 @@ class Store:
             changes: list[Any] = [{"field": "tenant", "from": tenant_id, "to": None}]
             if server is not None:
                 changes.append({"field": "server", "from": f"version {server.version}", "to": None})
-            _audit(s, actor, "tenant.remove", tenant_id, None, changes)
+            _audit(s, self.actor, "tenant.remove", tenant_id, None, changes)
 
-    # ---- servers -------------------------------------------------------------------------------
 
-    async def get_server(self, scope: str) -> ServerInfo | None:
+class Servers(_Part):
+    """`mg.servers`: the global mail server ("global") and each tenant's own (its id)."""
+
+    async def get(self, scope: str) -> ServerInfo | None:
+        """The server as it may be shown (each secret as {"set": bool}), or None."""
         async with self.db.sessions() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope)
@@ -217,13 +223,8 @@ class Store:
                 return None
             return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
 
-    async def set_server(
-        self,
-        scope: str,
-        document: Mapping[str, Any] | MailServer,
-        *,
-        secrets: Mapping[str, str] | None = None,
-        actor: str,
+    async def set(
+        self, scope: str, document: Mapping[str, Any] | MailServer, *, secrets: Mapping[str, str] | None = None
     ) -> ServerInfo:
         """Save the mail server of `scope` ("global" or a tenant id), whole.
 
@@ -274,7 +275,7 @@ class Store:
                     enabled=server.enabled,
                     document=storable_document(server),
                     version=1,
-                    updated_by=actor,
+                    updated_by=self.actor,
                 )
                 s.add(row)
                 await s.flush()
@@ -283,7 +284,7 @@ class Store:
                 row.document = storable_document(server)
                 row.version += 1
                 row.updated_at = now()
-                row.updated_by = actor
+                row.updated_by = self.actor
             for path, secret in stored.items():
                 if path not in kept and path not in given:
                     await s.delete(secret)
@@ -301,32 +302,40 @@ class Store:
                 changes.insert(0, {"field": "enabled", "from": old_enabled, "to": server.enabled})
             changes += [{"field": p, "secret": "changed"} for p in sorted(given)]
             changes += [{"field": p, "secret": "removed"} for p in sorted(set(stored) - kept - set(given))]
-            _audit(s, actor, "server.set", None if scope == GLOBAL else scope, scope, changes)
+            _audit(s, self.actor, "server.set", None if scope == GLOBAL else scope, scope, changes)
         return info
 
-    async def set_server_enabled(self, scope: str, enabled: bool, *, actor: str) -> ServerInfo:
+    async def enable(self, scope: str) -> ServerInfo:
+        """Switch the server on ("use mail server")."""
+        return await self._switch(scope, True)
+
+    async def disable(self, scope: str) -> ServerInfo:
+        """Switch the server off; for "global" that means no tenant can send."""
+        return await self._switch(scope, False)
+
+    async def _switch(self, scope: str, enabled: bool) -> ServerInfo:
         async with self.db.write() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope, lock=True)
             if row is None:
                 raise NotFound([("server", f"no mail server is set for {scope}")])
             if row.enabled != enabled:
-                _audit(s, actor, "server.enable" if enabled else "server.disable", _tenant_of(scope), scope,
+                _audit(s, self.actor, "server.enable" if enabled else "server.disable", _tenant_of(scope), scope,
                        [{"field": "enabled", "from": row.enabled, "to": enabled}])  # fmt: skip
                 row.enabled = enabled
                 row.version += 1
                 row.updated_at = now()
-                row.updated_by = actor
+                row.updated_by = self.actor
             return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
 
-    async def delete_server(self, scope: str, *, actor: str) -> None:
+    async def delete(self, scope: str) -> None:
         async with self.db.write() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope, lock=True)
             if row is None:
                 raise NotFound([("server", f"no mail server is set for {scope}")])
             await s.delete(row)
-            _audit(s, actor, "server.delete", _tenant_of(scope), scope,
+            _audit(s, self.actor, "server.delete", _tenant_of(scope), scope,
                    [{"field": "server", "from": f"version {row.version}", "to": None}])  # fmt: skip
 
     # ---- resolution ----------------------------------------------------------------------------
@@ -359,7 +368,7 @@ class Store:
             server = await self._with_secrets(s, glob)
             return Resolution(tenant_id, "global", server, glob.id, glob.version, f"{why}: it uses the global one")
 
-    async def server_with_secrets(self, scope: str) -> MailServer | None:
+    async def with_secrets(self, scope: str) -> MailServer | None:
         """A stored server with its secrets decrypted, for sending or testing; never for showing."""
         async with self.db.sessions() as s:
             await _check_scope(s, scope)
@@ -378,23 +387,23 @@ class Store:
 
     # ---- keys and audit ------------------------------------------------------------------------
 
-    async def rotate_keys(self, *, actor: str) -> int:
+    async def rotate_keys(self) -> int:
         """Re-encrypt every stored secret under the newest key. Returns how many."""
         async with self.db.write() as s:
             rows = (await s.execute(select(ServerSecret, MailServerRow.scope).join(MailServerRow))).all()
             for secret, scope in rows:
                 secret.ciphertext = self.keyring.rotate(scope, secret.field, secret.ciphertext)
-            _audit(s, actor, "keys.rotate", None, None, [{"field": "secrets", "from": None, "to": len(rows)}])
+            _audit(s, self.actor, "keys.rotate", None, None, [{"field": "secrets", "from": None, "to": len(rows)}])
             return len(rows)
 
-    async def audit_log(self, tenant_id: str | None = None, *, limit: int = 100) -> list[AuditRecord]:
-        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
-        if tenant_id is not None:
-            query = query.where(AuditEntry.tenant_id == tenant_id)
-        async with self.db.sessions() as s:
-            return [
-                AuditRecord(e.at, e.actor, e.action, e.tenant_id, e.scope, e.changes) for e in await s.scalars(query)
-            ]
+
+async def read_audit_log(db: Database, tenant_id: str | None = None, *, limit: int = 100) -> list[AuditRecord]:
+    """The newest entries first, of every scope or of one tenant."""
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    if tenant_id is not None:
+        query = query.where(AuditEntry.tenant_id == tenant_id)
+    async with db.sessions() as s:
+        return [AuditRecord(e.at, e.actor, e.action, e.tenant_id, e.scope, e.changes) for e in await s.scalars(query)]
 
 
 # ---- helpers ----------------------------------------------------------------------------------
