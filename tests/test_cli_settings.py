@@ -16,6 +16,7 @@ from cryptography.fernet import Fernet
 
 from conftest import TEST_KEY
 from mailgate import Mailgate
+from mailgate.db.engine import SCHEMA_REVISION
 from smtp_servers import ServerConfig, serve_in_thread
 
 MAILGATE = str(Path(sys.executable).with_name("mailgate"))
@@ -202,7 +203,7 @@ def test_keys_generate_prints_a_fernet_key(cli: CLI) -> None:
 
 
 def test_db_upgrade_creates_the_database(cli: CLI) -> None:
-    assert "revision 0001" in cli("db", "upgrade").stdout
+    assert f"revision {SCHEMA_REVISION}" in cli("db", "upgrade").stdout
     assert (cli.tmp / "mailgate.db").exists()
 
 
@@ -237,7 +238,7 @@ def test_changes_from_the_cli_are_audited_as_the_cli(cli: CLI) -> None:
 # ---- send --tenant -----------------------------------------------------------------------------
 
 
-def test_send_through_a_tenants_resolved_server(cli: CLI) -> None:
+def test_send_now_through_a_tenants_resolved_server(cli: CLI) -> None:
     cfg = ServerConfig(security="starttls-required", auth=frozenset({"PLAIN"}), password=PASSWORD)
     with serve_in_thread(cfg) as server:
         doc = cli.doc(smtp={"host": server.host, "port": server.port, "security": "starttls-required",
@@ -246,7 +247,8 @@ def test_send_through_a_tenants_resolved_server(cli: CLI) -> None:
                       connection={"connect_timeout": 5, "protocol_timeout": 5})  # fmt: skip
         cli("tenants", "add", "acme")
         cli("servers", "set", "global", "--file", doc, "--password-stdin", stdin=PASSWORD)
-        out = cli("send", "--tenant", "acme", "--to", "a@example.org", "--subject", "hi", "--text", "x", "--json")
+        out = cli("send", "--tenant", "acme", "--now", "--to", "a@example.org", "--subject", "hi", "--text", "x",
+                  "--json")  # fmt: skip
         (received,) = server.wait_for_messages_sync(1)
     assert json.loads(out.stdout)["status"] == "sent"
     assert received.mail_from == "no-reply@example.com"

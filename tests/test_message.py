@@ -397,3 +397,44 @@ def test_malformed_message_ids_are_refused(message_id: str) -> None:
 def test_headers_given_as_a_string_are_refused_clearly() -> None:
     with pytest.raises(MessageError, match="not a single string"):
         simple(text="x", headers="X-A: 1")
+
+
+# ---- stored form and server defaults -----------------------------------------------------------
+
+
+def test_the_stored_form_restores_the_same_message() -> None:
+    original = simple(
+        from_="Jörg <jörg@exämple.de>", to=["用户@例子.广告"], cc="c@example.com", bcc="b@example.com",
+        reply_to="r@example.com", text="hällo", headers={"X-Tenant": "acme"},
+        attachments=[Attachment("a.bin", "application/octet-stream", BINARY)],
+    )  # fmt: skip
+    import json
+
+    stored = json.loads(json.dumps(original.to_dict()))  # what the database keeps
+    restored = Message.from_dict(stored, [BINARY])
+    assert restored.envelope() == original.envelope()
+    for field in ("from_", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers", "message_id", "date"):
+        assert getattr(restored, field) == getattr(original, field), field
+    assert parse(restored.compose())["Subject"] == parse(original.compose())["Subject"]
+    assert restored.to[0].ascii_address is None and restored.requires_smtputf8
+
+
+def test_a_message_without_sender_takes_the_servers() -> None:
+    m = Message(to="a@example.org", subject="x", text="x")
+    assert m.from_ is None and m.message_id is None
+    with pytest.raises(MessageError, match="no sender"):
+        m.compose()
+    filled = m.with_defaults(from_=Address("no-reply@example.com", "Example"), reply_to=[Address("r@example.com")])
+    assert (filled.from_, filled.reply_to) == (Address("no-reply@example.com", "Example"), [Address("r@example.com")])
+    assert filled.message_id is not None and filled.message_id.endswith("@example.com>")
+    assert m.from_ is None  # a copy; the original is unchanged
+    own = simple(text="x", reply_to="mine@example.com")
+    kept = own.with_defaults(from_=Address("other@example.com"), reply_to=[Address("r@example.com")])
+    assert (kept.from_, kept.reply_to, kept.message_id) == (own.from_, own.reply_to, own.message_id)
+    assert (
+        Message(to="a@example.org", text="x")
+        .with_defaults(domain="mail.example")
+        .message_id.endswith(  # type: ignore[union-attr]
+            "@mail.example>"
+        )
+    )

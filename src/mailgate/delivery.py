@@ -53,6 +53,8 @@ class Delivery:
 
     server: str
     results: list[RecipientResult] = field(default_factory=list)
+    # Seconds the server asked us to wait before trying again (HTTP Retry-After), if it did.
+    retry_after: float | None = None
 
     @property
     def accepted(self) -> list[RecipientResult]:

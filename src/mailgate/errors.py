@@ -64,11 +64,13 @@ class DeliveryError(MailgateError):
         enhanced: str | None = None,
         reply: str | None = None,
         transient: bool | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.enhanced = enhanced
         self.reply = reply
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it did
         if transient is not None:
             self.transient = transient

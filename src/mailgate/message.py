@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from functools import lru_cache
+from typing import Any
 
 from . import _mime
 from ._mime import CRLF
@@ -194,9 +195,10 @@ class Message:
     """One notification e-mail. Validated on construction; raises `MessageError` listing every
     problem found (field and explanation).
 
-    `from_` is the From mailbox (the trailing underscore because `from` is a keyword).
-    `message_id` and `date` are fixed at construction, so a message composed again for a retry is
-    byte-for-byte the same message and duplicates can be recognized.
+    `from_` is the From mailbox (the trailing underscore because `from` is a keyword). It may be
+    left out: the mail server's sender address then fills it (`with_defaults`), and so does the
+    Message-ID's domain. `message_id` and `date` are otherwise fixed at construction, so a
+    message composed again for a retry is the same message and duplicates can be recognized.
     """
 
     __slots__ = (
@@ -218,7 +220,7 @@ class Message:
     def __init__(
         self,
         *,
-        from_: AddressInput,
+        from_: AddressInput | None = None,
         to: AddressesInput = None,
         cc: AddressesInput = None,
         bcc: AddressesInput = None,
@@ -253,7 +255,7 @@ class Message:
                     out.append(a)
             return out
 
-        sender = one("from", from_)
+        sender = one("from", from_) if from_ is not None else None
         self.to = many("to", to)
         self.cc = many("cc", cc)
         self.bcc = many("bcc", bcc)
@@ -277,8 +279,8 @@ class Message:
         self.headers = _check_headers(headers, problems)
 
         if message_id is None:
-            domain = sender.ascii_domain if sender else "mailgate.invalid"
-            message_id = f"<{time.time_ns():x}.{os.urandom(8).hex()}@{domain}>"
+            if sender is not None:
+                message_id = new_message_id(sender.ascii_domain)
         elif not isinstance(message_id, str) or not _MESSAGE_ID.fullmatch(message_id):
             problems.append(("message_id", "must look like <unique-part@domain>, visible ASCII only"))
         elif not message_id.startswith("<"):
@@ -298,8 +300,68 @@ class Message:
                 problems.append(("size", f"the message would be about {size:,} bytes; the limit is {max_size:,} bytes"))
         if problems:
             raise MessageError(problems)
-        assert sender is not None
         self.from_ = sender
+
+    def with_defaults(
+        self, *, from_: Address | None = None, reply_to: Sequence[Address] = (), domain: str | None = None
+    ) -> Message:
+        """A copy with what it leaves out taken from a mail server's settings: the From mailbox,
+        Reply-To, and a Message-ID (in `domain`, else the From address's domain)."""
+        copy = Message.__new__(Message)
+        for slot in Message.__slots__:
+            setattr(copy, slot, getattr(self, slot))
+        if copy.from_ is None:
+            copy.from_ = from_
+        if not copy.reply_to:
+            copy.reply_to = list(reply_to)
+        if copy.message_id is None:
+            if domain is None and copy.from_ is not None:
+                domain = copy.from_.ascii_domain
+            if domain is not None:
+                copy.message_id = new_message_id(domain)
+        return copy
+
+    def _sender(self) -> Address:
+        if self.from_ is None:
+            raise MessageError([("from", "the message has no sender: give one, or let a mail server's fill it")])
+        return self.from_
+
+    # ---- stored form -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form without attachment contents (those go apart; see `from_dict`).
+        Addresses keep their validated forms, so restoring skips validating them again."""
+        return {
+            "from": _address_dict(self.from_) if self.from_ is not None else None,
+            **{f: [_address_dict(a) for a in getattr(self, f)] for f in ("to", "cc", "bcc", "reply_to")},
+            "subject": self.subject,
+            "text": self.text,
+            "html": self.html,
+            "headers": [list(h) for h in self.headers],
+            "message_id": self.message_id,
+            "date": self.date.isoformat(),
+            "attachments": [
+                {"filename": a.filename, "content_type": a.content_type, "content_id": a.content_id}
+                for a in self.attachments
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], attachment_data: Sequence[bytes] = ()) -> Message:
+        """A message from `to_dict()`'s form, trusted: it was validated before it was stored."""
+        m = cls.__new__(cls)
+        m.from_ = _address_from(data["from"]) if data["from"] is not None else None
+        m.to, m.cc, m.bcc, m.reply_to = ([_address_from(a) for a in data[f]] for f in ("to", "cc", "bcc", "reply_to"))
+        m.subject, m.text, m.html = data["subject"], data["text"], data["html"]
+        m.headers = [(n, v) for n, v in data["headers"]]
+        m.message_id = data["message_id"]
+        m.date = datetime.fromisoformat(data["date"])
+        m._date_header = format_datetime(m.date)
+        m.attachments = [
+            Attachment(a["filename"], a["content_type"], content, a["content_id"])
+            for a, content in zip(data["attachments"], attachment_data, strict=True)
+        ]
+        return m
 
     # ---- envelope -------------------------------------------------------------------------
 
@@ -317,12 +379,13 @@ class Message:
     @property
     def requires_smtputf8(self) -> bool:
         """True when an address has a non-ASCII local part: only SMTPUTF8 servers can take it."""
-        return any(a.requires_smtputf8 for a in (self.from_, *self.to, *self.cc, *self.bcc, *self.reply_to))
+        senders = () if self.from_ is None else (self.from_,)
+        return any(a.requires_smtputf8 for a in (*senders, *self.to, *self.cc, *self.bcc, *self.reply_to))
 
     def envelope(self, *, utf8: bool = False, mail_from: str | None = None) -> Envelope:
         """The envelope, in ASCII form unless `utf8` (addresses with non-ASCII local parts stay
         Unicode either way; only an SMTPUTF8 server accepts those)."""
-        sender = mail_from if mail_from is not None else self.from_.envelope_form(utf8)
+        sender = mail_from if mail_from is not None else self._sender().envelope_form(utf8)
         return Envelope(sender, tuple(a.envelope_form(utf8) for a in self.recipients))
 
     # ---- composition ----------------------------------------------------------------------
@@ -347,7 +410,7 @@ class Message:
             "Date: ",
             self._date_header,
             CRLF,
-            _mime.fold("From", self.from_.header_tokens(utf8)),
+            _mime.fold("From", self._sender().header_tokens(utf8)),
         ]
         if self.reply_to:
             h.append(_address_list("Reply-To", self.reply_to, utf8))
@@ -356,6 +419,8 @@ class Message:
         if self.cc:
             h.append(_address_list("Cc", self.cc, utf8))
         h.append(_mime.unstructured("Subject", self.subject, utf8))
+        if self.message_id is None:
+            raise MessageError([("message_id", "the message has none: give one, or a sender to make it from")])
         h += ["Message-ID: ", self.message_id, CRLF]
         for name, value in self.headers:
             h.append(_mime.unstructured(name, value, utf8, literal=False))
@@ -388,6 +453,20 @@ class Message:
 
     def __repr__(self) -> str:
         return f"<Message {self.message_id} from {self.from_} to {len(self.recipients)} recipient(s)>"
+
+
+def new_message_id(domain: str) -> str:
+    return f"<{time.time_ns():x}.{os.urandom(8).hex()}@{domain}>"
+
+
+def _address_dict(a: Address) -> list[str | None]:
+    return [a.address, a.name, a.ascii_address, a.ascii_domain]
+
+
+def _address_from(data: Sequence[str | None]) -> Address:
+    a = Address.__new__(Address)
+    a.address, a.name, a.ascii_address, a.ascii_domain = data  # type: ignore[assignment]
+    return a
 
 
 def _address_list(name: str, addresses: list[Address], utf8: bool) -> str:

@@ -8,13 +8,19 @@ async with Mailgate.open() as mg:                      # or: mg = await Mailgate
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from types import TracebackType
 from typing import Any
 
+from .config import Config
 from .db.engine import Database, connect, database_url, ensure_schema
+from .errors import MessageError, SendingDisabled
+from .message import Address, Message
+from .outbox.store import Outbox, default_domain
+from .outbox.worker import Worker, WorkerStats
 from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
 from .settings.store import AuditRecord, Resolution, Servers, Tenants, read_audit_log
 
@@ -31,24 +37,64 @@ class Mailgate:
     """The service. `tenants` and `servers` are the settings (settings/store.py); `actor` names
     who makes the changes in the audit log."""
 
-    def __init__(self, db: Database, keyring: Keyring, actor: str) -> None:
+    def __init__(self, db: Database, keyring: Keyring, actor: str, config: Config) -> None:
         self.db = db
         self.actor = actor
+        self.config = config
         self.tenants = Tenants(db, keyring, actor)
         self.servers = Servers(db, keyring, actor)
+        self.queue = Outbox(db, config)
+
+    async def submit(self, tenant: str, message: Message, idempotency_key: str | None = None) -> int:
+        """Store `message` in the outbox for `tenant` (one transaction) and return its id.
+
+        With an idempotency key already used by this tenant, the first message's id comes back
+        and nothing new is stored. When sending is disabled for the tenant, SendingDisabled says
+        why — or, with `hold_when_disabled`, the message is kept as `held` until it may be sent.
+        """
+        if idempotency_key is not None:
+            if not idempotency_key or len(idempotency_key) > 255:
+                raise MessageError([("idempotency_key", "is 1-255 characters")])
+            existing = await self.queue.find_by_key(tenant, idempotency_key)
+            if existing is not None:
+                return existing
+        return (await self._submit(tenant, [message], [idempotency_key]))[0]
+
+    async def submit_many(self, tenant: str, messages: Sequence[Message]) -> list[int]:
+        """Store several messages for `tenant` in one transaction; returns their ids in order."""
+        return await self._submit(tenant, messages, [None] * len(messages))
+
+    async def _submit(self, tenant: str, messages: Sequence[Message], keys: Sequence[str | None]) -> list[int]:
+        resolution = await self.servers.resolve(tenant, secrets=False)
+        if resolution.server is None and not self.config.hold_when_disabled:
+            raise SendingDisabled(resolution.reason)
+        domain = Address(resolution.server.from_address).ascii_domain if resolution.server else default_domain()
+        ready = [m if m.message_id is not None else m.with_defaults(domain=domain) for m in messages]
+        status = "queued" if resolution.server is not None else "held"
+        return await self.queue.submit(tenant, ready, keys, status)
+
+    async def run_worker(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
+        """Deliver queued messages until `stop` is set (or, with `until_idle`, nothing is due)."""
+        return await Worker(self.queue, self.servers, self.config).run(stop, until_idle=until_idle)
 
     @classmethod
     def open(
-        cls, database_url: str | None = None, *, secret_keys: str | None = None, actor: str | None = None
+        cls,
+        database_url: str | None = None,
+        *,
+        secret_keys: str | None = None,
+        actor: str | None = None,
+        config: Config | None = None,
     ) -> _Opening:
         """Open (and create or upgrade, if needed) the database.
 
         `database_url`: else $MAILGATE_DATABASE_URL, else SQLite `mailgate.db` in the working
         directory. `secret_keys`: else $MAILGATE_SECRET_KEYS, else (SQLite) a key file beside the
         database. `actor` names who makes the changes in the audit log (default: user@host).
+        `config`: retries, leases, retention… (default: from MAILGATE_… variables, see config.py).
         Use as `async with Mailgate.open() as mg:` or `mg = await Mailgate.open()`.
         """
-        return _Opening(database_url, secret_keys, actor)
+        return _Opening(database_url, secret_keys, actor, config)
 
     async def resolve(self, tenant: str) -> Resolution:
         """The mail server `tenant` sends through, and why (DESIGN.md's resolution rules)."""
@@ -74,12 +120,13 @@ class Mailgate:
 class _Opening:
     """What `Mailgate.open()` returns: awaitable, and an async context manager."""
 
-    def __init__(self, url: str | None, secret_keys: str | None, actor: str | None) -> None:
-        self._args = (url, secret_keys, actor)
+    def __init__(self, url: str | None, secret_keys: str | None, actor: str | None, config: Config | None) -> None:
+        self._args = (url, secret_keys, actor, config)
         self._mg: Mailgate | None = None
 
     async def _open(self) -> Mailgate:
-        url, secret_keys, actor = self._args
+        url, secret_keys, actor, config = self._args
+        config = config or Config.from_env()
         db = connect(database_url(url))
         try:
             path = db.sqlite_path
@@ -91,7 +138,7 @@ class _Opening:
         except BaseException:
             await db.dispose()
             raise
-        return Mailgate(db, keyring, actor or default_actor())
+        return Mailgate(db, keyring, actor or default_actor(), config)
 
     def __await__(self) -> Generator[Any, None, Mailgate]:
         return self._open().__await__()

@@ -1,10 +1,10 @@
 """The `mailgate` command line. Start-up stays fast: commands import what they need inside.
 
-Modules: `_common` (the app, exit statuses, shared plumbing), `send`, `settings` (tenants,
-servers, keys, db).
+Modules: `_common` (the app, exit statuses, shared plumbing), `send`, `queue` (worker and
+queue), `settings` (tenants, servers, keys, db).
 """
 
-from . import send, settings  # noqa: F401  (registers the commands)
+from . import queue, send, settings  # noqa: F401  (registers the commands)
 from ._common import app
 
 

@@ -40,10 +40,12 @@ tenants_app = _typer("Tenants: add, list, show, update, remove.")
 servers_app = _typer("Mail servers: the global one ('global') and each tenant's own (its id).")
 keys_app = _typer("The keys that encrypt stored secrets.")
 db_app = _typer("The database.")
+queue_app = _typer("The outbox: list, show, retry, cancel, stats, purge.")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(servers_app, name="servers")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+app.add_typer(queue_app, name="queue")
 
 
 @app.callback()

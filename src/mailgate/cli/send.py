@@ -1,7 +1,8 @@
-"""`mailgate send`: one message, now, through a mail server document or a tenant's resolved server.
+"""`mailgate send`: a message for a tenant into the outbox (the worker delivers it), or, with
+`--now` or `--server FILE`, sent at once, directly.
 
-Exit status: 0 all recipients accepted, 1 some refused, 2 bad input, 3 transient failure (try
-again later), 4 permanent failure (sending disabled for the tenant included).
+Exit status: 0 queued or all recipients accepted, 1 some refused, 2 bad input, 3 transient
+failure (try again later), 4 permanent failure (sending disabled for the tenant included).
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ def send(
         Path | None, typer.Option("--server", help="Send through this mail server document (JSON).")
     ] = None,
     tenant: Annotated[
-        str | None, typer.Option("--tenant", help="Send through this tenant's resolved mail server.")
+        str | None, typer.Option("--tenant", help="Queue for this tenant (its resolved mail server).")
+    ] = None,
+    now: Annotated[
+        bool, typer.Option("--now", help="With --tenant: send at once, directly, instead of queueing.")
+    ] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option("--idempotency-key", help="Queue at most once per tenant and key.")
     ] = None,
     to: Annotated[list[str], typer.Option("--to", help="Recipient; repeat for more.")] = [],  # noqa: B006
     from_: Annotated[
@@ -89,13 +96,16 @@ def send(
         ),
     ] = False,
 ) -> None:
-    """Send one message now, directly, without the queue."""
+    """Queue a message for a tenant, or send one at once (--now, or --server FILE)."""
     from ..errors import DeliveryError, InvalidInput, MailgateError, SendingDisabled
 
     if (server is None) == (tenant is None):
         fail(EXIT_INPUT, "give the mail server: --server FILE or --tenant TENANT", as_json)
     if text is not None and text_file is not None:
         fail(EXIT_INPUT, "give the body with --text or --text-file, not both", as_json)
+    queue = tenant is not None and not now
+    if idempotency_key is not None and not queue:
+        fail(EXIT_INPUT, "--idempotency-key goes with --tenant, when queueing", as_json)
     if tenant is not None and password_stdin:
         fail(EXIT_INPUT, "--password-stdin goes with --server; a tenant's server uses its stored secret", as_json)
     readers = [n for n, on in (("--password-stdin", password_stdin), ("--access-token-stdin", access_token_stdin),
@@ -113,6 +123,16 @@ def send(
     except UnicodeDecodeError:
         fail(EXIT_INPUT, "--text-file and --html-file must be UTF-8 text", as_json)
 
+    if queue:
+        assert tenant is not None
+        try:
+            pk, status = asyncio.run(_queue(ctx.obj["database_url"], tenant, content, idempotency_key))
+        except SendingDisabled as e:
+            fail(EXIT_PERMANENT, str(e), as_json)
+        except InvalidInput as e:
+            fail_input(e, as_json)
+        print(dumps({"status": status, "id": pk}) if as_json else f"{status}: message {pk}")
+        raise typer.Exit(EXIT_OK)
     log = _stderr_log if protocol_log else None
     try:
         message, delivery = asyncio.run(_main(ctx.obj["database_url"], server, tenant, content, password, token, log))
@@ -126,6 +146,14 @@ def send(
     except MailgateError as e:
         fail(EXIT_PERMANENT, str(e), as_json)
     raise typer.Exit(_report(delivery, message, as_json))
+
+
+async def _queue(database_url: str | None, tenant: str, content: Content, key: str | None) -> tuple[int, str]:
+    from ..service import Mailgate
+
+    async with Mailgate.open(database_url, actor=cli_actor()) as mg:
+        pk = await mg.submit(tenant, _message(None, content), key)
+        return pk, (await mg.queue.get(pk)).summary.status
 
 
 async def _main(
@@ -210,21 +238,19 @@ def _read_content(
     return Content(from_, to, cc, bcc, reply_to, subject, text, html, headers, attachments)
 
 
-def _message(doc: MailServer, c: Content) -> Message:
+def _message(doc: MailServer | None, c: Content) -> Message:
+    """The message as given; what it leaves out (sender, Reply-To) comes from the mail server's
+    settings — now for a direct send, at delivery for a queued one."""
     from ..message import Address, Message
 
-    return Message(
-        from_=c.from_ if c.from_ is not None else Address(doc.from_address, doc.from_name),
-        to=c.to,
-        cc=c.cc,
-        bcc=c.bcc,
-        reply_to=c.reply_to or ([doc.reply_to] if doc.reply_to else []),
-        subject=c.subject,
-        text=c.text,
-        html=c.html,
-        attachments=c.attachments,
-        headers=c.headers,
-    )
+    message = Message(
+        from_=c.from_, to=c.to, cc=c.cc, bcc=c.bcc, reply_to=c.reply_to, subject=c.subject, text=c.text,
+        html=c.html, attachments=c.attachments, headers=c.headers,
+    )  # fmt: skip
+    if doc is None:
+        return message
+    reply_to = [Address(doc.reply_to)] if doc.reply_to else []
+    return message.with_defaults(from_=Address(doc.from_address, doc.from_name), reply_to=reply_to)
 
 
 def _stderr_log(line: str) -> None:

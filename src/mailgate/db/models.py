@@ -14,10 +14,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -50,7 +52,12 @@ def now() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+    # none_as_null: a Python None is SQL NULL (not the JSON value null), so IS NULL finds it.
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime,
+        dict[str, Any]: JSON(none_as_null=True),
+        list[Any]: JSON(none_as_null=True),
+    }
     # Named constraints, so that later migrations can alter them (SQLite needs the names).
     metadata = MetaData(
         naming_convention={
@@ -92,6 +99,10 @@ class MailServerRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=now)
     updated_at: Mapped[datetime] = mapped_column(default=now)
     updated_by: Mapped[str] = mapped_column(String(200))
+    # Set when the server refused the credentials (or TLS, or the security settings) for good:
+    # its messages wait instead of hammering it. Saving or enabling the server clears it.
+    broken_reason: Mapped[str | None] = mapped_column(Text)
+    broken_at: Mapped[datetime | None]
 
 
 class ServerSecret(Base):
@@ -121,3 +132,102 @@ class AuditEntry(Base):
     tenant_id: Mapped[str | None] = mapped_column(String(64))
     scope: Mapped[str | None] = mapped_column(String(64))
     changes: Mapped[list[Any]]
+
+
+_DUE = text("due_at IS NOT NULL")  # claimable messages only: the index stays small
+
+
+class MessageRow(Base):
+    """A message in the outbox: its state, small enough to be rewritten cheaply at every claim
+    and outcome. The body is in MessageBody, attachment bytes in MessageAttachment.
+
+    `due_at` is when a worker may claim it: set for queued and deferred messages (the next
+    attempt) and for sending ones (the end of the worker's lease, after which another worker takes
+    it over); empty when it is held, sent, failed or cancelled. Claims go by `due_at` alone.
+    """
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index(None, "tenant_id", "idempotency_key", unique=True),
+        Index("ix_messages_due", "due_at", postgresql_where=_DUE, sqlite_where=_DUE),
+        Index(None, "tenant_id", "created_at"),
+        Index(None, "status", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    message_id: Mapped[str] = mapped_column(String(255))
+    subject: Mapped[str] = mapped_column(Text)
+    size: Mapped[int]
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    updated_at: Mapped[datetime] = mapped_column(default=now)
+    expires_at: Mapped[datetime]
+    due_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    # The lease owner a claim replaced: set only when a worker takes over a message whose
+    # previous worker's lease ran out (it may have delivered the message before it died).
+    previous_owner: Mapped[str | None] = mapped_column(String(200))
+    last_server_id: Mapped[int | None] = mapped_column(BigInteger)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+    body_purged_at: Mapped[datetime | None]
+
+
+class MessageBody(Base):
+    """The message as `Message.to_dict()` gives it. Removed when the body is purged."""
+
+    __tablename__ = "message_bodies"
+
+    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    content: Mapped[dict[str, Any]]
+
+
+class MessageRecipient(Base):
+    """One envelope recipient of a message and where it stands: pending (to be sent, or tried
+    again), accepted, or failed. Accepted recipients are never sent to again."""
+
+    __tablename__ = "message_recipients"
+
+    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    code: Mapped[int | None]
+    enhanced: Mapped[str | None] = mapped_column(String(16))
+    text: Mapped[str | None] = mapped_column(Text)
+
+
+class MessageAttachment(Base):
+    __tablename__ = "message_attachments"
+
+    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AttemptRow(Base):
+    """One try at delivering a message: when, through which server (and settings version), how
+    long, what the server said — per recipient in `results` — and a note when something about
+    the attempt needs saying (a lease taken over: the message may have been delivered before)."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int]
+    worker: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime]
+    duration_ms: Mapped[int]
+    server_scope: Mapped[str | None] = mapped_column(String(64))
+    server_id: Mapped[int | None] = mapped_column(BigInteger)
+    server_version: Mapped[int | None]
+    server: Mapped[str | None] = mapped_column(String(300))
+    outcome: Mapped[str] = mapped_column(String(16))
+    code: Mapped[int | None]
+    enhanced: Mapped[str | None] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    results: Mapped[list[Any]]
+    note: Mapped[str | None] = mapped_column(Text)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..db.engine import Database
-from ..db.models import AuditEntry, MailServerRow, ServerSecret, Tenant, now
+from ..db.models import AuditEntry, MailServerRow, MessageRow, ServerSecret, Tenant, now
 from ..errors import Conflict, NotFound, SettingsError
 from .document import (
     MailServer,
@@ -90,6 +90,7 @@ class Resolution:
     server_id: int | None
     version: int | None
     reason: str
+    broken_reason: str | None = None  # the server refused us for good; its messages wait
 
     @property
     def disabled(self) -> bool:
@@ -285,6 +286,7 @@ class Servers(_Part):
                 row.version += 1
                 row.updated_at = now()
                 row.updated_by = self.actor
+                await _mend(s, row)
             for path, secret in stored.items():
                 if path not in kept and path not in given:
                     await s.delete(secret)
@@ -326,6 +328,8 @@ class Servers(_Part):
                 row.version += 1
                 row.updated_at = now()
                 row.updated_by = self.actor
+            if enabled:
+                await _mend(s, row)
             return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
 
     async def delete(self, scope: str) -> None:
@@ -340,12 +344,13 @@ class Servers(_Part):
 
     # ---- resolution ----------------------------------------------------------------------------
 
-    async def resolve(self, tenant_id: str) -> Resolution:
+    async def resolve(self, tenant_id: str, *, secrets: bool = True) -> Resolution:
         """The mail server `tenant_id` sends through, exactly by DESIGN.md's rules:
         1. no global server, or the global server switched off: sending is disabled for everyone;
         2. the tenant's own server, when it is switched on and the tenant may have one;
         3. otherwise the global server.
-        One server's document, whole, with that server's secrets; never a mix of two."""
+        One server's document, whole, with that server's secrets (unless `secrets` is False: to
+        know whether and where a tenant can send, without decrypting anything); never a mix."""
         async with self.db.sessions() as s:
             tenant = await _tenant(s, tenant_id)
             query = select(MailServerRow).where(MailServerRow.scope.in_([GLOBAL, tenant_id]))
@@ -356,17 +361,30 @@ class Servers(_Part):
                 why = f"the global mail server {state}: sending is disabled for every tenant"
                 return Resolution(tenant_id, None, None, None, None, why)
             if own is not None and own.enabled and tenant.may_use_own_server:
-                server = await self._with_secrets(s, own)
+                server = await self._with_secrets(s, own) if secrets else _stored_server(own)
                 why = f"{tenant_id} sends through its own mail server"
-                return Resolution(tenant_id, "tenant", server, own.id, own.version, why)
+                return Resolution(tenant_id, "tenant", server, own.id, own.version, why, own.broken_reason)
             if own is None:
                 why = f"{tenant_id} has no mail server of its own"
             elif not tenant.may_use_own_server:
                 why = f"{tenant_id} has a mail server of its own but may not use it"
             else:
                 why = f"{tenant_id}'s own mail server is switched off"
-            server = await self._with_secrets(s, glob)
-            return Resolution(tenant_id, "global", server, glob.id, glob.version, f"{why}: it uses the global one")
+            server = await self._with_secrets(s, glob) if secrets else _stored_server(glob)
+            why += ": it uses the global one"
+            return Resolution(tenant_id, "global", server, glob.id, glob.version, why, glob.broken_reason)
+
+    async def mark_broken(self, server_id: int, version: int, reason: str) -> bool:
+        """Note that the server refused us for good (credentials, TLS, security settings), unless
+        its settings changed since the attempt. Its messages wait until it is saved or enabled."""
+        async with self.db.write() as s:
+            row = await s.get(MailServerRow, server_id, with_for_update=True)
+            if row is None or row.version != version or row.broken_reason is not None:
+                return False
+            row.broken_reason, row.broken_at = reason, now()
+            _audit(s, "mailgate", "server.broken", _tenant_of(row.scope), row.scope,
+                   [{"field": "broken_reason", "from": None, "to": reason}])  # fmt: skip
+            return True
 
     async def with_secrets(self, scope: str) -> MailServer | None:
         """A stored server with its secrets decrypted, for sending or testing; never for showing."""
@@ -451,6 +469,18 @@ async def _check_scope(s: AsyncSession, scope: str) -> None:
 async def _server_row(s: AsyncSession, scope: str, *, lock: bool = False) -> MailServerRow | None:
     query = select(MailServerRow).where(MailServerRow.scope == scope)
     return await s.scalar(query.with_for_update() if lock else query)
+
+
+async def _mend(s: AsyncSession, row: MailServerRow) -> None:
+    """After a save or an enable: the server is not broken any more, as far as we know, and the
+    messages that wait for it are due now."""
+    row.broken_reason, row.broken_at = None, None
+    await s.execute(
+        update(MessageRow)
+        .where(MessageRow.status == "deferred", MessageRow.last_server_id == row.id)
+        .values(due_at=now())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _tenant_of(scope: str) -> str | None:

@@ -3,6 +3,8 @@ over. Each carries the server's reply (code, enhanced code, text) as data when t
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..delivery import Outcome
 from ..errors import DeliveryError
 from .reply import Reply, classify
@@ -12,7 +14,7 @@ class SMTPError(DeliveryError):
     """Base of the SMTP session errors."""
 
     @classmethod
-    def from_reply(cls, what: str, reply: Reply, **kw: object) -> SMTPError:
+    def from_reply(cls, what: str, reply: Reply, **kw: Any) -> SMTPError:
         transient = classify(reply.code, reply.enhanced) is Outcome.TRANSIENT
         return cls(
             f"{what}: the server answered {reply}",
@@ -68,9 +70,9 @@ class SMTPAuthError(SMTPError):
         *,
         mechanism: str | None = None,
         challenge: dict[str, object] | None = None,
-        **kw: object,
+        **kw: Any,
     ) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+        super().__init__(message, **kw)
         self.mechanism = mechanism
         self.challenge = challenge
 

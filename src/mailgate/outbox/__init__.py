@@ -1,0 +1,1 @@
+"""The durable outbox: messages stored until a mail server accepts them, and the worker."""

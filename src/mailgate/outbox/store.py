@@ -1,0 +1,514 @@
+"""The outbox in the database: messages in, claims out, outcomes back, and the operator's view.
+
+A message is accepted only once its transaction commits. Workers claim due messages with one
+`UPDATE … WHERE id IN (SELECT … ORDER BY due_at LIMIT n FOR UPDATE SKIP LOCKED) RETURNING …`
+statement (SQLite has no row locks and needs none: the statement runs under its write lock), so
+workers on several machines never take the same message; a claim is a lease that ends at
+`due_at`, after which another worker may take the message over.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..config import Config
+from ..db.engine import Database
+from ..db.models import AttemptRow, MessageAttachment, MessageBody, MessageRecipient, MessageRow, now
+from ..errors import Conflict, NotFound
+from ..message import Message
+
+# Statuses. queued → sending → sent | deferred → … | failed | cancelled; held while sending is
+# disabled (with hold_when_disabled).
+HELD, QUEUED, SENDING, DEFERRED, SENT, FAILED, CANCELLED = (
+    "held", "queued", "sending", "deferred", "sent", "failed", "cancelled",
+)  # fmt: skip
+STATUSES = (HELD, QUEUED, SENDING, DEFERRED, SENT, FAILED, CANCELLED)
+# Recipient statuses, and what an attempt learns of one: (status, code, enhanced code, text).
+PENDING, ACCEPTED, REFUSED = "pending", "accepted", "failed"
+RecipientState = tuple[str, int | None, str | None, str]
+
+
+@dataclass
+class Claimed:
+    """A message a worker holds: what to send, to whom it is still due, and its history."""
+
+    pk: int
+    tenant_id: str
+    message: Message
+    pending: list[tuple[int, str]]  # (position, envelope address) of recipients still due
+    attempts: int
+    created_at: datetime
+    expires_at: datetime
+    previous_owner: str | None  # set when this claim took over an expired lease
+    accepted_before: int = 0  # recipients that accepted it in earlier attempts
+
+
+@dataclass
+class Outcome:
+    """What a worker learnt from one attempt, and what the message becomes."""
+
+    pk: int
+    started_at: datetime
+    duration_ms: int
+    outcome: str  # accepted, transient, permanent, mixed, broken, error
+    text: str
+    status: str
+    due_at: datetime | None
+    recipients: dict[int, RecipientState] = field(default_factory=dict)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    code: int | None = None
+    enhanced: str | None = None
+    note: str | None = None
+    server_scope: str | None = None
+    server_id: int | None = None
+    server_version: int | None = None
+    server: str | None = None
+    last_error: str | None = None
+    count_attempt: bool = True  # False when nothing was tried (the server is marked broken)
+    attempts_before: int = 0  # attempts recorded before this one (from the claim)
+
+
+@dataclass(frozen=True)
+class MessageSummary:
+    id: int
+    tenant: str
+    status: str
+    subject: str
+    message_id: str
+    created_at: datetime
+    updated_at: datetime
+    due_at: datetime | None
+    attempts: int
+    recipients: dict[str, int]  # counts by recipient status
+    last_error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "status": self.status,
+            "subject": self.subject,
+            "message_id": self.message_id,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "next_attempt_at": self.due_at.isoformat() if self.due_at and self.status != SENDING else None,
+            "attempts": self.attempts,
+            "recipients": self.recipients,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True)
+class MessageDetail:
+    summary: MessageSummary
+    recipients: list[dict[str, Any]]
+    attempts: list[dict[str, Any]]
+    body_purged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.summary.to_dict(),
+            "body_purged": self.body_purged,
+            "recipient_outcomes": self.recipients,
+            "attempt_log": self.attempts,
+        }
+
+
+_MESSAGES = cast(Table, MessageRow.__table__)
+_RECIPIENTS = cast(Table, MessageRecipient.__table__)
+_ATTEMPTS = cast(Table, AttemptRow.__table__)
+_ATTACHMENTS = cast(Table, MessageAttachment.__table__)
+_BODIES = cast(Table, MessageBody.__table__)
+_RECORD_MESSAGE = (
+    update(_MESSAGES)
+    .where(_MESSAGES.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"), due_at=bindparam("b_due_at"), lease_owner=None, previous_owner=None,
+        attempts=bindparam("b_attempts"), updated_at=bindparam("b_updated_at"),
+        last_server_id=bindparam("b_server"), last_error=bindparam("b_error"), sent_at=bindparam("b_sent_at"),
+    )
+)  # fmt: skip
+_RECORD_RECIPIENT = (
+    update(_RECIPIENTS)
+    .where(_RECIPIENTS.c.message_pk == bindparam("b_pk"), _RECIPIENTS.c.position == bindparam("b_position"))
+    .values(status=bindparam("b_status"), code=bindparam("b_code"), enhanced=bindparam("b_enhanced"),
+            text=bindparam("b_text"))
+)  # fmt: skip
+
+
+def default_domain() -> str:
+    """For a Message-ID when nothing better is known: this host's name."""
+    name = socket.gethostname()
+    return name if "." in name else f"{name or 'mailgate'}.localdomain"
+
+
+class Outbox:
+    def __init__(self, db: Database, config: Config) -> None:
+        self.db = db
+        self.config = config
+
+    # ---- submit --------------------------------------------------------------------------------
+
+    async def find_by_key(self, tenant_id: str, key: str) -> int | None:
+        async with self.db.sessions() as s:
+            query = select(MessageRow.id).where(MessageRow.tenant_id == tenant_id, MessageRow.idempotency_key == key)
+            return await s.scalar(query)
+
+    async def submit(
+        self, tenant_id: str, messages: Sequence[Message], keys: Sequence[str | None], status: str
+    ) -> list[int]:
+        """Store messages (each with a message_id already) in one transaction; returns their ids.
+        With an idempotency key that is already taken, that message's id is returned instead."""
+        at = now()
+        rows = [self._row(tenant_id, m, k, status, at) for m, k in zip(messages, keys, strict=True)]
+        try:
+            async with self.db.write() as s:
+                ids = list((await s.scalars(insert(MessageRow).returning(MessageRow.id), rows)).all())
+                bodies = [{"message_pk": pk, "content": m.to_dict()} for pk, m in zip(ids, messages, strict=True)]
+                await s.execute(_BODIES.insert(), bodies)
+                recipients = [
+                    {"message_pk": pk, "position": i, "address": a.envelope_form(False), "status": PENDING}
+                    for pk, m in zip(ids, messages, strict=True)
+                    for i, a in enumerate(m.recipients)
+                ]
+                await s.execute(insert(MessageRecipient), recipients)
+                attachments = [
+                    {"message_pk": pk, "position": i, "data": bytes(a.data)}
+                    for pk, m in zip(ids, messages, strict=True)
+                    for i, a in enumerate(m.attachments)
+                ]
+                if attachments:
+                    await s.execute(insert(MessageAttachment), attachments)
+            return ids
+        except IntegrityError:
+            # Another submit with the same idempotency key committed first.
+            if len(messages) == 1 and keys[0] is not None and (pk := await self.find_by_key(tenant_id, keys[0])):
+                return [pk]
+            raise
+
+    def _row(self, tenant_id: str, m: Message, key: str | None, status: str, at: datetime) -> dict[str, Any]:
+        assert m.message_id is not None
+        return {
+            "tenant_id": tenant_id,
+            "status": status,
+            "idempotency_key": key,
+            "message_id": m.message_id,
+            "subject": m.subject[:1000],
+            "size": m.estimated_size(),
+            "attempts": 0,
+            "created_at": at,
+            "updated_at": at,
+            "expires_at": at + timedelta(seconds=self.config.max_age),
+            "due_at": at if status == QUEUED else None,
+        }
+
+    # ---- claim, record, release ------------------------------------------------------------
+
+    async def claim(self, worker: str, limit: int) -> list[Claimed]:
+        at = now()
+        M, R, A = _MESSAGES.c, _RECIPIENTS.c, _ATTACHMENTS.c
+        due = select(M.id).where(M.due_at <= at).order_by(M.due_at).limit(limit).with_for_update(skip_locked=True)
+        stmt = (
+            update(_MESSAGES)
+            .where(M.id.in_(due.scalar_subquery()))
+            .values(
+                status=SENDING,
+                previous_owner=M.lease_owner,  # SET reads the old row: the owner whose lease ran out
+                lease_owner=worker,
+                due_at=at + timedelta(seconds=self.config.lease),
+                updated_at=at,
+            )
+            .returning(M.id, M.tenant_id, M.attempts, M.created_at, M.expires_at, M.previous_owner)
+        )
+        async with self.db.write() as s:
+            rows = (await s.execute(stmt)).all()
+            if not rows:
+                return []
+            pks = [r.id for r in rows]
+            B = _BODIES.c
+            content = {pk: c for pk, c in await s.execute(select(B.message_pk, B.content).where(B.message_pk.in_(pks)))}
+            pending: dict[int, list[tuple[int, str]]] = {pk: [] for pk in pks}
+            accepted: dict[int, int] = {pk: 0 for pk in pks}
+            query = select(R.message_pk, R.position, R.address, R.status).where(R.message_pk.in_(pks))
+            for pk, position, address, status in await s.execute(query.order_by(R.message_pk, R.position)):
+                if status == PENDING:
+                    pending[pk].append((position, address))
+                elif status == ACCEPTED:
+                    accepted[pk] += 1
+            files: dict[int, list[bytes]] = {pk: [] for pk in pks}
+            if any(c["attachments"] for c in content.values()):
+                query2 = select(A.message_pk, A.data).where(A.message_pk.in_(pks)).order_by(A.message_pk, A.position)
+                for pk, data in await s.execute(query2):
+                    files[pk].append(data)
+        return [
+            Claimed(r.id, r.tenant_id, Message.from_dict(content[r.id], files[r.id]), pending[r.id], r.attempts,
+                    r.created_at, r.expires_at, r.previous_owner, accepted[r.id])
+            for r in rows
+        ]  # fmt: skip
+
+    async def record(self, worker: str, outcomes: Sequence[Outcome]) -> None:
+        """Write what attempts learnt, in one transaction. A message whose lease this worker lost
+        meanwhile (it was too slow, another worker took over) is left to its new owner.
+
+        Core executemany statements, compiled once: this runs for every group of outcomes, and
+        the ORM's bulk paths cost milliseconds per call."""
+        if not outcomes:
+            return
+        at = now()
+        async with self.db.write() as s:
+            query = select(MessageRow.id).where(
+                MessageRow.id.in_([o.pk for o in outcomes]), MessageRow.lease_owner == worker
+            )
+            owned = set((await s.scalars(query)).all())
+            mine = [o for o in outcomes if o.pk in owned]
+            if not mine:
+                return
+            await s.execute(_RECORD_MESSAGE, [
+                {
+                    "b_id": o.pk, "b_status": o.status, "b_due_at": o.due_at,
+                    "b_attempts": o.attempts_before + (1 if o.count_attempt else 0), "b_updated_at": at,
+                    "b_server": o.server_id, "b_error": o.last_error, "b_sent_at": at if o.status == SENT else None,
+                }
+                for o in mine
+            ])  # fmt: skip
+            recipients = [
+                {"b_pk": o.pk, "b_position": pos, "b_status": st, "b_code": code, "b_enhanced": enh, "b_text": text}
+                for o in mine
+                for pos, (st, code, enh, text) in o.recipients.items()
+            ]
+            if recipients:
+                await s.execute(_RECORD_RECIPIENT, recipients)
+            await s.execute(_ATTEMPTS.insert(), [
+                {
+                    "message_pk": o.pk, "number": o.attempts_before + 1, "worker": worker,
+                    "started_at": o.started_at, "duration_ms": o.duration_ms, "server_scope": o.server_scope,
+                    "server_id": o.server_id, "server_version": o.server_version, "server": o.server,
+                    "outcome": o.outcome, "code": o.code, "enhanced": o.enhanced, "text": o.text,
+                    "results": o.results, "note": o.note,
+                }
+                for o in mine
+            ])  # fmt: skip
+
+    async def release(self, worker: str, pks: Sequence[int]) -> int:
+        """Give back claimed messages that were not tried (a stopping worker): due again now."""
+        if not pks:
+            return 0
+        at = now()
+        M = MessageRow
+        async with self.db.write() as s:
+            result = await s.execute(
+                update(M)
+                .where(M.id.in_(pks), M.lease_owner == worker, M.status == SENDING)
+                .values(status=QUEUED, due_at=at, lease_owner=None, previous_owner=None, updated_at=at)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def wake_server(self, server_id: int) -> int:
+        """Messages waiting on a server that was broken: due now (its settings were saved)."""
+        at = now()
+        M = MessageRow
+        async with self.db.write() as s:
+            result = await s.execute(
+                update(M)
+                .where(M.status == DEFERRED, M.last_server_id == server_id)
+                .values(due_at=at, updated_at=at)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def held_tenants(self) -> list[str]:
+        async with self.db.sessions() as s:
+            query = select(MessageRow.tenant_id).where(MessageRow.status == HELD).distinct()
+            return list((await s.scalars(query)).all())
+
+    async def release_held(self, tenant_id: str) -> int:
+        """Held messages of a tenant that may send again: queued, due now."""
+        at = now()
+        M = MessageRow
+        async with self.db.write() as s:
+            result = await s.execute(
+                update(M)
+                .where(M.tenant_id == tenant_id, M.status == HELD)
+                .values(status=QUEUED, due_at=at, updated_at=at)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def purge(self) -> tuple[int, int]:
+        """Bodies of messages sent more than retention_body ago, then whole log lines of final
+        messages older than retention_log. Returns (bodies removed, messages removed)."""
+        at = now()
+        M = MessageRow
+        body_before = at - timedelta(seconds=self.config.retention_body)
+        log_before = at - timedelta(seconds=self.config.retention_log)
+        async with self.db.write() as s:
+            old = select(M.id).where(M.status == SENT, M.sent_at < body_before, M.body_purged_at.is_(None))
+            pks = list((await s.scalars(old)).all())
+            if pks:
+                await s.execute(delete(MessageAttachment).where(MessageAttachment.message_pk.in_(pks)))
+                await s.execute(delete(MessageBody).where(MessageBody.message_pk.in_(pks)))
+                await s.execute(
+                    update(M).where(M.id.in_(pks)).values(body_purged_at=at)
+                    .execution_options(synchronize_session=False)
+                )  # fmt: skip
+            gone = await s.execute(
+                delete(M).where(M.status.in_([SENT, FAILED, CANCELLED]), M.updated_at < log_before)
+                .execution_options(synchronize_session=False)
+            )  # fmt: skip
+            return len(pks), int(gone.rowcount or 0)  # type: ignore[attr-defined]
+
+    # ---- the operator's view -----------------------------------------------------------------
+
+    async def list_messages(
+        self, *, tenant_id: str | None = None, status: str | None = None, limit: int = 50, before: int | None = None
+    ) -> list[MessageSummary]:
+        M = MessageRow
+        query = select(M).order_by(M.id.desc()).limit(limit)
+        if tenant_id is not None:
+            query = query.where(M.tenant_id == tenant_id)
+        if status is not None:
+            query = query.where(M.status == status)
+        if before is not None:
+            query = query.where(M.id < before)
+        async with self.db.sessions() as s:
+            rows = list((await s.scalars(query)).all())
+            counts = await _recipient_counts(s, [r.id for r in rows])
+        return [_summary(r, counts.get(r.id, {})) for r in rows]
+
+    async def get(self, pk: int, *, tenant_id: str | None = None) -> MessageDetail:
+        async with self.db.sessions() as s:
+            row = await s.get(MessageRow, pk)
+            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+                raise NotFound([("message", f"there is no message {pk}")])
+            recipients = list(
+                (await s.scalars(select(MessageRecipient).where(MessageRecipient.message_pk == pk)
+                                 .order_by(MessageRecipient.position))).all()
+            )  # fmt: skip
+            attempts = list(
+                (await s.scalars(select(AttemptRow).where(AttemptRow.message_pk == pk).order_by(AttemptRow.id))).all()
+            )
+        counts: dict[str, int] = {}
+        for r in recipients:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return MessageDetail(
+            _summary(row, counts),
+            [{"recipient": r.address, "status": r.status, "code": r.code, "enhanced": r.enhanced, "text": r.text}
+             for r in recipients],
+            [_attempt_dict(a) for a in attempts],
+            row.body_purged_at is not None,
+        )  # fmt: skip
+
+    async def retry(self, pk: int, *, tenant_id: str | None = None) -> MessageSummary:
+        """Send again, now, to every recipient not yet accepted; the maximum age starts again."""
+        at = now()
+        async with self.db.write() as s:
+            row = await s.get(MessageRow, pk, with_for_update=True)
+            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+                raise NotFound([("message", f"there is no message {pk}")])
+            if row.status == SENDING:
+                raise Conflict([("message", f"message {pk} is being sent right now")])
+            if row.body_purged_at is not None:
+                raise Conflict([("message", f"the body of message {pk} was purged; it can't be sent again")])
+            await s.execute(
+                update(MessageRecipient)
+                .where(MessageRecipient.message_pk == pk, MessageRecipient.status != ACCEPTED)
+                .values(status=PENDING)
+                .execution_options(synchronize_session=False)
+            )
+            pending = await s.scalar(
+                select(func.count()).where(MessageRecipient.message_pk == pk, MessageRecipient.status == PENDING)
+            )
+            if not pending:
+                raise Conflict([("message", f"every recipient of message {pk} has accepted it")])
+            row.status, row.due_at, row.updated_at = QUEUED, at, at
+            row.expires_at = at + timedelta(seconds=self.config.max_age)
+            await s.flush()
+            counts = await _recipient_counts(s, [pk])
+            return _summary(row, counts.get(pk, {}))
+
+    async def retry_failed(self, *, tenant_id: str | None = None) -> list[int]:
+        M = MessageRow
+        query = select(M.id).where(M.status == FAILED, M.body_purged_at.is_(None))
+        if tenant_id is not None:
+            query = query.where(M.tenant_id == tenant_id)
+        async with self.db.sessions() as s:
+            pks = list((await s.scalars(query)).all())
+        done = []
+        for pk in pks:
+            try:
+                await self.retry(pk)
+                done.append(pk)
+            except Conflict:
+                pass  # taken by something else meanwhile
+        return done
+
+    async def cancel(self, pk: int, *, tenant_id: str | None = None) -> MessageSummary:
+        at = now()
+        async with self.db.write() as s:
+            row = await s.get(MessageRow, pk, with_for_update=True)
+            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+                raise NotFound([("message", f"there is no message {pk}")])
+            if row.status == SENDING:
+                raise Conflict([("message", f"message {pk} is being sent right now; cancel it after this attempt")])
+            if row.status not in (QUEUED, DEFERRED, HELD):
+                raise Conflict([("message", f"message {pk} is {row.status}; only waiting messages can be cancelled")])
+            row.status, row.due_at, row.updated_at = CANCELLED, None, at
+            await s.flush()
+            counts = await _recipient_counts(s, [pk])
+            return _summary(row, counts.get(pk, {}))
+
+    async def stats(self) -> dict[str, Any]:
+        M = MessageRow
+        at = now()
+        async with self.db.sessions() as s:
+            by_status = {st: n for st, n in await s.execute(select(M.status, func.count()).group_by(M.status))}
+            due_now = await s.scalar(select(func.count()).where(M.due_at <= at, M.status != SENDING))
+            waiting = M.status.in_([QUEUED, DEFERRED, HELD, SENDING])
+            oldest = await s.scalar(select(func.min(M.created_at)).where(waiting))
+        return {
+            "by_status": {st: by_status.get(st, 0) for st in STATUSES},
+            "due_now": int(due_now or 0),
+            "oldest_waiting_age_s": round((at - oldest).total_seconds(), 1) if oldest else None,
+        }
+
+
+async def _recipient_counts(s: Any, pks: list[int]) -> dict[int, dict[str, int]]:
+    if not pks:
+        return {}
+    R = MessageRecipient
+    counts: dict[int, dict[str, int]] = {}
+    query = select(R.message_pk, R.status, func.count()).where(R.message_pk.in_(pks)).group_by(R.message_pk, R.status)
+    for pk, st, n in await s.execute(query):
+        counts.setdefault(pk, {})[st] = n
+    return counts
+
+
+def _summary(row: MessageRow, counts: dict[str, int]) -> MessageSummary:
+    return MessageSummary(
+        row.id, row.tenant_id, row.status, row.subject, row.message_id, row.created_at, row.updated_at,
+        row.due_at, row.attempts, {k: counts.get(k, 0) for k in (PENDING, ACCEPTED, REFUSED)}, row.last_error,
+    )  # fmt: skip
+
+
+def _attempt_dict(a: AttemptRow) -> dict[str, Any]:
+    return {
+        "number": a.number,
+        "started_at": a.started_at.isoformat(),
+        "duration_ms": a.duration_ms,
+        "worker": a.worker,
+        "server": {"scope": a.server_scope, "id": a.server_id, "version": a.server_version, "address": a.server},
+        "outcome": a.outcome,
+        "code": a.code,
+        "enhanced": a.enhanced,
+        "text": a.text,
+        "results": a.results,
+        "note": a.note,
+    }
