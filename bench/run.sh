@@ -12,7 +12,11 @@
 # setup.sh on first use. Every load is bounded by count, by --max-seconds and by bench.py's per-run
 # timeout; the sinks started here are stopped here.
 #
-# Env: PEERS (../shared/bench-peers), SCRATCH (/tmp/perfbase), N (5000), RUNS (3), LIMIT_N (20000).
+# 3. Durable end to end (bench/durable.py): N_DURABLE messages submitted in batches while `mailgate
+#    worker` processes deliver them into the same sink: SQLite with one worker, PostgreSQL with two
+#    ($MAILGATE_BENCH_POSTGRES_URL, default the local server; skipped when unreachable).
+# Env: PEERS (../shared/bench-peers), SCRATCH (/tmp/perfbase), N (5000), RUNS (3), LIMIT_N (20000),
+#      N_DURABLE (20000).
 # Output: $SCRATCH/mailgate-results.jsonl and the table in $SCRATCH/mailgate-table.md.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +27,8 @@ SCRATCH=${SCRATCH:-/tmp/perfbase}
 N=${N:-5000}
 RUNS=${RUNS:-3}
 LIMIT_N=${LIMIT_N:-20000}
-for n in "$N" "$RUNS" "$LIMIT_N"; do
+N_DURABLE=${N_DURABLE:-20000}
+for n in "$N" "$RUNS" "$LIMIT_N" "$N_DURABLE"; do
     [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200000 ] || { echo "bad count $n"; exit 2; }
 done
 OUT=$SCRATCH/mailgate-results.jsonl
@@ -77,6 +82,14 @@ for m in raw compose; do
     bench --label "nodemailer pool, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "${NODE[@]}" "$PEERS/peer_d_nodemailer.js" "${C[@]}" --mode $m
     bench --label "mailgate, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$MG" "$ROOT/bench/mailgate_peer.py" "${C[@]}" --mode $m
 done
+D=(--count "$N_DURABLE" --port "$PORT_SINK")
+bench --label "mailgate durable, SQLite, 1 worker [compose]" --ref "$L1" --runs "$RUNS" --expect "$N_DURABLE" "${S[@]}" -- "$MG" "$ROOT/bench/durable.py" --db sqlite --workers 1 "${D[@]}"
+PG_URL=${MAILGATE_BENCH_POSTGRES_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
+if "$MG" -c "import psycopg, sys; psycopg.connect(sys.argv[1].replace('+psycopg', ''), connect_timeout=3).close()" "$PG_URL" 2>/dev/null; then
+    bench --label "mailgate durable, PostgreSQL, 2 workers [compose]" --ref "$L1" --runs "$RUNS" --expect "$N_DURABLE" "${S[@]}" -- "$MG" "$ROOT/bench/durable.py" --db postgresql --workers 2 "${D[@]}"
+else
+    echo "== PostgreSQL at $PG_URL unreachable: durable PostgreSQL row skipped"
+fi
 stop_sink "$P"
 
 LOG=$SCRATCH/mg-sink-$PORT_SINK_NOPIPE.log
