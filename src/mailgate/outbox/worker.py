@@ -12,6 +12,7 @@ the attempt log that they may have been delivered already.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -67,20 +68,23 @@ class Worker:
         self._rng = random.Random()
         # Claimed messages waiting for a free sender, with their tenants' resolutions.
         self._queue: asyncio.Queue[tuple[Claimed, Resolution | None] | None] = asyncio.Queue()
-        self._taken = asyncio.Event()  # a sender took a message: there may be room to claim more
+        # Wakes the claim loop: the queue ran low, the worker went idle, or it is stopping.
+        self._wake = asyncio.Event()
         self._busy = 0
         self._untried: list[int] = []  # taken from the queue after a stop: given back unsent
 
     async def run(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Deliver until `stop` is set (or, with `until_idle`, until nothing is due).
 
-        The claim loop keeps about `concurrency` messages waiting for the senders, never many
-        more (leases should not run out in a queue), and claims again as senders take them.
+        The claim loop keeps up to about `concurrency` messages waiting for the senders, never
+        many more (leases should not run out in a queue), and claims again when half are taken.
         """
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         recorder = _Recorder(self.outbox, self.name)
         senders = [asyncio.create_task(self._sender(recorder, stop)) for _ in range(self.config.concurrency)]
+        relay = asyncio.create_task(self._relay(stop))
+        low_water = max(1, self.config.concurrency // 2)
         housekeeping = purge = 0.0
         log.info("worker %s started", self.name)
         try:
@@ -93,8 +97,8 @@ class Worker:
                     if bodies or lines:
                         log.info("purged %d message bodies and %d old messages", bodies, lines)
                     purge = loop.time() + PURGE_EVERY
-                if self._queue.qsize() >= self.config.concurrency:
-                    await self._pause(stop, self._taken, self.config.poll_interval)
+                if self._queue.qsize() > low_water:
+                    await self._pause(self.config.poll_interval)
                     continue
                 batch = await self.outbox.claim(self.name, self.config.batch_size)
                 if batch:
@@ -105,20 +109,21 @@ class Worker:
                     continue
                 if until_idle and self._queue.empty() and self._busy == 0:
                     break
-                await self._pause(stop, self._taken if until_idle else None, self.config.poll_interval)
+                await self._pause(self.config.poll_interval)
         finally:
+            relay.cancel()
             await self._shut_down(senders, recorder)
             log.info("worker %s stopped: %s", self.name, self.stats)
         return self.stats
 
-    async def _pause(self, stop: asyncio.Event, event: asyncio.Event | None, timeout: float) -> None:
-        waits = [asyncio.ensure_future(stop.wait())]
-        if event is not None:
-            event.clear()
-            waits.append(asyncio.ensure_future(event.wait()))
-        _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for w in pending:
-            w.cancel()
+    async def _pause(self, timeout: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _relay(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
 
     async def _resolve(self, batch: list[Claimed]) -> dict[str, Resolution | None]:
         resolutions: dict[str, Resolution | None] = {}
@@ -130,8 +135,10 @@ class Worker:
         return resolutions
 
     async def _sender(self, recorder: _Recorder, stop: asyncio.Event) -> None:
+        low_water = max(1, self.config.concurrency // 2)
         while (item := await self._queue.get()) is not None:
-            self._taken.set()
+            if self._queue.qsize() <= low_water:
+                self._wake.set()  # time to claim more
             c, resolution = item
             if stop.is_set():  # stopping: no new sends; given back at shut-down
                 self._untried.append(c.pk)
@@ -141,7 +148,8 @@ class Worker:
                 outcome = await self._attempt(c, resolution)
             finally:
                 self._busy -= 1
-                self._taken.set()
+                if self._busy == 0:
+                    self._wake.set()  # idle: until_idle may be done
             recorder.add(outcome)
             self._count(outcome)
 
