@@ -385,9 +385,7 @@ class Outbox:
 
     async def get(self, pk: int, *, tenant_id: str | None = None) -> MessageDetail:
         async with self.db.sessions() as s:
-            row = await s.get(MessageRow, pk)
-            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
-                raise NotFound([("message", f"there is no message {pk}")])
+            row = await _message(s, pk, tenant_id)
             recipients = list(
                 (await s.scalars(select(MessageRecipient).where(MessageRecipient.message_pk == pk)
                                  .order_by(MessageRecipient.position))).all()
@@ -410,9 +408,7 @@ class Outbox:
         """Send again, now, to every recipient not yet accepted; the maximum age starts again."""
         at = now()
         async with self.db.write() as s:
-            row = await s.get(MessageRow, pk, with_for_update=True)
-            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
-                raise NotFound([("message", f"there is no message {pk}")])
+            row = await _message(s, pk, tenant_id, lock=True)
             if row.status == SENDING:
                 raise Conflict([("message", f"message {pk} is being sent right now")])
             if row.body_purged_at is not None:
@@ -430,9 +426,7 @@ class Outbox:
                 raise Conflict([("message", f"every recipient of message {pk} has accepted it")])
             row.status, row.due_at, row.updated_at = QUEUED, at, at
             row.expires_at = at + timedelta(seconds=self.config.max_age)
-            await s.flush()
-            counts = await _recipient_counts(s, [pk])
-            return _summary(row, counts.get(pk, {}))
+            return await _summary_now(s, row)
 
     async def retry_failed(self, *, tenant_id: str | None = None) -> list[int]:
         M = MessageRow
@@ -453,17 +447,13 @@ class Outbox:
     async def cancel(self, pk: int, *, tenant_id: str | None = None) -> MessageSummary:
         at = now()
         async with self.db.write() as s:
-            row = await s.get(MessageRow, pk, with_for_update=True)
-            if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
-                raise NotFound([("message", f"there is no message {pk}")])
+            row = await _message(s, pk, tenant_id, lock=True)
             if row.status == SENDING:
                 raise Conflict([("message", f"message {pk} is being sent right now; cancel it after this attempt")])
             if row.status not in (QUEUED, DEFERRED, HELD):
                 raise Conflict([("message", f"message {pk} is {row.status}; only waiting messages can be cancelled")])
             row.status, row.due_at, row.updated_at = CANCELLED, None, at
-            await s.flush()
-            counts = await _recipient_counts(s, [pk])
-            return _summary(row, counts.get(pk, {}))
+            return await _summary_now(s, row)
 
     async def stats(self) -> dict[str, Any]:
         M = MessageRow
@@ -478,6 +468,21 @@ class Outbox:
             "due_now": int(due_now or 0),
             "oldest_waiting_age_s": round((at - oldest).total_seconds(), 1) if oldest else None,
         }
+
+
+async def _message(s: Any, pk: int, tenant_id: str | None, *, lock: bool = False) -> MessageRow:
+    """The message, if it exists and (when `tenant_id` is given) belongs to that tenant: another
+    tenant's message does not exist, as far as the caller can tell."""
+    row: MessageRow | None = await s.get(MessageRow, pk, with_for_update=lock)
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+        raise NotFound([("message", f"there is no message {pk}")])
+    return row
+
+
+async def _summary_now(s: Any, row: MessageRow) -> MessageSummary:
+    await s.flush()
+    counts = await _recipient_counts(s, [row.id])
+    return _summary(row, counts.get(row.id, {}))
 
 
 async def _recipient_counts(s: Any, pks: list[int]) -> dict[int, dict[str, int]]:
