@@ -5,6 +5,7 @@ on PostgreSQL (see conftest.py)."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import logging
 import stat
@@ -195,13 +196,14 @@ async def test_a_read_document_can_be_saved_back_unchanged(mg: Mailgate) -> None
 async def test_stored_secret_is_not_sent_to_a_changed_destination(
     mg: Mailgate, base: dict[str, Any], change: dict[str, Any], secret: str, moved: str
 ) -> None:
-    # An explicit null means "remove"; an absent field means "keep": take the secret out.
-    for doc in (change,):
-        path = secret.split(".")
-        node = doc
-        for part in path[:-1]:
-            node = node[part]
-        node.pop(path[-1], None)
+    # An explicit null means "remove"; an absent field means "keep": take the secret out (of a
+    # copy: the parameters serve both databases).
+    change = copy.deepcopy(change)
+    *parents, name = secret.split(".")
+    node = change
+    for part in parents:
+        node = node[part]
+    node.pop(name, None)
     before = await mg.servers.set("global", base)
     with pytest.raises(SettingsError) as e:
         await mg.servers.set("global", change)
@@ -404,7 +406,6 @@ async def test_no_global_server_disables_sending_for_everyone(mg: Mailgate) -> N
     await setup_tenant(mg)
     resolution = await mg.resolve("acme")
     assert resolution.disabled and resolution.source is None
-    assert "no global mail server" not in resolution.reason  # says it plainly:
     assert "global mail server is not set: sending is disabled for every tenant" in resolution.reason
 
 

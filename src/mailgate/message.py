@@ -321,7 +321,8 @@ class Message:
                 copy.message_id = new_message_id(domain)
         return copy
 
-    def _sender(self) -> Address:
+    def sender(self) -> Address:
+        """The From mailbox, or MessageError when the message has none (yet)."""
         if self.from_ is None:
             raise MessageError([("from", "the message has no sender: give one, or let a mail server's fill it")])
         return self.from_
@@ -385,7 +386,7 @@ class Message:
     def envelope(self, *, utf8: bool = False, mail_from: str | None = None) -> Envelope:
         """The envelope, in ASCII form unless `utf8` (addresses with non-ASCII local parts stay
         Unicode either way; only an SMTPUTF8 server accepts those)."""
-        sender = mail_from if mail_from is not None else self._sender().envelope_form(utf8)
+        sender = mail_from if mail_from is not None else self.sender().envelope_form(utf8)
         return Envelope(sender, tuple(a.envelope_form(utf8) for a in self.recipients))
 
     # ---- composition ----------------------------------------------------------------------
@@ -410,7 +411,7 @@ class Message:
             "Date: ",
             self._date_header,
             CRLF,
-            _mime.fold("From", self._sender().header_tokens(utf8)),
+            _mime.fold("From", self.sender().header_tokens(utf8)),
         ]
         if self.reply_to:
             h.append(_address_list("Reply-To", self.reply_to, utf8))

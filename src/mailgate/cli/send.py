@@ -241,16 +241,13 @@ def _read_content(
 def _message(doc: MailServer | None, c: Content) -> Message:
     """The message as given; what it leaves out (sender, Reply-To) comes from the mail server's
     settings — now for a direct send, at delivery for a queued one."""
-    from ..message import Address, Message
+    from ..message import Message
 
     message = Message(
         from_=c.from_, to=c.to, cc=c.cc, bcc=c.bcc, reply_to=c.reply_to, subject=c.subject, text=c.text,
         html=c.html, attachments=c.attachments, headers=c.headers,
     )  # fmt: skip
-    if doc is None:
-        return message
-    reply_to = [Address(doc.reply_to)] if doc.reply_to else []
-    return message.with_defaults(from_=Address(doc.from_address, doc.from_name), reply_to=reply_to)
+    return message if doc is None else doc.fill_in(message)
 
 
 def _stderr_log(line: str) -> None:

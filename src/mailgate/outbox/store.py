@@ -311,19 +311,6 @@ class Outbox:
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
-    async def wake_server(self, server_id: int) -> int:
-        """Messages waiting on a server that was broken: due now (its settings were saved)."""
-        at = now()
-        M = MessageRow
-        async with self.db.write() as s:
-            result = await s.execute(
-                update(M)
-                .where(M.status == DEFERRED, M.last_server_id == server_id)
-                .values(due_at=at, updated_at=at)
-                .execution_options(synchronize_session=False)
-            )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
     async def held_tenants(self) -> list[str]:
         async with self.db.sessions() as s:
             query = select(MessageRow.tenant_id).where(MessageRow.status == HELD).distinct()

@@ -27,7 +27,7 @@ from ..config import Config
 from ..db.models import now
 from ..delivery import Delivery, Outcome
 from ..errors import DeliveryError, InvalidInput, MessageError, NotFound
-from ..message import Address, Envelope
+from ..message import Envelope
 from ..settings.store import Resolution, Servers
 from ..smtp.errors import SMTPNotSupportedError
 from ..transports.pool import Pools
@@ -71,6 +71,8 @@ class Worker:
         # Wakes the claim loop: the queue ran low, the worker went idle, or it is stopping.
         self._wake = asyncio.Event()
         self._busy = 0
+        # Claim again once the queue is down to this: half of what the senders can take at once.
+        self._low_water = max(1, config.concurrency // 2)
         self._untried: list[int] = []  # taken from the queue after a stop: given back unsent
 
     async def run(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
@@ -84,7 +86,6 @@ class Worker:
         recorder = _Recorder(self.outbox, self.name)
         senders = [asyncio.create_task(self._sender(recorder, stop)) for _ in range(self.config.concurrency)]
         relay = asyncio.create_task(self._relay(stop))
-        low_water = max(1, self.config.concurrency // 2)
         housekeeping = purge = 0.0
         log.info("worker %s started", self.name)
         try:
@@ -97,7 +98,7 @@ class Worker:
                     if bodies or lines:
                         log.info("purged %d message bodies and %d old messages", bodies, lines)
                     purge = loop.time() + PURGE_EVERY
-                if self._queue.qsize() > low_water:
+                if self._queue.qsize() > self._low_water:
                     await self._pause(self.config.poll_interval)
                     continue
                 batch = await self.outbox.claim(self.name, self.config.batch_size)
@@ -135,9 +136,8 @@ class Worker:
         return resolutions
 
     async def _sender(self, recorder: _Recorder, stop: asyncio.Event) -> None:
-        low_water = max(1, self.config.concurrency // 2)
         while (item := await self._queue.get()) is not None:
-            if self._queue.qsize() <= low_water:
+            if self._queue.qsize() <= self._low_water:
                 self._wake.set()  # time to claim more
             c, resolution = item
             if stop.is_set():  # stopping: no new sends; given back at shut-down
@@ -215,18 +215,13 @@ class Worker:
             return self._retry_later(c, finish, "transient", resolution.reason, None, server=None)
         server, server_id, version = resolution.server, resolution.server_id, resolution.version
         where: dict[str, Any] = {"server_scope": resolution.source, "server_id": server_id, "server_version": version}
-        if resolution.broken_reason:
-            due = now() + timedelta(seconds=self.config.broken_recheck)
-            why = f"waiting: the mail server refused us for good ({resolution.broken_reason}); fix its settings"
-            return finish("broken", why, due_at=due, count_attempt=False, last_error=why, **where)
+        if resolution.broken_reason:  # marked earlier: wait, without trying
+            return self._wait_for_fix(finish, resolution.broken_reason, count_attempt=False, **where)
 
-        message = c.message.with_defaults(
-            from_=Address(server.from_address, server.from_name),
-            reply_to=[Address(server.reply_to)] if server.reply_to else (),
-        )
+        message = server.fill_in(c.message)
         pending = {address: pos for pos, address in c.pending}
         try:
-            sender = server.envelope_from or message._sender().envelope_form(False)
+            sender = server.envelope_from or message.sender().envelope_form(False)
             envelope = Envelope(sender, tuple(pending))
             assert server_id is not None and version is not None
             async with self._pools.get(server_id, version, server).transport() as transport:
@@ -308,9 +303,13 @@ class Worker:
         server_id, version = kw["server_id"], kw["server_version"]
         if await self.servers.mark_broken(server_id, version, reason):
             log.warning("mail server %s (version %s) marked broken: %s", server_id, version, reason)
+        return self._wait_for_fix(finish, reason, **kw)
+
+    def _wait_for_fix(self, finish: Finish, reason: str, **kw: Any) -> Recorded:
+        """The message waits for the broken server's settings to be saved (or re-checks later)."""
         due = now() + timedelta(seconds=self.config.broken_recheck)
         why = f"waiting: the mail server refused us for good ({reason}); fix its settings"
-        return finish("broken", reason, due_at=due, last_error=why, **kw)
+        return finish("broken", why, due_at=due, last_error=why, **kw)
 
 
 class _Recorder:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ..errors import SettingsError
+
+if TYPE_CHECKING:
+    from ..message import Message
 
 Security = Literal["none", "starttls", "starttls-required", "tls"]
 IMPLICIT_TLS_PORT = 465
@@ -155,6 +158,13 @@ class MailServer(_Section):
         if "\r" in value or "\n" in value:
             raise ValueError("line breaks are not allowed in the sender name")
         return value
+
+    def fill_in(self, message: Message) -> Message:
+        """`message` with what it leaves out taken from this server: From and Reply-To."""
+        from ..message import Address
+
+        reply_to = [Address(self.reply_to)] if self.reply_to else []
+        return message.with_defaults(from_=Address(self.from_address, self.from_name), reply_to=reply_to)
 
     @model_validator(mode="after")
     def _sections_match_kind(self) -> MailServer:

@@ -19,6 +19,7 @@ from ..db.engine import Database
 from ..db.models import AuditEntry, MailServerRow, MessageRow, ServerSecret, Tenant, now
 from ..errors import Conflict, NotFound, SettingsError
 from .document import (
+    SECRET_FIELDS,
     MailServer,
     destination,
     parse_server,
@@ -255,7 +256,8 @@ class Servers(_Part):
             kept = {path for path in fields if path not in given and path not in cleared and path in stored}
             problems: list[tuple[str, str]] = []
             if kept and old is not None:
-                moved = [k for k, v in destination(server).items() if destination(old).get(k) != v]
+                before = destination(old)
+                moved = [k for k, v in destination(server).items() if before.get(k) != v]
                 if moved:
                     problems += [
                         (path, f"give it again: {', '.join(moved)} changed, and a stored secret is never "
@@ -272,7 +274,7 @@ class Servers(_Part):
             if row is None:
                 row = MailServerRow(
                     scope=scope,
-                    tenant_id=None if scope == GLOBAL else scope,
+                    tenant_id=_tenant_of(scope),
                     enabled=server.enabled,
                     document=storable_document(server),
                     version=1,
@@ -299,12 +301,12 @@ class Servers(_Part):
                     s.add(ServerSecret(server_id=row.id, field=path, ciphertext=ciphertext))
             await s.flush()
             info = _server_info(row, kept | set(given))
-            changes = _diff(old_public, info.document, fields)
+            changes = _diff(old_public, info.document)
             if old_enabled != server.enabled:
                 changes.insert(0, {"field": "enabled", "from": old_enabled, "to": server.enabled})
             changes += [{"field": p, "secret": "changed"} for p in sorted(given)]
             changes += [{"field": p, "secret": "removed"} for p in sorted(set(stored) - kept - set(given))]
-            _audit(s, self.actor, "server.set", None if scope == GLOBAL else scope, scope, changes)
+            _audit(s, self.actor, "server.set", _tenant_of(scope), scope, changes)
         return info
 
     async def enable(self, scope: str) -> ServerInfo:
@@ -529,20 +531,14 @@ def _flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any], secrets: tuple[str, ...]) -> list[dict[str, Any]]:
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Plain fields that changed, with both values. Secrets are listed by the caller, by name only."""
     a, b = _flatten(old), _flatten(new)
     return [
         {"field": k, "from": a.get(k), "to": b.get(k)}
         for k in sorted(set(a) | set(b))
-        if k != "enabled" and a.get(k) != b.get(k) and not _is_secret_path(k, secrets)
+        if k != "enabled" and k not in SECRET_FIELDS and a.get(k) != b.get(k)
     ]
-
-
-def _is_secret_path(path: str, secrets: tuple[str, ...]) -> bool:
-    from .document import SECRET_FIELDS
-
-    return path in secrets or path in SECRET_FIELDS
 
 
 def _not_a_secret_here(server: MailServer, path: str) -> str:

@@ -5,7 +5,7 @@ Layers, one module each: `reply` (codes and their meaning), `protocol` (bytes an
 """
 
 from .auth import OAuth2Auth, PasswordAuth
-from .client import SECURITY_MODES, Security, SMTPClient, SMTPConfig, send_message, tls_context
+from .client import SECURITY_MODES, Security, SMTPClient, SMTPConfig, tls_context
 from .errors import (
     SMTPAuthError,
     SMTPConnectError,
@@ -39,6 +39,5 @@ __all__ = [
     "SMTPTimeoutError",
     "Security",
     "classify",
-    "send_message",
     "tls_context",
 ]

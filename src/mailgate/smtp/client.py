@@ -513,11 +513,3 @@ def _dot_stuff(data: bytes) -> bytes:
 def _certificate_error(cfg: SMTPConfig, e: ssl.SSLCertVerificationError) -> SMTPTLSError:
     hint = "" if cfg.ca_file else "; if the server uses a private CA, give its certificate as ca_file"
     return SMTPTLSError(f"the certificate of {cfg.server} is not trusted: {e.verify_message}{hint}")
-
-
-async def send_message(
-    config: SMTPConfig, envelope: Envelope, data: bytes, *, protocol_log: ProtocolLog | None = None
-) -> Delivery:
-    """Connect, send one message, and QUIT."""
-    async with SMTPClient(config, protocol_log=protocol_log) as client:
-        return await client.send(envelope, data)
