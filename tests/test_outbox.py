@@ -471,3 +471,73 @@ async def test_an_invalid_idempotency_key_is_refused(open_mg: Opener) -> None:
     await mg.tenants.add("acme")
     with pytest.raises(MessageError, match="idempotency_key"):
         await mg.submit("acme", note(), idempotency_key="x" * 300)
+
+
+# ---- the database goes away for a while --------------------------------------------------------
+
+
+async def rename(mg: Mailgate, table: str, to: str) -> None:
+    """Make a table vanish (or come back), as if that part of the database were unreachable."""
+    from sqlalchemy import text
+
+    async with mg.db.engine.begin() as conn:
+        await conn.execute(text(f"ALTER TABLE {table} RENAME TO {to}"))
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_outcomes_that_cant_be_written_are_kept_and_nothing_is_sent_twice(open_mg: Opener) -> None:
+    count = 200
+    mg = await open_mg(Config(poll_interval=0.05, batch_size=5, concurrency=2))
+    async with serve(ServerConfig(pipelining=True)) as server:
+        await setup(mg, server)
+        pks = await mg.submit_many("acme", [note(to=f"r{i}@example.org") for i in range(count)])
+        await rename(mg, "attempts", "attempts_away")  # outcomes can't be written
+        stop = asyncio.Event()
+        worker = asyncio.create_task(mg.run_worker(stop))
+        await server.wait_for_messages(1)
+        await asyncio.sleep(0.5)  # several failed writes
+        # Sending paused once the first write failed: what was claimed went, nothing more.
+        paused_at = len(server.messages)
+        assert paused_at < count / 2
+        await asyncio.sleep(0.2)
+        assert len(server.messages) == paused_at and not worker.done()
+        await rename(mg, "attempts_away", "attempts")
+        await wait_until(lambda: _all_sent(mg, pks), timeout=30)
+        stop.set()
+        await asyncio.wait_for(worker, 10)
+    ids = [str(m.parsed()["Message-ID"]) for m in server.messages]
+    assert len(ids) == count and len(set(ids)) == count  # every message once
+    async with mg.db.sessions() as s:
+        from sqlalchemy import func
+
+        from mailgate.db.models import AttemptRow
+
+        assert await s.scalar(select(func.count()).select_from(AttemptRow)) == count  # one attempt each
+
+
+async def test_a_worker_outlives_claims_that_fail(open_mg: Opener) -> None:
+    mg = await open_mg(Config(poll_interval=0.05))
+    async with serve(ServerConfig()) as server:
+        await setup(mg, server)
+        pks = await mg.submit_many("acme", [note(to=f"r{i}@example.org") for i in range(5)])
+        await rename(mg, "message_bodies", "message_bodies_away")  # every claim fails
+        stop = asyncio.Event()
+        worker = asyncio.create_task(mg.run_worker(stop))
+        await asyncio.sleep(0.5)
+        assert not worker.done() and server.messages == []
+        assert (await mg.queue.stats())["by_status"]["queued"] == 5  # the failed claims took nothing
+        await rename(mg, "message_bodies_away", "message_bodies")
+        await wait_until(lambda: _all_sent(mg, pks))
+        stop.set()
+        await asyncio.wait_for(worker, 10)
+    assert len(server.messages) == 5
+
+
+async def _all_sent(mg: Mailgate, pks: list[int]) -> bool:
+    return all([(await mg.queue.get(pk)).summary.status == "sent" for pk in pks])

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from ..config import Config
 from ..db.models import now
 from ..delivery import Delivery, Outcome
@@ -40,6 +42,8 @@ protocol_log = logging.getLogger("mailgate.protocol")
 
 Finish = Callable[..., Recorded]  # builds the Outcome of the attempt under way
 
+DATABASE_ERRORS = (SQLAlchemyError, OSError)
+MAX_BACKOFF = 30.0  # seconds between tries while the database is away
 HOUSEKEEPING_EVERY = 5.0  # seconds: release held messages whose tenants may send again
 PURGE_EVERY = 600.0
 
@@ -74,6 +78,7 @@ class Worker:
         # Claim again once the queue is down to this: half of what the senders can take at once.
         self._low_water = max(1, config.concurrency // 2)
         self._untried: list[int] = []  # taken from the queue after a stop: given back unsent
+        self._housekeeping_at = self._purge_at = 0.0
 
     async def run(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Deliver until `stop` is set (or, with `until_idle`, until nothing is due).
@@ -82,40 +87,59 @@ class Worker:
         many more (leases should not run out in a queue), and claims again when half are taken.
         """
         stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        recorder = _Recorder(self.outbox, self.name)
+        recorder = _Recorder(self.outbox, self.name, self.config.stop_grace)
         senders = [asyncio.create_task(self._sender(recorder, stop)) for _ in range(self.config.concurrency)]
         relay = asyncio.create_task(self._relay(stop))
-        housekeeping = purge = 0.0
+        backoff = self.config.poll_interval
         log.info("worker %s started", self.name)
         try:
             while not stop.is_set():
-                if loop.time() >= housekeeping:
-                    await self._release_held()
-                    housekeeping = loop.time() + HOUSEKEEPING_EVERY
-                if loop.time() >= purge:
-                    bodies, lines = await self.outbox.purge()
-                    if bodies or lines:
-                        log.info("purged %d message bodies and %d old messages", bodies, lines)
-                    purge = loop.time() + PURGE_EVERY
-                if self._queue.qsize() > self._low_water:
-                    await self._pause(self.config.poll_interval)
-                    continue
-                batch = await self.outbox.claim(self.name, self.config.batch_size)
-                if batch:
-                    self.stats.claimed += len(batch)
-                    resolutions = await self._resolve(batch)
-                    for c in batch:
-                        self._queue.put_nowait((c, resolutions[c.tenant_id]))
-                    continue
-                if until_idle and self._queue.empty() and self._busy == 0:
-                    break
-                await self._pause(self.config.poll_interval)
+                try:
+                    if not await self._step(recorder, until_idle):
+                        break
+                    backoff = self.config.poll_interval
+                except DATABASE_ERRORS as e:
+                    # The database is away for a while: try again, never give up the worker.
+                    log.warning("the database failed (%s); trying again in %.1f s", _first_line(e), backoff)
+                    await self._pause(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             relay.cancel()
             await self._shut_down(senders, recorder)
             log.info("worker %s stopped: %s", self.name, self.stats)
         return self.stats
+
+    async def _step(self, recorder: _Recorder, until_idle: bool) -> bool:
+        """One turn of the claim loop: housekeeping when due, then claim or wait. False: done."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._housekeeping_at:
+            await self._release_held()
+            self._housekeeping_at = loop.time() + HOUSEKEEPING_EVERY
+        if loop.time() >= self._purge_at:
+            bodies, lines = await self.outbox.purge()
+            if bodies or lines:
+                log.info("purged %d message bodies and %d old messages", bodies, lines)
+            self._purge_at = loop.time() + PURGE_EVERY
+        if recorder.failing or self._queue.qsize() > self._low_water:
+            # Nothing new is sent while outcomes can't be written: each would be sent again.
+            await self._pause(self.config.poll_interval)
+            return True
+        batch = await self.outbox.claim(self.name, self.config.batch_size)
+        if batch:
+            self.stats.claimed += len(batch)
+            try:
+                resolutions = await self._resolve(batch)
+            except BaseException:
+                with contextlib.suppress(*DATABASE_ERRORS):
+                    await self.outbox.release(self.name, [c.pk for c in batch])
+                raise
+            for c in batch:
+                self._queue.put_nowait((c, resolutions[c.tenant_id]))
+            return True
+        if until_idle and self._queue.empty() and self._busy == 0:
+            return False
+        await self._pause(self.config.poll_interval)
+        return True
 
     async def _pause(self, timeout: float) -> None:
         self._wake.clear()
@@ -315,17 +339,24 @@ class Worker:
 class _Recorder:
     """Writes outcomes as they come, so a message the server accepted is marked sent at once:
     if the worker dies, only what is between the server's reply and the next commit may be sent
-    twice. Outcomes that arrive during a write go together in the next one (a group commit)."""
+    twice. Outcomes that arrive during a write go together in the next one (a group commit).
+
+    When a write fails (the database is away), the outcomes are kept and written again, with
+    growing pauses; meanwhile `failing` tells the claim loop to claim nothing. On close it keeps
+    trying for `grace` seconds; after that the messages' leases run out and another worker takes
+    them over, noting that they may have been delivered."""
 
     LINGER = 0.01
     MAX_GROUP = 200
 
-    def __init__(self, outbox: Outbox, worker: str) -> None:
+    def __init__(self, outbox: Outbox, worker: str, grace: float) -> None:
         self._outbox = outbox
         self._worker = worker
+        self._grace = grace
         self._buffer: list[Recorded] = []
         self._wake = asyncio.Event()
         self._closing = False
+        self.failing = False
         self._task = asyncio.create_task(self._run())
 
     def add(self, outcome: Recorded) -> None:
@@ -338,6 +369,9 @@ class _Recorder:
         await self._task
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pause = 0.2
+        give_up_at: float | None = None
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -347,9 +381,31 @@ class _Recorder:
                 await asyncio.sleep(self.LINGER)
             while self._buffer:
                 batch, self._buffer = self._buffer, []
-                await self._outbox.record(self._worker, batch)
+                try:
+                    await self._outbox.record(self._worker, batch)
+                except DATABASE_ERRORS as e:
+                    self._buffer[:0] = batch
+                    if not self.failing:
+                        log.warning("outcomes can't be written (%s): sending paused, writing again", _first_line(e))
+                    self.failing = True
+                    if self._closing:
+                        give_up_at = give_up_at or loop.time() + self._grace
+                        if loop.time() >= give_up_at:
+                            log.error("%d outcomes were not written; their messages go to another worker when "
+                                      "the leases run out", len(self._buffer))  # fmt: skip
+                            return
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 10.0)
+                    continue
+                if self.failing:
+                    log.warning("outcomes are written again")
+                self.failing, pause = False, 0.2
             if self._closing:
                 return
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _every(c: Claimed, state: RecipientState) -> dict[int, RecipientState]:
