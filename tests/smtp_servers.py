@@ -156,6 +156,8 @@ class ServerConfig:
     password: str = "correct horse battery staple"
     # Valid XOAUTH2 access tokens; the XOAUTH2 user must also equal `username`.
     tokens: AbstractSet[str] = frozenset()
+    # Or ask someone else whether a token is valid now (the fake identity provider's `check`).
+    token_check: Callable[[str], object] | None = None
     xoauth2_style: XOAuth2Style = "gmail"
     # Offer and accept AUTH only once the session is encrypted (ignored for
     # implicit TLS, which always is).
@@ -639,7 +641,8 @@ class _Handler:
             self._record_auth(AuthAttempt(connection, "XOAUTH2", None, False))
             return AuthResult(success=False, handled=False, message=XOAUTH2_SYNTAX_ERROR)
         user, token = parsed
-        if user == self.config.username and token in self.config.tokens:
+        valid = token in self.config.tokens or (self.config.token_check is not None and self.config.token_check(token))
+        if user == self.config.username and valid:
             self._record_auth(AuthAttempt(connection, "XOAUTH2", user, True))
             return AuthResult(success=True, auth_data=_Identity("XOAUTH2", user))
         if self.config.xoauth2_style == "exchange":

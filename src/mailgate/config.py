@@ -38,6 +38,9 @@ class Config:
     # recipients, attempts) after retention_log. Seconds.
     retention_body: float = 7 * 86400.0
     retention_log: float = 90 * 86400.0
+    # Where browsers reach mailgate: the delegated OAuth consent comes back to
+    # {public_url}/v1/oauth/callback, which must be registered as the app's redirect URI.
+    public_url: str = "http://127.0.0.1:8000"
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,6 +50,12 @@ class Config:
                 problems.append((f.name, f"must be greater than 0, not {value!r}"))
         if self.retry_factor < 1:
             problems.append(("retry_factor", "must be at least 1"))
+        from .settings.document import _web_url
+
+        try:
+            _web_url(self.public_url)
+        except ValueError as e:
+            problems.append(("public_url", str(e)))
         if self.retention_log < self.retention_body:
             problems.append(("retention_log", "must be at least retention_body"))
         if problems:
@@ -68,6 +77,8 @@ class Config:
                     if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                         raise ValueError
                     values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif f.type == "str":
+                    values[f.name] = raw
                 elif f.type == "int":
                     values[f.name] = int(raw)
                 else:

@@ -19,10 +19,14 @@ from .config import Config
 from .db.engine import Database, connect, database_url, ensure_schema
 from .errors import MessageError, SendingDisabled
 from .message import Address, Message
+from .oauth.cache import TokenCache
+from .oauth.consent import ConsentResult, Consents
 from .outbox.store import Outbox, default_domain
 from .outbox.worker import Worker, WorkerStats
 from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
-from .settings.store import AuditRecord, Resolution, Servers, Tenants, read_audit_log
+from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenants, read_audit_log
+
+CALLBACK_PATH = "/v1/oauth/callback"
 
 
 def default_actor() -> str:
@@ -44,6 +48,9 @@ class Mailgate:
         self.tenants = Tenants(db, keyring, actor)
         self.servers = Servers(db, keyring, actor)
         self.queue = Outbox(db, config)
+        # One token cache for every tenant's servers (and one HTTP client, made when first used).
+        self.tokens = TokenCache()
+        self._consents = Consents(db, keyring, self.servers, self.tokens, actor)
 
     async def submit(self, tenant: str, message: Message, idempotency_key: str | None = None) -> int:
         """Store `message` in the outbox for `tenant` (one transaction) and return its id.
@@ -75,7 +82,24 @@ class Mailgate:
 
     async def run_worker(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Deliver queued messages until `stop` is set (or, with `until_idle`, nothing is due)."""
-        return await Worker(self.queue, self.servers, self.config).run(stop, until_idle=until_idle)
+        worker = Worker(self.queue, self.servers, self.config, tokens=self.tokens)
+        return await worker.run(stop, until_idle=until_idle)
+
+    # ---- delegated OAuth consent ---------------------------------------------------------------
+
+    async def begin_consent(self, scope: str, *, redirect_uri: str | None = None) -> str:
+        """Start the consent of `scope`'s mail server (delegated token source): returns the URL to
+        send the admin to. The provider comes back to `redirect_uri` (default: the public URL's
+        /v1/oauth/callback) with a state and a code for `complete_consent`."""
+        return await self._consents.begin(scope, redirect_uri or self.config.public_url.rstrip("/") + CALLBACK_PATH)
+
+    async def complete_consent(self, state: str, code: str) -> ConsentResult:
+        """Exchange the code (once) and store the refresh token, encrypted."""
+        return await self._consents.complete(state, code)
+
+    async def reset_consent(self, scope: str) -> ServerInfo:
+        """Forget the stored tokens of `scope`'s mail server (the seed's "Reset")."""
+        return await self._consents.reset(scope)
 
     @classmethod
     def open(
@@ -108,6 +132,7 @@ class Mailgate:
         return await read_audit_log(self.db, tenant, limit=limit)
 
     async def aclose(self) -> None:
+        await self.tokens.aclose()
         await self.db.dispose()
 
     async def __aenter__(self) -> Mailgate:

@@ -32,8 +32,10 @@ from ._common import (
 if TYPE_CHECKING:
     from ..delivery import Delivery
     from ..message import Attachment, Message
+    from ..oauth.cache import TokenCache
     from ..settings import MailServer
     from ..smtp.protocol import ProtocolLog
+    from ..transports.pool import RefreshTokenStore
 
 
 @dataclass
@@ -172,45 +174,66 @@ async def _main(
         doc = load_server(server_file)
         if not doc.enabled:
             raise SettingsError([("enabled", f'the mail server in {server_file} is switched off ("enabled": false)')])
-    else:
-        from ..service import Mailgate
+        message = _message(doc, content)
+        return message, await _deliver(doc, message, password, token, log)
+    from ..service import Mailgate
 
-        assert tenant is not None
-        async with Mailgate.open(database_url, actor=cli_actor()) as mg:
-            resolution = await mg.resolve(tenant)
+    assert tenant is not None
+    async with Mailgate.open(database_url, actor=cli_actor()) as mg:
+        resolution = await mg.resolve(tenant)
         if resolution.server is None:
             raise SendingDisabled(resolution.reason)
         doc = resolution.server
-    message = _message(doc, content)
-    if doc.debug.protocol_log and log is None:
-        log = _stderr_log
-    return message, await _deliver(doc, message, password, token, log)
+        message = _message(doc, content)
+        # A rotated refresh token goes back to the stored settings, as the worker does it.
+        where = (resolution.server_id or 0, resolution.version or 0, mg.servers.store_refresh_token)
+        return message, await _deliver(doc, message, password, token, log, mg.tokens, where)
 
 
 async def _deliver(
-    doc: MailServer, message: Message, password: str | None, token: str | None, log: ProtocolLog | None
+    doc: MailServer,
+    message: Message,
+    password: str | None,
+    token: str | None,
+    log: ProtocolLog | None,
+    tokens: TokenCache | None = None,
+    stored: tuple[int, int, RefreshTokenStore] | None = None,
 ) -> Delivery:
-    from ..errors import SettingsError
+    """Send once, now: through the settings' own transport (token source included), or with the
+    password or access token given on the command line."""
+    from ..transports.pool import Pools
     from ..transports.smtp import SMTPTransport
 
-    if doc.kind != "smtp":
-        raise SettingsError([("kind", "mailgate send supports mail servers of kind smtp for now")])
-    source = None
-    if token is not None:
+    if doc.debug.protocol_log and log is None:
+        log = _stderr_log
+    envelope = message.envelope(mail_from=doc.envelope_from)
+    if password is not None or token is not None:
+        from ..errors import SettingsError
+
+        if doc.kind != "smtp":
+            raise SettingsError([("kind", "a password or access token on the command line is for kind smtp")])
+        given = token
 
         async def source() -> str:
-            return token
+            assert given is not None
+            return given
 
-    elif doc.auth.method == "oauth2":
-        raise SettingsError(
-            [("auth.token", "fetching tokens from a token source is not available yet; pass a current "
-                            "access token with --access-token-stdin or $MAILGATE_ACCESS_TOKEN")]
-        )  # fmt: skip
-    transport = SMTPTransport.from_server(doc, password=password, token=source, protocol_log=log)
+        transport = SMTPTransport.from_server(
+            doc, password=password, token=source if token is not None else None, protocol_log=log
+        )
+        try:
+            return await transport.send(envelope, message)
+        finally:
+            await transport.aclose()
+    server_id, version, store = stored if stored is not None else (0, 0, None)
+    pools = Pools((lambda prefix: log) if log else None, tokens=tokens, store_refresh_token=store)
+    if log is not None:
+        doc = doc.model_copy(update={"debug": doc.debug.model_copy(update={"protocol_log": True})})
     try:
-        return await transport.send(message.envelope(mail_from=doc.envelope_from), message)
+        async with pools.get(server_id, version, doc).transport() as pooled:
+            return await pooled.send(envelope, message)
     finally:
-        await transport.aclose()
+        await pools.aclose()
 
 
 def _read_content(

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import sqlite3
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ DEFAULT_URL = "sqlite:///mailgate.db"
 ENV_URL = "MAILGATE_DATABASE_URL"
 # The newest migration in migrations/versions. A database at this revision is used as it is,
 # without loading Alembic; tests/test_db.py keeps the two in step.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x6D61696C67617465  # "mailgate": one schema upgrade at a time on PostgreSQL
 
@@ -108,10 +110,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # the module's own implicit BEGIN is always DEFERRED and comes only before DML.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
+    cursor.execute("PRAGMA busy_timeout=30000")
+    # WAL: readers don't block the writer. Switching needs a lock that SQLite does not wait for
+    # (no busy handler): while another process creates a fresh database, try again briefly.
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode")
+            if str(cursor.fetchone()[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 99:
+                raise
+            time.sleep(0.05)
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it safe
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 

@@ -117,6 +117,23 @@ class ServerSecret(Base):
     updated_at: Mapped[datetime] = mapped_column(default=now)
 
 
+class ConsentRequest(Base):
+    """A delegated-OAuth consent under way: the admin was sent to the authorize URL with `state`;
+    the PKCE verifier stays here, encrypted, until the callback brings the code (or it expires).
+    Only a hash of the state is kept: the state in the browser is the key."""
+
+    __tablename__ = "consent_requests"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    server_id: Mapped[int] = mapped_column(ForeignKey("mail_servers.id", ondelete="CASCADE"), index=True)
+    server_version: Mapped[int]
+    verifier: Mapped[str] = mapped_column(Text)
+    redirect_uri: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    expires_at: Mapped[datetime]
+
+
 class AuditEntry(Base):
     """Who changed what, when. `changes` lists {"field", "from", "to"} for plain fields and
     {"field", "secret": "changed" | "removed"} for secrets, never a secret's value. No foreign

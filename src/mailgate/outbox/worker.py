@@ -30,6 +30,7 @@ from ..db.models import now
 from ..delivery import Delivery, Outcome
 from ..errors import DeliveryError, InvalidInput, MessageError, NotFound
 from ..message import Envelope
+from ..oauth.cache import TokenCache
 from ..settings.store import Resolution, Servers
 from ..smtp.errors import SMTPNotSupportedError
 from ..transports.pool import Pools
@@ -62,13 +63,25 @@ def worker_name() -> str:
 
 
 class Worker:
-    def __init__(self, outbox: Outbox, servers: Servers, config: Config, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        servers: Servers,
+        config: Config,
+        *,
+        name: str | None = None,
+        tokens: TokenCache | None = None,
+    ) -> None:
         self.outbox = outbox
         self.servers = servers
         self.config = config
         self.name = name or worker_name()
         self.stats = WorkerStats()
-        self._pools = Pools(lambda prefix: lambda line: protocol_log.info("%s %s", prefix, line))
+        self._pools = Pools(
+            lambda prefix: lambda line: protocol_log.info("%s %s", prefix, line),
+            tokens=tokens,
+            store_refresh_token=servers.store_refresh_token,
+        )
         self._rng = random.Random()
         # Claimed messages waiting for a free sender, with their tenants' resolutions.
         self._queue: asyncio.Queue[tuple[Claimed, Resolution | None] | None] = asyncio.Queue()
@@ -249,7 +262,7 @@ class Worker:
             envelope = Envelope(sender, tuple(pending))
             assert server_id is not None and version is not None
             async with self._pools.get(server_id, version, server).transport() as transport:
-                where["server"] = f"{transport.config.host}:{transport.config.port}"
+                where["server"] = transport.server
                 delivery = await transport.send(envelope, message)
         except asyncio.CancelledError:
             why = "the worker stopped during the send; the server may have accepted the message"

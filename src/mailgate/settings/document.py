@@ -76,17 +76,72 @@ class PasswordAuthSettings(_Section):
     mechanism: Literal["auto", "PLAIN", "LOGIN", "CRAM-MD5"] = "auto"
 
 
+def _web_url(value: str | None) -> str | None:
+    """An https URL; plain http only to a loopback address (a local test or proxy): a client
+    secret or a token never crosses a network unencrypted."""
+    if value is None:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(value)
+        host = url.hostname or ""
+    except ValueError:
+        raise ValueError(f"{value!r} is not a URL") from None
+    if url.scheme not in ("https", "http") or not host or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    if url.scheme == "http" and host not in ("127.0.0.1", "::1", "localhost"):
+        raise ValueError(f"{value!r}: use https (plain http only to 127.0.0.1, ::1 or localhost)")
+    if url.query or url.fragment:
+        raise ValueError(f"{value!r}: give the URL without a query or fragment")
+    return value.rstrip("/") if url.path in ("", "/") else value
+
+
+WebURL = Annotated[str, Field(min_length=1, max_length=2000)]
+_ID = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\s/?#]+$")]
+
+
 class TokenSourceSettings(_Section):
+    """Where XOAUTH2 access tokens come from (see `mailgate.oauth`).
+
+    `provider` only fills defaults: microsoft builds the URLs from `authority` and `directory_id`,
+    google knows its endpoints; an explicit `token_url`, `authorize_url` or `scope` always wins."""
+
     grant: Literal["client_credentials", "refresh_token", "delegated"]
     provider: Literal["microsoft", "google", "generic"] = "generic"
-    authority: str | None = None
-    directory_id: str | None = None
-    client_id: str | None = None
+    authority: WebURL | None = None  # microsoft: https://login.microsoftonline.com (sovereign clouds differ)
+    directory_id: _ID | None = None
+    client_id: _ID | None = None
     client_secret: SecretStr | None = None
-    token_url: str | None = None
-    scope: str | None = None
+    token_url: WebURL | None = None
+    scope: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
     refresh_token: SecretStr | None = None
     client_auth: Literal["form", "basic"] = "form"
+    authorize_url: WebURL | None = None  # delegated: where the admin grants consent
+
+    _urls = field_validator("authority", "token_url", "authorize_url")(classmethod(lambda cls, v: _web_url(v)))
+
+    @model_validator(mode="after")
+    def _complete(self) -> TokenSourceSettings:
+        problems = []
+        if self.client_id is None:
+            problems.append("client_id is required")
+        if (
+            self.provider == "microsoft"
+            and self.directory_id is None
+            and (self.token_url is None or (self.grant == "delegated" and self.authorize_url is None))
+        ):
+            problems.append("directory_id (the Entra tenant id) is required for the microsoft provider")
+        if self.provider == "generic":
+            if self.token_url is None:
+                problems.append("token_url is required for the generic provider")
+            if self.grant == "delegated" and self.authorize_url is None:
+                problems.append("authorize_url is required for a delegated grant with the generic provider")
+        if self.provider != "microsoft" and (self.authority is not None or self.directory_id is not None):
+            problems.append("authority and directory_id belong to the microsoft provider")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class OAuth2AuthSettings(_Section):
@@ -99,15 +154,25 @@ AuthSettings = Annotated[NoAuth | PasswordAuthSettings | OAuth2AuthSettings, Fie
 
 
 class GraphSettings(_Section):
-    authority: str = "https://login.microsoftonline.com"
-    endpoint: str = "https://graph.microsoft.com"
-    directory_id: Annotated[str, Field(min_length=1)]
-    client_id: Annotated[str, Field(min_length=1)]
+    authority: WebURL = "https://login.microsoftonline.com"
+    endpoint: WebURL = "https://graph.microsoft.com"
+    directory_id: _ID
+    client_id: _ID
     client_secret: SecretStr | None = None
-    mailbox: Annotated[str, Field(min_length=1)]
+    mailbox: str
     allow_delegate: bool = False
+    # With allow_delegate, how a message from another address goes out: as that address
+    # ("send as": `from` only) or on its behalf (`from`, and `sender` = the mailbox).
+    delegate_as: Literal["send_as", "on_behalf"] = "send_as"
     save_to_sent_items: bool = True
     large_attachments: bool = False
+
+    _urls = field_validator("authority", "endpoint")(classmethod(lambda cls, v: _web_url(v)))
+
+    @field_validator("mailbox")
+    @classmethod
+    def _valid_mailbox(cls, value: str) -> str | None:
+        return _address(value)
 
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
@@ -178,6 +243,11 @@ class MailServer(_Section):
                 raise ValueError("a mail server of kind graph needs a graph section")
             if self.smtp is not None or not isinstance(self.auth, NoAuth):
                 raise ValueError("smtp and auth sections belong to kind smtp; this server is kind graph")
+            if self.from_address.lower() != self.graph.mailbox.lower() and not self.graph.allow_delegate:
+                raise ValueError(
+                    f"from_address {self.from_address} is not the graph mailbox {self.graph.mailbox}: set "
+                    "graph.allow_delegate (and grant the mailbox Send As or Send on Behalf), or send from the mailbox"
+                )
         return self
 
 
@@ -235,7 +305,7 @@ SECRET_FIELDS = ("auth.password", "auth.token.client_secret", "auth.token.refres
 DESTINATION_FIELDS = (
     "kind", "smtp.host", "smtp.port", "smtp.security", "auth.method",
     "auth.token.grant", "auth.token.provider", "auth.token.token_url", "auth.token.authority",
-    "auth.token.directory_id", "auth.token.client_id",
+    "auth.token.directory_id", "auth.token.client_id", "auth.token.authorize_url",
     "graph.authority", "graph.directory_id", "graph.client_id", "graph.endpoint",
 )  # fmt: skip
 

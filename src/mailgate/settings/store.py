@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..db.engine import Database
-from ..db.models import AuditEntry, MailServerRow, MessageRow, ServerSecret, Tenant, now
+from ..db.models import AuditEntry, ConsentRequest, MailServerRow, MessageRow, ServerSecret, Tenant, now
 from ..errors import Conflict, NotFound, SettingsError
 from .document import (
     SECRET_FIELDS,
@@ -99,6 +99,16 @@ class Resolution:
 
     def to_dict(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "source": self.source, "version": self.version, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class LoadedServer:
+    """A stored server with its secrets (never for showing), its row id and version."""
+
+    scope: str
+    id: int
+    version: int
+    server: MailServer
 
 
 @dataclass(frozen=True)
@@ -404,6 +414,63 @@ class Servers(_Part):
                 node = node.setdefault(part, {})
             node[name] = self.keyring.decrypt(row.scope, secret.field, secret.ciphertext)
         return parse_server(doc)
+
+    async def loaded(self, scope: str) -> LoadedServer | None:
+        """A stored server with its secrets, id and version, for sending, testing or consent."""
+        async with self.db.sessions() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope)
+            return LoadedServer(row.scope, row.id, row.version, await self._with_secrets(s, row)) if row else None
+
+    async def loaded_by_id(self, server_id: int) -> LoadedServer | None:
+        async with self.db.sessions() as s:
+            row = await s.get(MailServerRow, server_id)
+            return LoadedServer(row.scope, row.id, row.version, await self._with_secrets(s, row)) if row else None
+
+    # ---- OAuth2 refresh tokens (delegated consent and rotation) -------------------------------
+
+    async def store_refresh_token(self, server_id: int, version: int, value: str, *, consent: bool = False) -> bool:
+        """Store (encrypted) the refresh token of the server's token source, unless its settings
+        changed since `version`. A rotation (the token endpoint replaced the refresh token) is
+        stored quietly; a consent is a settings change: new version, audited, the server mended."""
+        path = "auth.token.refresh_token"
+        async with self.db.write() as s:
+            row = await s.get(MailServerRow, server_id, with_for_update=True)
+            if row is None or row.version != version:
+                return False
+            secret = await s.get(ServerSecret, (server_id, path))
+            ciphertext = self.keyring.encrypt(row.scope, path, value)
+            if secret is None:
+                s.add(ServerSecret(server_id=server_id, field=path, ciphertext=ciphertext))
+            else:
+                secret.ciphertext, secret.updated_at = ciphertext, now()
+            if consent:
+                row.version += 1
+                row.updated_at, row.updated_by = now(), self.actor
+                await _mend(s, row)
+                _audit(s, self.actor, "server.consent", _tenant_of(row.scope), row.scope,
+                       [{"field": path, "secret": "changed"}])  # fmt: skip
+            return True
+
+    async def forget_refresh_token(self, scope: str) -> ServerInfo:
+        """Forget the stored refresh token (the seed's "Reset"): the server can't send until
+        the mailbox is connected again."""
+        path = "auth.token.refresh_token"
+        async with self.db.write() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope, lock=True)
+            if row is None:
+                raise NotFound([("server", f"no mail server is set for {scope}")])
+            secret = await s.get(ServerSecret, (row.id, path))
+            await s.execute(delete(ConsentRequest).where(ConsentRequest.server_id == row.id))
+            if secret is not None:
+                await s.delete(secret)
+                row.version += 1
+                row.updated_at, row.updated_by = now(), self.actor
+                _audit(s, self.actor, "server.consent_reset", _tenant_of(scope), scope,
+                       [{"field": path, "secret": "removed"}])  # fmt: skip
+            await s.flush()
+            return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
 
     # ---- keys and audit ------------------------------------------------------------------------
 

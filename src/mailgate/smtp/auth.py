@@ -12,6 +12,7 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .errors import SMTPAuthError
 from .reply import Reply
@@ -19,7 +20,20 @@ from .reply import Reply
 REDACTED = "[redacted]"
 
 Exchange = Callable[[bytes, str], Awaitable[Reply]]
-TokenSource = Callable[[], Awaitable[str]]
+
+
+class BearerToken(Protocol):
+    """An access token and when a connection that used it should stop (its expiry less a
+    margin: providers end an XOAUTH2 session when its token expires)."""
+
+    @property
+    def value(self) -> str: ...
+
+    @property
+    def renew_at(self) -> float: ...
+
+
+TokenSource = Callable[[], Awaitable[str | BearerToken]]
 
 # Strongest first: CRAM-MD5 never sends the password itself.
 PASSWORD_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")
@@ -70,10 +84,11 @@ def choose_mechanism(creds: Credentials, offered: list[str]) -> str:
     )
 
 
-async def authenticate(exchange: Exchange, mechanism: str, creds: Credentials) -> Reply:
+async def authenticate(exchange: Exchange, mechanism: str, creds: Credentials, access_token: str = "") -> Reply:
+    """Run AUTH `mechanism`; for XOAUTH2 with `access_token` (the caller fetched it, to know its expiry)."""
     if mechanism == "XOAUTH2":
         assert isinstance(creds, OAuth2Auth)
-        return await _xoauth2(exchange, creds)
+        return await _xoauth2(exchange, creds.username, access_token)
     assert isinstance(creds, PasswordAuth)
     user, password = creds.username.encode(), creds.password.encode()
     if mechanism == "PLAIN":
@@ -95,9 +110,8 @@ async def authenticate(exchange: Exchange, mechanism: str, creds: Credentials) -
     return await _finish(exchange, mechanism, reply)
 
 
-async def _xoauth2(exchange: Exchange, creds: OAuth2Auth) -> Reply:
-    token = await creds.token()
-    blob = f"user={creds.username}\x01auth=Bearer {token}\x01\x01".encode()
+async def _xoauth2(exchange: Exchange, username: str, token: str) -> Reply:
+    blob = f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
     reply = await exchange(b"AUTH XOAUTH2 " + _b64(blob), f"AUTH XOAUTH2 {REDACTED}")
     challenge: dict[str, object] | None = None
     if reply.code == 334:

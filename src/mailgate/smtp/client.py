@@ -105,6 +105,10 @@ class SMTPClient:
         self.tls_version: str | None = None
         self.peer_certificate: dict[str, object] | None = None
         self.auth_mechanism: str | None = None
+        # XOAUTH2: the token this connection authenticated with, and when to stop using the
+        # connection (the token's expiry less the margin; time.time() seconds).
+        self.access_token: str | _auth.BearerToken | None = None
+        self.token_renew_at: float | None = None
         self._learn({})
 
     def _learn(self, extensions: dict[str, str]) -> None:
@@ -275,7 +279,15 @@ class SMTPClient:
                 "unencrypted; mailgate sends it in clear only when security is none"
             )
         mechanism = _auth.choose_mechanism(creds, self.auth_mechanisms)
-        await _auth.authenticate(self._exchange, mechanism, creds)
+        access_token = ""
+        if isinstance(creds, _auth.OAuth2Auth):
+            token = await creds.token()
+            if isinstance(token, str):
+                access_token = token
+            else:
+                access_token, self.token_renew_at = token.value, token.renew_at
+            self.access_token = token
+        await _auth.authenticate(self._exchange, mechanism, creds, access_token)
         self.auth_mechanism = mechanism
 
     async def _exchange(self, line: bytes, log_as: str) -> Reply:

@@ -27,6 +27,11 @@ __all__ = ["Delivery", "Outcome", "RecipientResult", "Transport"]
 
 
 class Transport(Protocol):
+    @property
+    def server(self) -> str:
+        """Where messages go, for the attempt log: "host:port", or "graph:mailbox"."""
+        ...
+
     async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery: ...
 
     async def aclose(self) -> None: ...

@@ -1,18 +1,21 @@
 """The SMTP transport: a mail server document's smtp settings, driven by mailgate's client.
 
-One connection, opened on first use and reused while it lasts; connection pools per server come
-with the pool module.
+One connection, opened on first use and reused while it lasts (the pool module keeps several per
+server). With XOAUTH2, every new connection gets a current token, and a connection is closed
+before its token expires (the token's `renew_at`) instead of being cut off by the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from ..errors import SettingsError
 from ..message import Envelope, Message
 from ..settings.document import MailServer, NoAuth, OAuth2AuthSettings, PasswordAuthSettings
 from ..smtp import OAuth2Auth, PasswordAuth, SMTPClient, SMTPConfig
 from ..smtp.auth import Credentials, TokenSource
+from ..smtp.errors import SMTPAuthError
 from ..smtp.protocol import ProtocolLog
 from .base import Delivery
 
@@ -76,17 +79,38 @@ class SMTPTransport:
         config = smtp_config(server, password=password, token=token)
         return cls(config, utf8_headers=server.smtp.utf8_headers if server.smtp else False, protocol_log=protocol_log)
 
+    @property
+    def server(self) -> str:
+        return self.config.server
+
     async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery:
         async with self._lock:
             client = self._client
+            if client is not None and client.token_renew_at is not None and time.time() >= client.token_renew_at:
+                await client.quit()  # its token is about to expire: the server would cut us off
             if client is None or not client.is_connected:
-                client = SMTPClient(self.config, protocol_log=self._log)
-                await client.connect()
+                client = await self._connect()
                 self._client = client
             if isinstance(message, Message):
                 utf8 = message.requires_smtputf8 or (self.utf8_headers and client.smtputf8)
                 message = message.compose(utf8=utf8)
             return await client.send(envelope, message)
+
+    async def _connect(self) -> SMTPClient:
+        client = SMTPClient(self.config, protocol_log=self._log)
+        try:
+            await client.connect()
+            return client
+        except SMTPAuthError as e:
+            # A refused XOAUTH2 token may be revoked or stale: one new token, one more try
+            # (reference §1.2, §10). SMTP AUTH switched off (5.7.139) is no token problem.
+            invalidate = getattr(getattr(self.config.auth, "token", None), "invalidate", None)
+            if e.mechanism != "XOAUTH2" or e.enhanced == "5.7.139" or invalidate is None:
+                raise
+            invalidate(client.access_token if not isinstance(client.access_token, str) else None)
+        client = SMTPClient(self.config, protocol_log=self._log)
+        await client.connect()
+        return client
 
     async def aclose(self) -> None:
         async with self._lock:

@@ -1,0 +1,76 @@
+"""Where a mail server's tokens come from: token URL, authorize URL, client and scope.
+
+The presets only fill what the settings leave out (reference §2.2, §6, §8): an explicit
+`token_url`, `authorize_url` or `scope` always wins. Authorities and Graph endpoints are settings,
+so sovereign clouds work by changing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import SettingsError
+from ..settings.document import GraphSettings, TokenSourceSettings
+
+MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+GOOGLE_AUTHORIZE_URL = "https://accounts.google.com/o/oauth2/v2/auth"
+
+# Exchange Online SMTP, app-only (client credentials; the app needs SMTP.SendAsApp).
+SMTP_APP_SCOPE = "https://outlook.office365.com/.default"
+# Exchange Online SMTP, delegated; offline_access brings the refresh token.
+SMTP_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send offline_access"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
+
+Provider = Literal["microsoft", "google", "generic"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One client at one token endpoint, asking for one scope."""
+
+    provider: Provider
+    token_url: str
+    client_id: str
+    client_secret: str | None = field(repr=False)
+    scope: str | None
+    client_auth: Literal["form", "basic"] = "form"
+    authorize_url: str | None = None
+
+
+def _microsoft(authority: str | None, directory_id: str | None, leg: str) -> str:
+    if directory_id is None:
+        raise SettingsError([("auth.token.directory_id", "is required for the microsoft provider")])
+    return f"{(authority or MICROSOFT_AUTHORITY).rstrip('/')}/{directory_id}/oauth2/v2.0/{leg}"
+
+
+def smtp_endpoint(token: TokenSourceSettings) -> Endpoint:
+    """The endpoint of an SMTP server's XOAUTH2 token source."""
+    assert token.client_id is not None  # the document requires it
+    delegated = token.grant != "client_credentials"
+    authorize_url: str | None
+    scope: str | None
+    if token.provider == "microsoft":
+        token_url = token.token_url or _microsoft(token.authority, token.directory_id, "token")
+        authorize_url = token.authorize_url or (
+            _microsoft(token.authority, token.directory_id, "authorize") if token.grant == "delegated" else None
+        )
+        scope = token.scope or (SMTP_DELEGATED_SCOPE if delegated else SMTP_APP_SCOPE)
+    elif token.provider == "google":
+        token_url = token.token_url or GOOGLE_TOKEN_URL
+        authorize_url = token.authorize_url or GOOGLE_AUTHORIZE_URL
+        scope = token.scope or GOOGLE_MAIL_SCOPE
+    else:
+        assert token.token_url is not None  # the document requires it
+        token_url, authorize_url, scope = token.token_url, token.authorize_url, token.scope
+    secret = token.client_secret.get_secret_value() if token.client_secret else None
+    return Endpoint(token.provider, token_url, token.client_id, secret, scope, token.client_auth, authorize_url)
+
+
+def graph_endpoint(graph: GraphSettings) -> Endpoint:
+    """The endpoint of a Graph server's app-only token (client credentials)."""
+    secret = graph.client_secret.get_secret_value() if graph.client_secret else None
+    token_url = _microsoft(graph.authority, graph.directory_id, "token")
+    return Endpoint("microsoft", token_url, graph.client_id, secret, GRAPH_SCOPE)
