@@ -159,7 +159,7 @@ class GraphSettings(_Section):
     directory_id: _ID
     client_id: _ID
     client_secret: SecretStr | None = None
-    mailbox: str
+    mailbox: Annotated[str, Field(min_length=1)]
     allow_delegate: bool = False
     # With allow_delegate, how a message from another address goes out: as that address
     # ("send as": `from` only) or on its behalf (`from`, and `sender` = the mailbox).
