@@ -91,7 +91,7 @@ async def test_a_small_message_goes_as_mime_with_headers_and_attachments_intact(
     parsed = email.message_from_bytes(sent.mime, policy=email.policy.default)
     assert parsed["Subject"] == "Zugriffsprüfung fällig"
     assert parsed["List-Unsubscribe"] == "<mailto:unsub@contoso.example>"
-    assert parsed["Message-ID"] == message.message_id or parsed["Message-ID"].endswith("@contoso.example>")
+    assert parsed["Message-ID"].endswith("@contoso.example>")  # given by the outbox, in the sender's domain
     assert [(a.name, a.data) for a in sent.attachments] == [("bericht.csv", b"a;b\n1;2\n")]
     [post] = [r for r in graph.requests if r.path.endswith("/sendMail")]
     assert post.headers["content-type"] == "text/plain"

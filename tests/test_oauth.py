@@ -13,11 +13,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from sqlalchemy import select
 
 from conftest import TEST_KEY
 from fakes.identity import FakeIdentityProvider
 from mailgate import Mailgate, Message
 from mailgate.config import Config
+from mailgate.db.models import ServerSecret
 from mailgate.errors import NotFound, SettingsError
 from mailgate.oauth import TokenCache, TokenError, TokenSource
 from mailgate.oauth.cache import smtp_token_source
@@ -315,7 +317,13 @@ async def test_consent_flow_stores_the_refresh_token(idp: FakeIdentityProvider, 
     assert challenge_of(exchange.form["code_verifier"]) == query["code_challenge"][0]
     info = await mg.servers.get("acme")
     assert info is not None and info.document["auth"]["token"]["refresh_token"] == {"set": True}
-    assert "refresh" not in str(info.to_dict()).replace("refresh_token", "")
+    [granted] = idp.refresh_tokens_for(MAILBOX)  # the refresh token the provider issued
+    assert granted not in str(info.to_dict())  # write-only
+    async with mg.db.sessions() as s:  # and encrypted at rest
+        stored = await s.scalar(select(ServerSecret.ciphertext).where(ServerSecret.field == "auth.token.refresh_token"))
+    assert stored is not None and granted not in stored
+    loaded = await mg.servers.loaded("acme")
+    assert loaded is not None and loaded.server.auth.token.refresh_token.get_secret_value() == granted  # type: ignore[union-attr]
     assert (await mg.audit_log("acme"))[0].action == "server.consent"
     with pytest.raises(NotFound):  # a state works once
         await mg.complete_consent(state, code)

@@ -11,6 +11,14 @@ if TYPE_CHECKING:
 USER_AGENT = "mailgate/0.1"
 
 
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (the delay form; a date is not worth trusting), or None."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 def new_client() -> httpx2.AsyncClient:
     import httpx2
 

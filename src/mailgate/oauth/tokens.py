@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus
 
+from .._http import retry_after as http_retry_after
 from ..diagnostics.catalogue import Explanation, explain_token_error
 from ..errors import DeliveryError
 from .endpoints import Endpoint
@@ -128,7 +129,7 @@ def _raise_refusal(where: str, status: int, body: dict[str, Any] | None, retry_a
         trace_id=trace if isinstance(trace, str) else None,
         code=status,
         reply=first_line or None,
-        retry_after=_retry_after(retry_after),
+        retry_after=http_retry_after(retry_after),
     )
 
 
@@ -147,15 +148,6 @@ def _seconds(value: object) -> float:
     except (TypeError, ValueError):
         return DEFAULT_LIFETIME
     return seconds if seconds > 0 else DEFAULT_LIFETIME
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
 
 
 def decode_claims(token: str) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ import json
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
+from .._http import retry_after as http_retry_after
 from ..delivery import Delivery, Outcome, RecipientResult
 from ..diagnostics.catalogue import Explanation, explain_graph_error
 from ..errors import DeliveryError
@@ -264,7 +265,7 @@ class GraphTransport:
         explanation = explain_graph_error(status, graph_code)
         said = f"HTTP {status}" + (f" {graph_code}" if graph_code else "") + (f": {message}" if message else "")
         text = f"Graph refused{' the upload' if upload else ''} ({said}). {explanation}"
-        retry_after = _seconds(r.headers.get("Retry-After"))
+        retry_after = http_retry_after(r.headers.get("Retry-After"))
         if explanation.transient or status == 401:
             raise GraphError(text, code=status, graph_code=graph_code, explanation=explanation, transient=True,
                              retry_after=retry_after)  # fmt: skip
@@ -346,10 +347,3 @@ def _safe_url(url: str) -> bool:
     except ValueError:
         return False
     return parts.scheme == "https" or (parts.scheme == "http" and host in ("127.0.0.1", "::1", "localhost"))
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
