@@ -93,7 +93,7 @@ GREETING_421 = "421 4.3.2 Service not available, closing transmission channel"
 
 Security = Literal["none", "starttls", "starttls-required", "tls"]
 XOAuth2Style = Literal["gmail", "exchange"]
-Behaviour = Literal["greeting-421", "silent", "silent-after-ehlo", "drop-after-data"]
+Behaviour = Literal["greeting-421", "silent", "silent-after-ehlo", "drop-after-data", "silent-after-message"]
 T = TypeVar("T")
 
 
@@ -785,11 +785,13 @@ class ScriptedServer(_Recorder):
     - "silent-after-ehlo": greet and answer EHLO/HELO, then never answer again.
     - "drop-after-data": behave normally until the final dot of the message
       data, then close without a reply.
+    - "silent-after-message": accept one message per connection, then never
+      answer again on it (a connection a firewall dropped while idle).
     """
 
     def __init__(self, behaviour: Behaviour, hostname: str = "scripted.mailgate.test") -> None:
         super().__init__()
-        if behaviour not in ("greeting-421", "silent", "silent-after-ehlo", "drop-after-data"):
+        if behaviour not in ("greeting-421", "silent", "silent-after-ehlo", "drop-after-data", "silent-after-message"):
             raise ValueError(f"unknown behaviour: {behaviour!r}")
         self.behaviour = behaviour
         self.hostname = hostname
@@ -890,11 +892,14 @@ class ScriptedServer(_Recorder):
             elif verb in (b"RSET", b"NOOP"):
                 await send("250 2.0.0 Ok")
             elif verb == b"DATA":
-                # Only "drop-after-data" gets here: read to the final dot, then
-                # hang up without a reply.
+                # "drop-after-data": read to the final dot, then hang up without
+                # a reply; "silent-after-message": accept it, then go silent.
                 await send("354 End data with <CR><LF>.<CR><LF>")
                 while await read_line() not in (b".\r\n", b""):
                     pass
+                if self.behaviour == "silent-after-message":
+                    await send("250 2.0.0 Ok: queued")
+                    await record_until_eof()
                 return
             elif verb == b"QUIT":
                 await send("221 2.0.0 Bye")

@@ -29,6 +29,9 @@ class Config:
     # for work when idle, and how long a stop (SIGTERM) waits for sends under way.
     batch_size: int = 200
     concurrency: int = 50
+    # SMTP connections open at once in one worker, across all mail servers (idle ones included);
+    # shared fairly between servers when it runs short (sends wait for a connection then).
+    max_connections: int = 100
     lease: float = 300.0
     poll_interval: float = 1.0
     stop_grace: float = 30.0

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -134,6 +135,30 @@ class ConsentRequest(Base):
     expires_at: Mapped[datetime]
 
 
+class QuotaState(Base):
+    """A mail server's rate quota, shared by every worker: the theoretical arrival time (GCRA) of
+    the next message (kind "messages_per_minute") or recipient ("recipients_per_day"), in Unix
+    seconds. A reservation moves it on by window / limit per unit in one UPDATE."""
+
+    __tablename__ = "quota_state"
+
+    server_id: Mapped[int] = mapped_column(ForeignKey("mail_servers.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tat: Mapped[float] = mapped_column(Float)
+
+
+class ConnectionSlot(Base):
+    """One of a mail server's `max_concurrent_connections`, shared by every worker: held by a
+    worker's open connection until `expires_at` (Unix seconds), renewed while it lives."""
+
+    __tablename__ = "connection_slots"
+
+    server_id: Mapped[int] = mapped_column(ForeignKey("mail_servers.id", ondelete="CASCADE"), primary_key=True)
+    slot: Mapped[int] = mapped_column(primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 class AuditEntry(Base):
     """Who changed what, when. `changes` lists {"field", "from", "to"} for plain fields and
     {"field", "secret": "changed" | "removed"} for secrets, never a secret's value. No foreign
@@ -191,6 +216,9 @@ class MessageRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None]
     body_purged_at: Mapped[datetime | None]
+    # A place reserved within its server's rate quotas (outbox/quota.py): the message waited for
+    # it and is sent then without reserving again. Cleared by the next outcome.
+    quota_slot: Mapped[datetime | None]
 
 
 class MessageBody(Base):

@@ -48,6 +48,7 @@ class Claimed:
     expires_at: datetime
     previous_owner: str | None  # set when this claim took over an expired lease
     accepted_before: int = 0  # recipients that accepted it in earlier attempts
+    quota_slot: datetime | None = None  # the place it waited for within its server's rate quotas
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Outcome:
     last_error: str | None = None
     count_attempt: bool = True  # False when nothing was tried (the server is marked broken)
     attempts_before: int = 0  # attempts recorded before this one (from the claim)
+    quota_slot: datetime | None = None  # deferred to its reserved place within the server's quotas
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ _RECORD_MESSAGE = (
         status=bindparam("b_status"), due_at=bindparam("b_due_at"), lease_owner=None, previous_owner=None,
         attempts=bindparam("b_attempts"), updated_at=bindparam("b_updated_at"),
         last_server_id=bindparam("b_server"), last_error=bindparam("b_error"), sent_at=bindparam("b_sent_at"),
+        quota_slot=bindparam("b_quota_slot"),
     )
 )  # fmt: skip
 _RECORD_RECIPIENT = (
@@ -225,7 +228,7 @@ class Outbox:
                 due_at=at + timedelta(seconds=self.config.lease),
                 updated_at=at,
             )
-            .returning(M.id, M.tenant_id, M.attempts, M.created_at, M.expires_at, M.previous_owner)
+            .returning(M.id, M.tenant_id, M.attempts, M.created_at, M.expires_at, M.previous_owner, M.quota_slot)
         )
         async with self.db.write() as s:
             rows = (await s.execute(stmt)).all()
@@ -249,7 +252,7 @@ class Outbox:
                     files[pk].append(data)
         return [
             Claimed(r.id, r.tenant_id, Message.from_dict(content[r.id], files[r.id]), pending[r.id], r.attempts,
-                    r.created_at, r.expires_at, r.previous_owner, accepted[r.id])
+                    r.created_at, r.expires_at, r.previous_owner, accepted[r.id], r.quota_slot)
             for r in rows
         ]  # fmt: skip
 
@@ -275,6 +278,7 @@ class Outbox:
                     "b_id": o.pk, "b_status": o.status, "b_due_at": o.due_at,
                     "b_attempts": o.attempts_before + (1 if o.count_attempt else 0), "b_updated_at": at,
                     "b_server": o.server_id, "b_error": o.last_error, "b_sent_at": at if o.status == SENT else None,
+                    "b_quota_slot": o.quota_slot,
                 }
                 for o in mine
             ])  # fmt: skip

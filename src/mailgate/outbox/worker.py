@@ -1,12 +1,18 @@
 """The delivery worker: claims due messages, sends each through its tenant's resolved mail server,
 and records what happened to every recipient.
 
-A claim loop keeps a small queue of claimed messages (each claim is a lease) topped up;
-`concurrency` senders take from it and send each through its tenant's resolved server; a recorder
-writes the outcomes as they come. A stop (SIGTERM) gives back what no sender has taken, lets the
-sends under way finish — up to `stop_grace` — and records them; nothing is lost. A worker that
-dies instead leaves leases that run out, and another worker takes those messages over, saying in
-the attempt log that they may have been delivered already.
+A claim loop keeps a small backlog of claimed messages (each claim is a lease). Claimed messages
+go into one lane per mail server (version); up to `concurrency` senders work the lanes, each
+holding one pooled connection and sending message after message through it. Senders go to the
+lanes that have fewest, and a lane never has more senders than its server allows connections, so
+a slow, broken or black-holed server ties up only its own senders — and once a server failed
+(unreachable, throttling, refused credentials), its lane holds the rest of its messages back for a
+while (growing) and defers them without trying, then tries one connection before the others.
+
+A recorder writes the outcomes as they come. A stop (SIGTERM) gives back what no sender has taken,
+lets the sends under way finish — up to `stop_grace` — and records them; nothing is lost. A worker
+that dies instead leaves leases that run out, and another worker takes those messages over,
+saying in the attempt log that they may have been delivered already.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import os
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,9 +38,12 @@ from ..delivery import Delivery, Outcome
 from ..errors import DeliveryError, InvalidInput, MessageError, NotFound
 from ..message import Envelope
 from ..oauth.cache import TokenCache
+from ..settings.document import MailServer
 from ..settings.store import Resolution, Servers
 from ..smtp.errors import SMTPNotSupportedError
-from ..transports.pool import Pools
+from ..transports.base import Transport
+from ..transports.pool import Pools, QuotaWait, pool_size
+from .quota import ConnectionSlots, Quotas
 from .retry import retry_delay
 from .store import ACCEPTED, DEFERRED, FAILED, HELD, PENDING, REFUSED, SENT, Claimed, Outbox, RecipientState
 from .store import Outcome as Recorded
@@ -47,6 +57,8 @@ DATABASE_ERRORS = (SQLAlchemyError, OSError)
 MAX_BACKOFF = 30.0  # seconds between tries while the database is away
 HOUSEKEEPING_EVERY = 5.0  # seconds: release held messages whose tenants may send again
 PURGE_EVERY = 600.0
+HOLD_BACK = 5.0  # seconds a lane holds back after its server failed; doubles each time, at most:
+MAX_HOLD_BACK = 300.0
 
 
 @dataclass
@@ -60,6 +72,46 @@ class WorkerStats:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The claimed messages for one mail server version, and the senders working on them."""
+
+    key: tuple[int, int]
+    server: MailServer
+    capacity: int
+    backlog: deque[tuple[Claimed, Resolution]] = field(default_factory=deque)
+    active: int = 0  # senders on this lane
+    failed: DeliveryError | InvalidInput | None = None  # the server's last failure, while held back
+    held_until: float = 0.0  # loop time
+    trips: int = 0  # failures in a row
+    turn: int = 0  # when a sender last started on it: the lane that waited longest goes first
+
+    def open_slots(self, now: float) -> int:
+        """How many more senders may start: none while held back, one (a probe) after a failure."""
+        if self.failed is not None and now < self.held_until:
+            return 1 if self.active == 0 else 0  # it defers without trying: one sender is plenty
+        return (1 if self.trips else self.capacity) - self.active
+
+    def trip(self, error: DeliveryError | InvalidInput, now: float) -> None:
+        if isinstance(error, QuotaWait):  # no failure: the quota allows no more connections now
+            self.failed, self.held_until = error, now + (error.retry_after or 1.0)
+            return
+        transient = isinstance(error, DeliveryError) and error.transient
+        if transient and self.failed is not None and now < self.held_until:
+            return  # another sender's news of the same outage: no longer hold-back for it
+        self.trips += 1
+        if transient:
+            assert isinstance(error, DeliveryError)
+            hold = min(HOLD_BACK * 2 ** (self.trips - 1), MAX_HOLD_BACK)
+            self.held_until = now + max(hold, min(error.retry_after or 0.0, MAX_HOLD_BACK))
+        else:
+            self.held_until = float("inf")  # refused for good: only new settings (a new lane) help
+        self.failed = error
+
+    def succeeded(self) -> None:
+        self.trips, self.failed, self.held_until = 0, None, 0.0
 
 
 class Worker:
@@ -77,31 +129,42 @@ class Worker:
         self.config = config
         self.name = name or worker_name()
         self.stats = WorkerStats()
+        self._quotas = Quotas(outbox.db)
         self._pools = Pools(
             lambda prefix: lambda line: protocol_log.info("%s %s", prefix, line),
             tokens=tokens,
             store_refresh_token=servers.store_refresh_token,
+            max_connections=config.max_connections,
+            admission=ConnectionSlots(self._quotas, self.name),
         )
         self._rng = random.Random()
-        # Claimed messages waiting for a free sender, with their tenants' resolutions.
-        self._queue: asyncio.Queue[tuple[Claimed, Resolution | None] | None] = asyncio.Queue()
-        # Wakes the claim loop: the queue ran low, the worker went idle, or it is stopping.
+        self._lanes: dict[tuple[int, int], _Lane] = {}
+        self._waiting: dict[tuple[int, int], _Lane] = {}  # lanes with a backlog
+        self._backlog = 0  # claimed messages no sender has taken yet
+        self._ready = 0  # of those, what the lanes could start on at once: sum of min(backlog, capacity)
+        self._max_backlog = 2 * config.batch_size
+        self._free = config.concurrency  # senders that may start
+        self._turns = 0
+        self._senders: set[asyncio.Task[None]] = set()
+        self._recorder: _Recorder | None = None
+        self._stop = asyncio.Event()
+        # Wakes the claim loop: the backlog ran low, the worker went idle, or it is stopping.
         self._wake = asyncio.Event()
-        self._busy = 0
-        # Claim again once the queue is down to this: half of what the senders can take at once.
-        self._low_water = max(1, config.concurrency // 2)
-        self._untried: list[int] = []  # taken from the queue after a stop: given back unsent
         self._housekeeping_at = self._purge_at = 0.0
+
+    @property
+    def pools(self) -> Pools:
+        return self._pools
 
     async def run(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Deliver until `stop` is set (or, with `until_idle`, until nothing is due).
 
-        The claim loop keeps up to about `concurrency` messages waiting for the senders, never
-        many more (leases should not run out in a queue), and claims again when half are taken.
+        The claim loop keeps a backlog of about one or two batches, never much more (leases should
+        not run out in memory), and claims again when the lanes could start on fewer messages
+        than there are senders.
         """
-        stop = stop or asyncio.Event()
-        recorder = _Recorder(self.outbox, self.name, self.config.stop_grace)
-        senders = [asyncio.create_task(self._sender(recorder, stop)) for _ in range(self.config.concurrency)]
+        self._stop = stop = stop or asyncio.Event()
+        self._recorder = recorder = _Recorder(self.outbox, self.name, self.config.stop_grace)
         relay = asyncio.create_task(self._relay(stop))
         backoff = self.config.poll_interval
         log.info("worker %s started", self.name)
@@ -118,22 +181,28 @@ class Worker:
                     backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             relay.cancel()
-            await self._shut_down(senders, recorder)
+            stop.set()
+            await self._shut_down(recorder)
             log.info("worker %s stopped: %s", self.name, self.stats)
         return self.stats
+
+    def _wants_more(self) -> bool:
+        return self._backlog < self._max_backlog and self._ready < self.config.concurrency
 
     async def _step(self, recorder: _Recorder, until_idle: bool) -> bool:
         """One turn of the claim loop: housekeeping when due, then claim or wait. False: done."""
         loop = asyncio.get_running_loop()
         if loop.time() >= self._housekeeping_at:
             await self._release_held()
+            self._pools.sweep()
+            await self._quotas.renew(self.name)  # the connection slots of open connections
             self._housekeeping_at = loop.time() + HOUSEKEEPING_EVERY
         if loop.time() >= self._purge_at:
             bodies, lines = await self.outbox.purge()
             if bodies or lines:
                 log.info("purged %d message bodies and %d old messages", bodies, lines)
             self._purge_at = loop.time() + PURGE_EVERY
-        if recorder.failing or self._queue.qsize() > self._low_water:
+        if recorder.failing or not self._wants_more():
             # Nothing new is sent while outcomes can't be written: each would be sent again.
             await self._pause(self.config.poll_interval)
             return True
@@ -147,9 +216,10 @@ class Worker:
                     await self.outbox.release(self.name, [c.pk for c in batch])
                 raise
             for c in batch:
-                self._queue.put_nowait((c, resolutions[c.tenant_id]))
+                self._take(c, resolutions[c.tenant_id], recorder)
+            self._dispatch()
             return True
-        if until_idle and self._queue.empty() and self._busy == 0:
+        if until_idle and self._backlog == 0 and not self._senders:
             return False
         await self._pause(self.config.poll_interval)
         return True
@@ -172,38 +242,118 @@ class Worker:
                 resolutions[tenant] = None  # the tenant was removed
         return resolutions
 
-    async def _sender(self, recorder: _Recorder, stop: asyncio.Event) -> None:
-        while (item := await self._queue.get()) is not None:
-            if self._queue.qsize() <= self._low_water:
-                self._wake.set()  # time to claim more
-            c, resolution = item
-            if stop.is_set():  # stopping: no new sends; given back at shut-down
-                self._untried.append(c.pk)
-                continue
-            self._busy += 1
-            try:
-                outcome = await self._attempt(c, resolution)
-            finally:
-                self._busy -= 1
-                if self._busy == 0:
-                    self._wake.set()  # idle: until_idle may be done
+    # ---- lanes and senders -------------------------------------------------------------------
+
+    def _take(self, c: Claimed, resolution: Resolution | None, recorder: _Recorder) -> None:
+        """A claimed message goes to its server's lane, or is settled at once when there is no
+        server to try (tenant removed, sending disabled, server marked broken)."""
+        if resolution is None or resolution.server is None or resolution.broken_reason:
+            outcome = self._without_server(c, resolution)
             recorder.add(outcome)
             self._count(outcome)
+            return
+        assert resolution.server_id is not None and resolution.version is not None
+        key = (resolution.server_id, resolution.version)
+        lane = self._lanes.get(key)
+        if lane is None:
+            for old in [k for k in self._lanes if k[0] == key[0] and k[1] < key[1]]:
+                if not self._lanes[old].backlog and not self._lanes[old].active:
+                    del self._lanes[old]  # settings changed: the old version's lane is done
+            lane = self._lanes[key] = _Lane(key, resolution.server, pool_size(resolution.server))
+        if len(lane.backlog) < lane.capacity:
+            self._ready += 1
+        lane.backlog.append((c, resolution))
+        self._waiting[key] = lane
+        self._backlog += 1
 
-    async def _shut_down(self, senders: list[asyncio.Task[None]], recorder: _Recorder) -> None:
+    def _pop(self, lane: _Lane) -> tuple[Claimed, Resolution]:
+        if len(lane.backlog) <= lane.capacity:
+            self._ready -= 1
+        item = lane.backlog.popleft()
+        self._backlog -= 1
+        if not lane.backlog:
+            del self._waiting[lane.key]
+        if self._wants_more():
+            self._wake.set()
+        return item
+
+    def _dispatch(self) -> None:
+        """Start senders while there are free ones, on the lanes with fewest senders first."""
+        if self._stop.is_set():
+            return
+        now = asyncio.get_running_loop().time()
+        while self._free > 0 and self._waiting:
+            open_lanes = [lane for lane in self._waiting.values() if lane.open_slots(now) > 0]
+            if not open_lanes:
+                return
+            open_lanes.sort(key=lambda lane: (lane.active, lane.turn))
+            for lane in open_lanes:
+                if self._free == 0:
+                    return
+                if lane.open_slots(now) > 0:
+                    self._start(lane)
+
+    def _start(self, lane: _Lane) -> None:
+        self._free -= 1
+        self._turns += 1
+        lane.active += 1
+        lane.turn = self._turns
+        task = asyncio.get_running_loop().create_task(self._sender(lane))
+        self._senders.add(task)
+        task.add_done_callback(self._senders.discard)
+
+    def _others_wait(self, lane: _Lane) -> bool:
+        """Another lane has messages and no sender, and none is free: time to make room."""
+        if self._free > 0:
+            return False
+        return any(other.active == 0 and other is not lane for other in self._waiting.values())
+
+    async def _sender(self, lane: _Lane) -> None:
+        """One sender on one lane: borrows one connection and sends message after message through
+        it, until the lane is empty, the worker stops, or another lane needs the sender more."""
+        recorder = self._recorder
+        assert recorder is not None
+        loop = asyncio.get_running_loop()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                transport: Transport | None = None
+                try:
+                    transport = await stack.enter_async_context(self._pools.get(*lane.key, lane.server).transport())
+                except (DeliveryError, InvalidInput) as e:  # these settings can't make a connection
+                    lane.trip(e, loop.time())
+                    if isinstance(e, QuotaWait) and lane.active > 1:
+                        return  # the lane's other senders have connections: they go on
+                while lane.backlog and not self._stop.is_set():
+                    c, resolution = self._pop(lane)
+                    outcome = await self._attempt(c, resolution, lane, transport)
+                    recorder.add(outcome)
+                    self._count(outcome)
+                    if lane.failed is not None and lane.active > 1:
+                        break  # held back: one sender defers the rest, the others go elsewhere
+                    if self._others_wait(lane):
+                        break
+        finally:
+            lane.active -= 1
+            self._free += 1
+            if not lane.backlog and not lane.active and lane.failed is None and self._lanes.get(lane.key) is lane:
+                del self._lanes[lane.key]  # forgotten when idle; a failed lane remembers its hold-back
+            if len(self._senders) <= 1:
+                self._wake.set()  # idle: until_idle may be done
+            self._dispatch()
+
+    async def _shut_down(self, recorder: _Recorder) -> None:
         """Give back what no sender has taken yet, let the sends under way finish (at most
         `stop_grace`, then they are interrupted and recorded as such), write every outcome."""
-        untried = self._untried
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None:
-                untried.append(item[0].pk)
-        for _ in senders:
-            self._queue.put_nowait(None)
-        _, late = await asyncio.wait(senders, timeout=self.config.stop_grace)
-        for task in late:
-            task.cancel()  # _attempt records an interrupted send as such
-        await asyncio.gather(*senders, return_exceptions=True)
+        senders = set(self._senders)
+        if senders:
+            _, late = await asyncio.wait(senders, timeout=self.config.stop_grace)
+            for task in late:
+                task.cancel()  # _attempt records an interrupted send as such
+            await asyncio.gather(*senders, return_exceptions=True)
+        untried = [c.pk for lane in self._lanes.values() for c, _ in lane.backlog]
+        self._lanes.clear()
+        self._waiting.clear()
+        self._backlog = self._ready = 0
         await recorder.close()
         if untried:
             self.stats.released += await self.outbox.release(self.name, untried)
@@ -229,7 +379,7 @@ class Worker:
 
     # ---- one message -------------------------------------------------------------------------
 
-    async def _attempt(self, c: Claimed, resolution: Resolution | None) -> Recorded:
+    def _finisher(self, c: Claimed) -> Finish:
         started_at = now()
         t0 = time.monotonic()
 
@@ -243,6 +393,11 @@ class Worker:
             kw["attempts_before"] = c.attempts
             return Recorded(c.pk, started_at, int((time.monotonic() - t0) * 1000), outcome, text, **kw)
 
+        return finish
+
+    def _without_server(self, c: Claimed, resolution: Resolution | None) -> Recorded:
+        """A message whose tenant has no server to try now: removed, disabled, or marked broken."""
+        finish = self._finisher(c)
         if resolution is None:
             gone = "the tenant was removed"
             return self._settle(c, finish, _every(c, (REFUSED, None, None, gone)), "permanent", gone)
@@ -250,37 +405,77 @@ class Worker:
             if self.config.hold_when_disabled:
                 return finish("held", resolution.reason, status=HELD, count_attempt=False, last_error=resolution.reason)
             return self._retry_later(c, finish, "transient", resolution.reason, None, server=None)
-        server, server_id, version = resolution.server, resolution.server_id, resolution.version
-        where: dict[str, Any] = {"server_scope": resolution.source, "server_id": server_id, "server_version": version}
-        if resolution.broken_reason:  # marked earlier: wait, without trying
-            return self._wait_for_fix(finish, resolution.broken_reason, count_attempt=False, **where)
+        assert resolution.broken_reason is not None  # marked earlier: wait, without trying
+        where = {"server_scope": resolution.source, "server_id": resolution.server_id,
+                 "server_version": resolution.version}  # fmt: skip
+        return self._wait_for_fix(finish, resolution.broken_reason, count_attempt=False, **where)
 
+    async def _attempt(self, c: Claimed, resolution: Resolution, lane: _Lane, transport: Transport | None) -> Recorded:
+        finish = self._finisher(c)
+        server = lane.server
+        where: dict[str, Any] = {"server_scope": resolution.source, "server_id": lane.key[0],
+                                 "server_version": lane.key[1]}  # fmt: skip
+        loop = asyncio.get_running_loop()
+        failed = lane.failed
+        held = loop.time() < lane.held_until and not isinstance(failed, QuotaWait)  # a quota wait spares connections
+        if failed is not None and (transport is None or held):
+            # The server failed a moment ago: this message waits with the same answer, untried.
+            if isinstance(failed, QuotaWait):
+                due = now() + timedelta(seconds=max(lane.held_until - loop.time(), 0.0))
+                return finish("quota", failed.message, due_at=due, count_attempt=False, last_error=failed.message,
+                              **where)  # fmt: skip
+            if isinstance(failed, DeliveryError) and failed.transient:
+                why = f"not tried: the mail server failed a moment ago ({failed.message})"
+                return self._retry_later(c, finish, "transient", failed.message, failed.retry_after, code=failed.code,
+                                         enhanced=failed.enhanced, note=why, **where)  # fmt: skip
+            reason = failed.message if isinstance(failed, DeliveryError) else str(failed)
+            return self._wait_for_fix(finish, reason, count_attempt=False, **where)
+        assert transport is not None
+        if server.quota.messages_per_minute or server.quota.recipients_per_day:
+            waiting = await self._reserve(c, lane, finish, where)
+            if waiting is not None:
+                return waiting
         message = server.fill_in(c.message)
         pending = {address: pos for pos, address in c.pending}
         try:
             sender = server.envelope_from or message.sender().envelope_form(False)
             envelope = Envelope(sender, tuple(pending))
-            assert server_id is not None and version is not None
-            async with self._pools.get(server_id, version, server).transport() as transport:
-                where["server"] = transport.server
-                delivery = await transport.send(envelope, message)
+            where["server"] = transport.server
+            delivery = await transport.send(envelope, message)
         except asyncio.CancelledError:
             why = "the worker stopped during the send; the server may have accepted the message"
             return self._retry_later(c, finish, "transient", why, None, note=why, **where)
+        except SMTPNotSupportedError as e:  # this message, not the server
+            refused = _every(c, (REFUSED, e.code, e.enhanced, e.message))
+            return self._settle(c, finish, refused, "permanent", e.message, code=e.code, enhanced=e.enhanced, **where)
         except DeliveryError as e:
+            lane.trip(e, loop.time())
             if e.transient:
                 return self._retry_later(c, finish, "transient", e.message, e.retry_after, code=e.code,
                                          enhanced=e.enhanced, **where)  # fmt: skip
-            if isinstance(e, SMTPNotSupportedError):  # this message, not the server
-                refused = _every(c, (REFUSED, e.code, e.enhanced, e.message))
-                return self._settle(c, finish, refused, "permanent", e.message, code=e.code, enhanced=e.enhanced,
-                                    **where)  # fmt: skip
             return await self._broken(c, finish, e.message, code=e.code, enhanced=e.enhanced, **where)
         except MessageError as e:
             return self._settle(c, finish, _every(c, (REFUSED, None, None, str(e))), "permanent", str(e), **where)
         except InvalidInput as e:  # the stored settings can't send (e.g. no token source yet)
+            lane.trip(e, loop.time())
             return await self._broken(c, finish, str(e), **where)
+        lane.succeeded()
         return self._record_delivery(c, finish, delivery, pending, where)
+
+    async def _reserve(self, c: Claimed, lane: _Lane, finish: Finish, where: dict[str, Any]) -> Recorded | None:
+        """Its place within the server's rate quotas: None to send now, else it waits for it."""
+        if c.quota_slot is not None and c.quota_slot <= now() + timedelta(seconds=1):
+            return None  # it waited for its place: that is now
+        try:
+            place = await self._quotas.reserve(lane.key[0], lane.server.quota, len(c.pending))
+        except DATABASE_ERRORS as e:
+            why = f"the quota could not be checked: the database failed ({_first_line(e)})"
+            return self._retry_later(c, finish, "transient", why, None, **where)
+        if place.kind is None or place.at <= time.time() + 0.5:
+            return None
+        text = place.explain()
+        return finish("quota", text, due_at=place.when, quota_slot=place.when, count_attempt=False, last_error=text,
+                      **where)  # fmt: skip
 
     def _record_delivery(
         self, c: Claimed, finish: Finish, delivery: Delivery, pending: dict[str, int], where: dict[str, Any]

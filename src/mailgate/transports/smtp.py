@@ -1,21 +1,25 @@
 """The SMTP transport: a mail server document's smtp settings, driven by mailgate's client.
 
 One connection, opened on first use and reused while it lasts (the pool module keeps several per
-server). With XOAUTH2, every new connection gets a current token, and a connection is closed
-before its token expires (the token's `renew_at`) instead of being cut off by the server.
+server). Before a message, the connection is replaced when it is gone, when it has carried
+`max_messages` messages, or when its XOAUTH2 token is due for renewal (the token's `renew_at`,
+`token_expiry_margin` before it expires: closed by us rather than cut off by the server); after
+`check_idle_after` seconds idle it must first answer a NOOP. Every new connection gets a current
+token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from ..errors import SettingsError
 from ..message import Envelope, Message
 from ..settings.document import MailServer, NoAuth, OAuth2AuthSettings, PasswordAuthSettings
 from ..smtp import OAuth2Auth, PasswordAuth, SMTPClient, SMTPConfig
 from ..smtp.auth import Credentials, TokenSource
-from ..smtp.errors import SMTPAuthError
+from ..smtp.errors import SMTPAuthError, SMTPError
 from ..smtp.protocol import ProtocolLog
 from .base import Delivery
 
@@ -55,17 +59,38 @@ def smtp_config(server: MailServer, *, password: str | None = None, token: Token
     )
 
 
+NOOP_TIMEOUT = 10.0  # seconds
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """When a kept connection is checked or replaced (a server document's `connection`)."""
+
+    check_idle_after: float | None = None  # seconds idle after which a NOOP must pass first
+    max_messages: int | None = None  # messages per connection, then a new one
+
+
 class SMTPTransport:
     """Sends through one SMTP connection, reconnecting when the previous one is gone."""
 
     def __init__(
-        self, config: SMTPConfig, *, utf8_headers: bool = False, protocol_log: ProtocolLog | None = None
+        self,
+        config: SMTPConfig,
+        *,
+        utf8_headers: bool = False,
+        protocol_log: ProtocolLog | None = None,
+        reuse: Reuse = Reuse(),
     ) -> None:
         self.config = config
         self.utf8_headers = utf8_headers
+        self.reuse = reuse
         self._log = protocol_log
         self._client: SMTPClient | None = None
         self._lock = asyncio.Lock()
+        self._messages = 0  # on the current connection
+        self._last_used = 0.0  # time.monotonic() of the last send
+        self.connections = 0  # opened, ever
+        self.replaced_stale = 0  # kept connections that failed their NOOP
 
     @classmethod
     def from_server(
@@ -77,7 +102,13 @@ class SMTPTransport:
         protocol_log: ProtocolLog | None = None,
     ) -> SMTPTransport:
         config = smtp_config(server, password=password, token=token)
-        return cls(config, utf8_headers=server.smtp.utf8_headers if server.smtp else False, protocol_log=protocol_log)
+        c = server.connection
+        return cls(
+            config,
+            utf8_headers=server.smtp.utf8_headers if server.smtp else False,
+            protocol_log=protocol_log,
+            reuse=Reuse(c.check_idle_after, c.max_messages_per_connection),
+        )
 
     @property
     def server(self) -> str:
@@ -85,16 +116,40 @@ class SMTPTransport:
 
     async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery:
         async with self._lock:
-            client = self._client
-            if client is not None and client.token_renew_at is not None and time.time() >= client.token_renew_at:
-                await client.quit()  # its token is about to expire: the server would cut us off
-            if client is None or not client.is_connected:
+            client = await self._reusable()
+            if client is None:
                 client = await self._connect()
                 self._client = client
+                self._messages = 0
+                self.connections += 1
             if isinstance(message, Message):
                 utf8 = message.requires_smtputf8 or (self.utf8_headers and client.smtputf8)
                 message = message.compose(utf8=utf8)
-            return await client.send(envelope, message)
+            try:
+                return await client.send(envelope, message)
+            finally:
+                self._messages += 1
+                self._last_used = time.monotonic()
+
+    async def _reusable(self) -> SMTPClient | None:
+        """The kept connection, if it may carry another message."""
+        client = self._client
+        if client is None or not client.is_connected:
+            return None
+        reuse = self.reuse
+        if (client.token_renew_at is not None and time.time() >= client.token_renew_at) or (
+            reuse.max_messages is not None and self._messages >= reuse.max_messages
+        ):
+            await client.quit()  # its token is about to expire (the server would cut us off), or used up
+            return None
+        if reuse.check_idle_after is not None and time.monotonic() - self._last_used > reuse.check_idle_after:
+            try:  # a live server answers a NOOP at once: don't wait a whole protocol_timeout
+                await asyncio.wait_for(client.noop(), min(self.config.protocol_timeout, NOOP_TIMEOUT))
+            except (SMTPError, TimeoutError):
+                client.close()  # the server or a middlebox dropped it while idle
+                self.replaced_stale += 1
+                return None
+        return client
 
     async def _connect(self) -> SMTPClient:
         client = SMTPClient(self.config, protocol_log=self._log)
