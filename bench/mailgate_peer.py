@@ -40,7 +40,31 @@ async def run(a: argparse.Namespace) -> tuple[dict[str, int], float, float]:
     t0 = time.perf_counter()
     deadline = t0 + a.max_seconds
 
+    async def batched() -> None:
+        async with SMTPClient(cfg) as smtp:
+            while time.perf_counter() < deadline:
+                numbers = [i for i in itertools.islice(counter, a.batch) if i < a.count]
+                if not numbers:
+                    return
+                items = []
+                for i in numbers:
+                    if compose:
+                        m = Message(from_=c.SENDER, to=c.rcpt(i), subject=f"bench message {i}", text=c.BODY)
+                        items.append((m.envelope(), m.compose()))
+                    else:
+                        items.append((Envelope(c.SENDER, (c.rcpt(i),)), c.raw(i)))
+                for delivery in await smtp.send_many(items):
+                    if isinstance(delivery, Exception) or not delivery.all_accepted:
+                        stats["failed"] += 1
+                        print(f"send failed: {delivery}", file=sys.stderr)
+                    else:
+                        stats["sent"] += 1
+                if stats["failed"] > 10:
+                    return
+
     async def worker() -> None:
+        if a.batch > 1:
+            return await batched()
         async with SMTPClient(cfg) as smtp:
             while (i := next(counter)) < a.count and time.perf_counter() < deadline:
                 if compose:
@@ -63,6 +87,7 @@ async def run(a: argparse.Namespace) -> tuple[dict[str, int], float, float]:
 def main() -> int:
     p = c.parser(__doc__)
     p.add_argument("--conns", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1, help="messages per SMTPClient.send_many (1: send)")
     a = p.parse_args()
     c.check_args(a)
     if not (1 <= a.conns <= 100):

@@ -15,8 +15,13 @@
 # 3. Durable end to end (bench/durable.py): N_DURABLE messages submitted in batches while `mailgate
 #    worker` processes deliver them into the same sink: SQLite with one worker, PostgreSQL with two
 #    ($MAILGATE_BENCH_POSTGRES_URL, default the local server; skipped when unreachable).
+# 4. WAN (bench/wan.py): one connection through a proxy that delays every server reply by 50 ms,
+#    aiosmtplib vs mailgate, interleaved.
+# 5. Fairness (bench/fairness.py): 100 tenants with their own servers, one black-holed, vs none.
+# 6. Scale (bench/scale.py): claim time, worker RSS and rate with 1,000 and SCALE_N queued
+#    messages, SQLite and PostgreSQL.
 # Env: PEERS (../shared/bench-peers), SCRATCH (/tmp/perfbase), N (5000), RUNS (3), LIMIT_N (20000),
-#      N_DURABLE (20000).
+#      N_DURABLE (20000), WAN_N (200), SCALE_N (1000000), PARTS (all: "send durable wan fairness scale").
 # Output: $SCRATCH/mailgate-results.jsonl and the table in $SCRATCH/mailgate-table.md.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,9 +33,14 @@ N=${N:-5000}
 RUNS=${RUNS:-3}
 LIMIT_N=${LIMIT_N:-20000}
 N_DURABLE=${N_DURABLE:-20000}
-for n in "$N" "$RUNS" "$LIMIT_N" "$N_DURABLE"; do
+WAN_N=${WAN_N:-200}
+SCALE_N=${SCALE_N:-1000000}
+PARTS=${PARTS:-send durable wan fairness scale}
+for n in "$N" "$RUNS" "$LIMIT_N" "$N_DURABLE" "$WAN_N"; do
     [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200000 ] || { echo "bad count $n"; exit 2; }
 done
+[[ "$SCALE_N" =~ ^[0-9]+$ ]] && [ "$SCALE_N" -ge 1000 ] && [ "$SCALE_N" -le 2000000 ] || { echo "bad SCALE_N"; exit 2; }
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 OUT=$SCRATCH/mailgate-results.jsonl
 HOST=127.0.0.1
 PORT_SINK=2525
@@ -65,9 +75,11 @@ bench() { "$PY" "$PEERS/bench.py" run --out "$OUT" --timeout 300 "$@"; }
 echo "== $(date -u +%Y-%m-%dT%H:%MZ) host: $(nproc) cores,$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 echo "== mailgate $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), $("$MG" --version 2>&1)"
 echo
-echo "== composition cost"
-"$MG" "$ROOT/bench/compose.py" --count 20000 --repeat 7 | tee "$SCRATCH/mailgate-compose.txt"
-echo
+if part send; then
+    echo "== composition cost"
+    "$MG" "$ROOT/bench/compose.py" --count 20000 --repeat 7 | tee "$SCRATCH/mailgate-compose.txt"
+    echo
+fi
 
 LOG=$SCRATCH/mg-sink-$PORT_SINK.log
 start_sink "$PORT_SINK" "$LOG"
@@ -77,33 +89,58 @@ L1="L1: smtp-source -s10 -d (10 conns, reused)"
 C=(--count "$N" --max-seconds 120 --port "$PORT_SINK")
 echo "== smtp-sink (PIPELINING offered) pid $P"
 bench --label "$L1" --runs 5 --expect "$LIMIT_N" "${S[@]}" -- smtp-source -d -s 10 -m "$LIMIT_N" -l 1000 "$HOST:$PORT_SINK"
-for m in raw compose; do
-    bench --label "aiosmtplib, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$PY" "$PEERS/peer_c_aiosmtplib.py" "${C[@]}" --mode $m
-    bench --label "nodemailer pool, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "${NODE[@]}" "$PEERS/peer_d_nodemailer.js" "${C[@]}" --mode $m
-    bench --label "mailgate, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$MG" "$ROOT/bench/mailgate_peer.py" "${C[@]}" --mode $m
-done
-D=(--count "$N_DURABLE" --port "$PORT_SINK")
-bench --label "mailgate durable, SQLite, 1 worker [compose]" --ref "$L1" --runs "$RUNS" --expect "$N_DURABLE" "${S[@]}" -- "$MG" "$ROOT/bench/durable.py" --db sqlite --workers 1 "${D[@]}"
-PG_URL=${MAILGATE_BENCH_POSTGRES_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
-if "$MG" -c "import psycopg, sys; psycopg.connect(sys.argv[1].replace('+psycopg', ''), connect_timeout=3).close()" "$PG_URL" 2>/dev/null; then
-    bench --label "mailgate durable, PostgreSQL, 2 workers [compose]" --ref "$L1" --runs "$RUNS" --expect "$N_DURABLE" "${S[@]}" -- "$MG" "$ROOT/bench/durable.py" --db postgresql --workers 2 "${D[@]}"
-else
-    echo "== PostgreSQL at $PG_URL unreachable: durable PostgreSQL row skipped"
+if part send; then
+    for m in raw compose; do
+        bench --label "aiosmtplib, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$PY" "$PEERS/peer_c_aiosmtplib.py" "${C[@]}" --mode $m
+        bench --label "nodemailer pool, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "${NODE[@]}" "$PEERS/peer_d_nodemailer.js" "${C[@]}" --mode $m
+        bench --label "mailgate, 10 conns [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$MG" "$ROOT/bench/mailgate_peer.py" "${C[@]}" --mode $m
+        bench --label "mailgate, 10 conns, send_many x8 [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$MG" "$ROOT/bench/mailgate_peer.py" "${C[@]}" --mode $m --batch 8
+    done
+fi
+if part durable; then
+    D=(--count "$N_DURABLE" --port "$PORT_SINK")
+    PG_URL=${MAILGATE_BENCH_POSTGRES_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
+    PG=0
+    "$MG" -c "import psycopg, sys; psycopg.connect(sys.argv[1].replace('+psycopg', ''), connect_timeout=3).close()" "$PG_URL" 2>/dev/null && PG=1
+    [ "$PG" = 1 ] || echo "== PostgreSQL at $PG_URL unreachable: durable PostgreSQL row skipped"
+    # Interleaved, one run of each per round, so that all rows share the same minutes.
+    for r in $(seq 1 "$RUNS"); do
+        bench --label "nodemailer pool, 10 conns [compose] (beside durable)" --ref "$L1" --runs 1 --expect "$N_DURABLE" "${S[@]}" -- "${NODE[@]}" "$PEERS/peer_d_nodemailer.js" --count "$N_DURABLE" --max-seconds 120 --port "$PORT_SINK" --mode compose
+        bench --label "mailgate durable, SQLite, 1 worker [compose]" --ref "$L1" --runs 1 --expect "$N_DURABLE" "${S[@]}" -- "$MG" "$ROOT/bench/durable.py" --db sqlite --workers 1 "${D[@]}"
+        if [ "$PG" = 1 ]; then
+            bench --label "mailgate durable, PostgreSQL, 2 workers [compose]" --ref "$L1" --runs 1 --expect "$N_DURABLE" "${S[@]}" -- "$MG" "$ROOT/bench/durable.py" --db postgresql --workers 2 "${D[@]}"
+        fi
+    done
 fi
 stop_sink "$P"
 
-LOG=$SCRATCH/mg-sink-$PORT_SINK_NOPIPE.log
-start_sink "$PORT_SINK_NOPIPE" "$LOG" -p
-P=$SINK_PID
-S=(--sink-pid "$P" --sink-log "$LOG")
-C=(--count "$N" --max-seconds 120 --port "$PORT_SINK_NOPIPE")
-echo "== smtp-sink -p (no PIPELINING) pid $P"
-bench --label "L1p: smtp-source -s10 -d, sink -p" --runs 5 --expect "$LIMIT_N" "${S[@]}" -- smtp-source -d -s 10 -m "$LIMIT_N" -l 1000 "$HOST:$PORT_SINK_NOPIPE"
-for m in raw compose; do
-    bench --label "nodemailer pool, 10 conns, sink -p [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "${NODE[@]}" "$PEERS/peer_d_nodemailer.js" "${C[@]}" --mode $m
-    bench --label "mailgate, 10 conns, sink -p [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$MG" "$ROOT/bench/mailgate_peer.py" "${C[@]}" --mode $m
-done
-stop_sink "$P"
+if part send; then
+    LOG=$SCRATCH/mg-sink-$PORT_SINK_NOPIPE.log
+    start_sink "$PORT_SINK_NOPIPE" "$LOG" -p
+    P=$SINK_PID
+    S=(--sink-pid "$P" --sink-log "$LOG")
+    C=(--count "$N" --max-seconds 120 --port "$PORT_SINK_NOPIPE")
+    echo "== smtp-sink -p (no PIPELINING) pid $P"
+    bench --label "L1p: smtp-source -s10 -d, sink -p" --runs 5 --expect "$LIMIT_N" "${S[@]}" -- smtp-source -d -s 10 -m "$LIMIT_N" -l 1000 "$HOST:$PORT_SINK_NOPIPE"
+    for m in raw compose; do
+        bench --label "nodemailer pool, 10 conns, sink -p [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "${NODE[@]}" "$PEERS/peer_d_nodemailer.js" "${C[@]}" --mode $m
+        bench --label "mailgate, 10 conns, sink -p [$m]" --ref "$L1" --runs "$RUNS" --expect "$N" "${S[@]}" -- "$MG" "$ROOT/bench/mailgate_peer.py" "${C[@]}" --mode $m
+    done
+    stop_sink "$P"
+fi
 
 echo
 "$PY" "$PEERS/bench.py" table "$OUT" --limit "$L1" | tee "$SCRATCH/mailgate-table.md"
+
+if part wan; then
+    echo; echo "== WAN: 50 ms added to every server reply, one connection"
+    "$MG" "$ROOT/bench/wan.py" --mode both --count "$WAN_N" --rounds "$RUNS" --aiosmtplib-python "$PY" | tee "$SCRATCH/mailgate-wan.jsonl"
+fi
+if part fairness; then
+    echo; echo "== fairness: 100 tenants, one black-holed"
+    "$MG" "$ROOT/bench/fairness.py" --rounds 2 --log-dir "$SCRATCH/fairness-logs" | tee "$SCRATCH/mailgate-fairness.jsonl"
+fi
+if part scale; then
+    echo; echo "== scale: 1,000 vs $SCALE_N queued messages"
+    "$MG" "$ROOT/bench/scale.py" --sizes "1000,$SCALE_N" | tee "$SCRATCH/mailgate-scale.jsonl"
+fi

@@ -3,7 +3,8 @@ and records what happened to every recipient.
 
 A claim loop keeps a small backlog of claimed messages (each claim is a lease). Claimed messages
 go into one lane per mail server (version); up to `concurrency` senders work the lanes, each
-holding one pooled connection and sending message after message through it. Senders go to the
+holding one pooled connection and sending message after message through it, up to PIPELINE at
+a time pipelined one after the other (one round trip each). Senders go to the
 lanes that have fewest, and a lane never has more senders than its server allows connections, so
 a slow, broken or black-holed server ties up only its own senders — and once a server failed
 (unreachable, throttling, refused credentials), its lane holds the rest of its messages back for a
@@ -36,13 +37,14 @@ from ..config import Config
 from ..db.models import now
 from ..delivery import Delivery, Outcome
 from ..errors import DeliveryError, InvalidInput, MessageError, NotFound
-from ..message import Envelope
+from ..message import Envelope, Message
 from ..oauth.cache import TokenCache
 from ..settings.document import MailServer
 from ..settings.store import Resolution, Servers
 from ..smtp.errors import SMTPNotSupportedError
 from ..transports.base import Transport
 from ..transports.pool import Pools, QuotaWait, pool_size
+from ..transports.smtp import SMTPTransport
 from .quota import ConnectionSlots, Quotas
 from .retry import retry_delay
 from .store import ACCEPTED, DEFERRED, FAILED, HELD, PENDING, REFUSED, SENT, Claimed, Outbox, RecipientState
@@ -59,6 +61,7 @@ HOUSEKEEPING_EVERY = 5.0  # seconds: release held messages whose tenants may sen
 PURGE_EVERY = 600.0
 HOLD_BACK = 5.0  # seconds a lane holds back after its server failed; doubles each time, at most:
 MAX_HOLD_BACK = 300.0
+PIPELINE = 8  # messages a sender takes from its lane at once, pipelined on its connection
 
 
 @dataclass
@@ -112,6 +115,18 @@ class _Lane:
 
     def succeeded(self) -> None:
         self.trips, self.failed, self.held_until = 0, None, 0.0
+
+
+@dataclass
+class _Ready:
+    """A message about to go: what the attempt needs to conclude it."""
+
+    c: Claimed
+    finish: Finish
+    where: dict[str, Any]
+    envelope: Envelope
+    message: Message
+    pending: dict[str, int]
 
 
 class Worker:
@@ -324,10 +339,13 @@ class Worker:
                     if isinstance(e, QuotaWait) and lane.active > 1:
                         return  # the lane's other senders have connections: they go on
                 while lane.backlog and not self._stop.is_set():
-                    c, resolution = self._pop(lane)
-                    outcome = await self._attempt(c, resolution, lane, transport)
-                    recorder.add(outcome)
-                    self._count(outcome)
+                    # Several at once through one connection: pipelined, one round trip each.
+                    take = min(len(lane.backlog), PIPELINE if isinstance(transport, SMTPTransport) else 1)
+                    if transport is None:  # held back: each waits untried, at once
+                        take = len(lane.backlog)
+                    for outcome in await self._attempt([self._pop(lane) for _ in range(take)], lane, transport):
+                        recorder.add(outcome)
+                        self._count(outcome)
                     if lane.failed is not None and lane.active > 1:
                         break  # held back: one sender defers the rest, the others go elsewhere
                     if self._others_wait(lane):
@@ -410,57 +428,108 @@ class Worker:
                  "server_version": resolution.version}  # fmt: skip
         return self._wait_for_fix(finish, resolution.broken_reason, count_attempt=False, **where)
 
-    async def _attempt(self, c: Claimed, resolution: Resolution, lane: _Lane, transport: Transport | None) -> Recorded:
-        finish = self._finisher(c)
-        server = lane.server
-        where: dict[str, Any] = {"server_scope": resolution.source, "server_id": lane.key[0],
-                                 "server_version": lane.key[1]}  # fmt: skip
+    async def _attempt(
+        self, items: list[tuple[Claimed, Resolution]], lane: _Lane, transport: Transport | None
+    ) -> list[Recorded]:
+        """Send these messages of one lane through `transport` — several at once pipelined one
+        after the other — and work out what each becomes."""
+        ready: list[_Ready] = []
+        outcomes: list[Recorded] = []
+        for c, resolution in items:
+            finish = self._finisher(c)
+            where: dict[str, Any] = {"server_scope": resolution.source, "server_id": lane.key[0],
+                                     "server_version": lane.key[1]}  # fmt: skip
+            untried = self._held_back(c, finish, where, lane, transport)
+            if untried is None and (lane.server.quota.messages_per_minute or lane.server.quota.recipients_per_day):
+                untried = await self._reserve(c, lane, finish, where)
+            if untried is not None:
+                outcomes.append(untried)
+                continue
+            message = lane.server.fill_in(c.message)
+            pending = {address: pos for pos, address in c.pending}
+            try:
+                envelope = Envelope(lane.server.envelope_from or message.sender().envelope_form(False), tuple(pending))
+            except MessageError as e:
+                refused = _every(c, (REFUSED, None, None, str(e)))
+                outcomes.append(self._settle(c, finish, refused, "permanent", str(e), **where))
+                continue
+            ready.append(_Ready(c, finish, where, envelope, message, pending))
+        if not ready:
+            return outcomes
+        assert transport is not None
+        for r in ready:
+            r.where["server"] = transport.server
+        results: list[Delivery | BaseException]
+        try:
+            if isinstance(transport, SMTPTransport) and len(ready) > 1:
+                results = list(await transport.send_many([(r.envelope, r.message) for r in ready]))
+            else:
+                assert len(ready) == 1  # other transports take one message at a time
+                results = [await transport.send(ready[0].envelope, ready[0].message)]
+        except asyncio.CancelledError as e:
+            results = [e] * len(ready)
+        except (DeliveryError, InvalidInput) as e:
+            results = [e] * len(ready)
+        for r, result in zip(ready, results, strict=True):
+            outcome = self._conclude(r.c, r.finish, r.where, lane, r.pending, result)
+            if outcome is None:  # refused for good: mark the server
+                err = result
+                assert isinstance(err, DeliveryError | InvalidInput)
+                text = err.message if isinstance(err, DeliveryError) else str(err)
+                code = {"code": err.code, "enhanced": err.enhanced} if isinstance(err, DeliveryError) else {}
+                outcome = await self._broken(r.c, r.finish, text, **code, **r.where)
+            outcomes.append(outcome)
+        return outcomes
+
+    def _held_back(
+        self, c: Claimed, finish: Finish, where: dict[str, Any], lane: _Lane, transport: Transport | None
+    ) -> Recorded | None:
+        """While the lane is held back (its server failed a moment ago, or its quota is used up),
+        the message waits with the same answer, untried."""
         loop = asyncio.get_running_loop()
         failed = lane.failed
         held = loop.time() < lane.held_until and not isinstance(failed, QuotaWait)  # a quota wait spares connections
-        if failed is not None and (transport is None or held):
-            # The server failed a moment ago: this message waits with the same answer, untried.
-            if isinstance(failed, QuotaWait):
-                due = now() + timedelta(seconds=max(lane.held_until - loop.time(), 0.0))
-                return finish("quota", failed.message, due_at=due, count_attempt=False, last_error=failed.message,
-                              **where)  # fmt: skip
-            if isinstance(failed, DeliveryError) and failed.transient:
-                why = f"not tried: the mail server failed a moment ago ({failed.message})"
-                return self._retry_later(c, finish, "transient", failed.message, failed.retry_after, code=failed.code,
-                                         enhanced=failed.enhanced, note=why, **where)  # fmt: skip
-            reason = failed.message if isinstance(failed, DeliveryError) else str(failed)
-            return self._wait_for_fix(finish, reason, count_attempt=False, **where)
-        assert transport is not None
-        if server.quota.messages_per_minute or server.quota.recipients_per_day:
-            waiting = await self._reserve(c, lane, finish, where)
-            if waiting is not None:
-                return waiting
-        message = server.fill_in(c.message)
-        pending = {address: pos for pos, address in c.pending}
-        try:
-            sender = server.envelope_from or message.sender().envelope_form(False)
-            envelope = Envelope(sender, tuple(pending))
-            where["server"] = transport.server
-            delivery = await transport.send(envelope, message)
-        except asyncio.CancelledError:
+        if failed is None or not (transport is None or held):
+            return None
+        if isinstance(failed, QuotaWait):
+            due = now() + timedelta(seconds=max(lane.held_until - loop.time(), 0.0))
+            return finish("quota", failed.message, due_at=due, count_attempt=False, last_error=failed.message,
+                          **where)  # fmt: skip
+        if isinstance(failed, DeliveryError) and failed.transient:
+            why = f"not tried: the mail server failed a moment ago ({failed.message})"
+            return self._retry_later(c, finish, "transient", failed.message, failed.retry_after, code=failed.code,
+                                     enhanced=failed.enhanced, note=why, **where)  # fmt: skip
+        reason = failed.message if isinstance(failed, DeliveryError) else str(failed)
+        return self._wait_for_fix(finish, reason, count_attempt=False, **where)
+
+    def _conclude(
+        self, c: Claimed, finish: Finish, where: dict[str, Any], lane: _Lane, pending: dict[str, int],
+        result: Delivery | BaseException,
+    ) -> Recorded | None:  # fmt: skip
+        """What one message becomes after its send; None when the server refused us for good."""
+        loop = asyncio.get_running_loop()
+        e = result
+        if isinstance(e, asyncio.CancelledError):
             why = "the worker stopped during the send; the server may have accepted the message"
             return self._retry_later(c, finish, "transient", why, None, note=why, **where)
-        except SMTPNotSupportedError as e:  # this message, not the server
+        if isinstance(e, SMTPNotSupportedError):  # this message, not the server
             refused = _every(c, (REFUSED, e.code, e.enhanced, e.message))
             return self._settle(c, finish, refused, "permanent", e.message, code=e.code, enhanced=e.enhanced, **where)
-        except DeliveryError as e:
+        if isinstance(e, DeliveryError):
             lane.trip(e, loop.time())
             if e.transient:
                 return self._retry_later(c, finish, "transient", e.message, e.retry_after, code=e.code,
                                          enhanced=e.enhanced, **where)  # fmt: skip
-            return await self._broken(c, finish, e.message, code=e.code, enhanced=e.enhanced, **where)
-        except MessageError as e:
+            return None
+        if isinstance(e, MessageError):
             return self._settle(c, finish, _every(c, (REFUSED, None, None, str(e))), "permanent", str(e), **where)
-        except InvalidInput as e:  # the stored settings can't send (e.g. no token source yet)
+        if isinstance(e, InvalidInput):  # the stored settings can't send (e.g. no token source yet)
             lane.trip(e, loop.time())
-            return await self._broken(c, finish, str(e), **where)
+            return None
+        if isinstance(e, BaseException):
+            raise e
         lane.succeeded()
-        return self._record_delivery(c, finish, delivery, pending, where)
+        return self._record_delivery(c, finish, e, pending, where)
 
     async def _reserve(self, c: Claimed, lane: _Lane, finish: Finish, where: dict[str, Any]) -> Recorded | None:
         """Its place within the server's rate quotas: None to send now, else it waits for it."""

@@ -2,7 +2,9 @@
 
 It pipelines (RFC 2920) when the server offers PIPELINING: MAIL FROM, every RCPT TO and DATA go
 out in one write and their replies are matched in order, then the body goes out in a second
-write: two round trips per message instead of 2 + recipients. Everything a transaction learns
+write: two round trips per message instead of 2 + recipients. `send_many` goes further for a
+row of messages: each body and final dot go out with the next message's MAIL/RCPT/DATA, one
+round trip (and one write) per message. Everything a transaction learns
 is returned per recipient in a `Delivery`; errors that stop the session itself (connect, TLS,
 AUTH, a timeout) raise an `SMTPError`.
 """
@@ -381,6 +383,152 @@ class SMTPClient:
             self.close()
             raise
         return Delivery(self.config.server, [results[r] for r in recipients])
+
+    async def send_many(self, items: list[tuple[Envelope, bytes]]) -> list[Delivery | SMTPError | MessageError]:
+        """Send several messages in a row, each message's body and final dot in the same write as
+        the next one's MAIL, RCPT and DATA (RFC 2920 allows a message's content as the first
+        "command" of a group): one round trip per message instead of two.
+
+        Returns, per item, its Delivery, or the error that refused that message alone before
+        anything was sent (SMTPNotSupportedError, MessageError). Without PIPELINING, or for one
+        message, this is `send` in a loop. Recipients refused as "too many recipients" go in a
+        further transaction after the others, as with `send`. A session error (the connection
+        dropped, a timeout) ends the batch: messages whose content went out are reported as
+        uncertain, the others as transient, and the connection is closed.
+        """
+        out: list[Delivery | SMTPError | MessageError | None] = [None] * len(items)
+        if not self._pipelining or len(items) < 2:
+            for i, (envelope, data) in enumerate(items):
+                try:
+                    out[i] = await self.send(envelope, data)
+                except (SMTPNotSupportedError, MessageError) as e:
+                    out[i] = e
+            return [o for o in out if o is not None]
+        proto = self._proto_()
+        if proto.error is not None:
+            raise proto.error
+        timeout = self.config.protocol_timeout
+        log = self._log
+        results: list[dict[str, RecipientResult]] = [{} for _ in items]
+        retries: dict[int, dict[str, Reply]] = {}
+        body_out: set[int] = set()  # messages whose content was written and whose reply is due
+        buffer: list[bytes] = []  # written with the next group
+        owed: list[tuple[int, list[str]] | str] = []  # replies due before the next group's: a final, "RSET" or "."
+        try:
+            for i, (envelope, data) in enumerate(items):
+                recipients = list(dict.fromkeys(envelope.rcpt_to))
+                try:
+                    params, encoding = self._mail_parameters(envelope.mail_from, recipients, data)
+                except (SMTPNotSupportedError, MessageError) as e:
+                    out[i] = e
+                    continue
+                mail = f"MAIL FROM:<{envelope.mail_from}>{params}\r\n".encode(encoding)
+                rcpts = [f"RCPT TO:<{r}>\r\n".encode(encoding) for r in recipients]
+                if log:
+                    for line in (mail, *rcpts, b"DATA\r\n"):
+                        log("C: " + line[:-2].decode(encoding))
+                proto.write(b"".join((*buffer, mail, *rcpts, b"DATA\r\n")))
+                buffer = []
+                replies = await proto.read(len(owed) + len(rcpts) + 2, timeout)
+                self._settle_owed(owed, replies[: len(owed)], results, body_out)
+                replies = replies[len(owed) :]
+                owed = []
+                mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+                accepted, retry = self._sort_replies(recipients, mail_reply, rcpt_replies, data_reply, results[i])
+                if retry:
+                    retries[i] = retry
+                if mail_reply.code != 250 or data_reply.code != 354 or not accepted:
+                    if data_reply.code == 354:  # 354 with no recipient (RFC 2920 3.1 says it shouldn't)
+                        buffer.append(b".\r\n")
+                        owed.append(".")
+                    if log:
+                        log("C: RSET")
+                    buffer.append(b"RSET\r\n")
+                    owed.append("RSET")
+                    continue
+                if log:
+                    log(f"C: [message content, {len(data):,} bytes]")
+                    log("C: .")
+                buffer.append(_dot_stuff(data) + b".\r\n")
+                body_out.add(i)
+                owed.append((i, accepted))
+            if buffer:
+                proto.write(b"".join(buffer))
+                self._settle_owed(owed, await proto.read(len(owed), timeout), results, body_out)
+        except SMTPError as e:
+            self.close()  # the session's state is unknown: never reuse it
+            for i, (envelope, _) in enumerate(items):
+                if out[i] is not None:
+                    continue
+                for rcpt in dict.fromkeys(envelope.rcpt_to):
+                    if rcpt not in results[i]:
+                        uncertain = i in body_out
+                        text = (
+                            f"{e.message}; the message was sent and may have been accepted" if uncertain else e.message
+                        )
+                        results[i][rcpt] = RecipientResult(rcpt, Outcome.TRANSIENT, e.code, e.enhanced, text,
+                                                           uncertain=uncertain)  # fmt: skip
+            retries = {}
+        except BaseException:
+            self.close()
+            raise
+        for i, retry in retries.items():  # "too many recipients": the rest in a further transaction
+            envelope, data = items[i]
+            more = await self.send(Envelope(envelope.mail_from, tuple(retry)), data)
+            for r in more.results:
+                results[i][r.recipient] = r
+        for i, (envelope, _) in enumerate(items):
+            if out[i] is None:
+                out[i] = Delivery(self.config.server, [results[i][r] for r in dict.fromkeys(envelope.rcpt_to)])
+        return [o for o in out if o is not None]
+
+    @staticmethod
+    def _settle_owed(
+        owed: list[tuple[int, list[str]] | str],
+        replies: list[Reply],
+        results: list[dict[str, RecipientResult]],
+        body_out: set[int],
+    ) -> None:
+        for due, reply in zip(owed, replies, strict=True):
+            if due == "RSET":
+                if reply.code != 250:
+                    raise SMTPResponseError.from_reply("RSET failed", reply)
+                continue
+            if isinstance(due, str):  # the dot of an empty body: its answer means nothing
+                continue
+            i, accepted = due
+            for rcpt in accepted:
+                results[i][rcpt] = _result(rcpt, reply)
+            body_out.discard(i)
+
+    @staticmethod
+    def _sort_replies(
+        recipients: list[str],
+        mail_reply: Reply,
+        rcpt_replies: list[Reply],
+        data_reply: Reply,
+        results: dict[str, RecipientResult],
+    ) -> tuple[list[str], dict[str, Reply]]:
+        """Recipients accepted for the content, and those to retry ("too many recipients");
+        every other recipient gets its final result."""
+        if mail_reply.code != 250:
+            for rcpt in recipients:
+                results[rcpt] = _result(rcpt, mail_reply)
+            return [], {}
+        accepted: list[str] = []
+        retry: dict[str, Reply] = {}
+        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            elif reply.too_many_recipients:
+                retry[rcpt] = reply
+            else:
+                results[rcpt] = _result(rcpt, reply)
+        if data_reply.code != 354:
+            for rcpt in accepted:
+                results[rcpt] = _result(rcpt, data_reply)
+            return [], retry
+        return accepted, retry
 
     def _mail_parameters(self, mail_from: str, recipients: list[str], data: bytes) -> tuple[str, str]:
         for addr in (mail_from, *recipients):

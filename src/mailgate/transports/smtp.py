@@ -14,7 +14,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from ..errors import SettingsError
+from ..errors import MessageError, SettingsError
 from ..message import Envelope, Message
 from ..settings.document import MailServer, NoAuth, OAuth2AuthSettings, PasswordAuthSettings
 from ..smtp import OAuth2Auth, PasswordAuth, SMTPClient, SMTPConfig
@@ -130,6 +130,37 @@ class SMTPTransport:
             finally:
                 self._messages += 1
                 self._last_used = time.monotonic()
+
+    async def send_many(
+        self, items: list[tuple[Envelope, bytes | Message]]
+    ) -> list[Delivery | SMTPError | MessageError]:
+        """Several messages through this connection, pipelined one after the other (see
+        SMTPClient.send_many): per item its Delivery or the error that refused it alone. Raises
+        like `send` when no connection can be had; within `max_messages` per connection."""
+        out: list[Delivery | SMTPError | MessageError] = []
+        async with self._lock:
+            while len(out) < len(items):
+                client = await self._reusable()
+                if client is None:
+                    client = await self._connect()
+                    self._client = client
+                    self._messages = 0
+                    self.connections += 1
+                room = len(items) - len(out)
+                if self.reuse.max_messages is not None:
+                    room = min(room, self.reuse.max_messages - self._messages)
+                chunk = []
+                for envelope, message in items[len(out) : len(out) + room]:
+                    if isinstance(message, Message):
+                        utf8 = message.requires_smtputf8 or (self.utf8_headers and client.smtputf8)
+                        message = message.compose(utf8=utf8)
+                    chunk.append((envelope, message))
+                try:
+                    out.extend(await client.send_many(chunk))
+                finally:
+                    self._messages += len(chunk)
+                    self._last_used = time.monotonic()
+        return out
 
     async def _reusable(self) -> SMTPClient | None:
         """The kept connection, if it may carry another message."""
