@@ -506,7 +506,7 @@ class SMTPClient:
         recipients: list[str],
         mail_reply: Reply,
         rcpt_replies: list[Reply],
-        data_reply: Reply,
+        data_reply: Reply | None,  # None: DATA not sent (no recipient accepted, no pipelining)
         results: dict[str, RecipientResult],
     ) -> tuple[list[str], dict[str, Reply]]:
         """Recipients accepted for the content, and those to retry ("too many recipients");
@@ -524,8 +524,9 @@ class SMTPClient:
                 retry[rcpt] = reply
             else:
                 results[rcpt] = _result(rcpt, reply)
-        if data_reply.code != 354:
+        if data_reply is None or data_reply.code != 354:
             for rcpt in accepted:
+                assert data_reply is not None
                 results[rcpt] = _result(rcpt, data_reply)
             return [], retry
         return accepted, retry
@@ -597,26 +598,11 @@ class SMTPClient:
                 if any(r.code in (250, 251) for r in rcpt_replies):
                     data_reply = await self.command("DATA")
 
+        accepted, retry = self._sort_replies(recipients, mail_reply, rcpt_replies, data_reply, results)
         if mail_reply.code != 250:
-            for rcpt in recipients:
-                results[rcpt] = _result(rcpt, mail_reply)
             await self._reset()
             return {}
-
-        accepted: list[str] = []
-        retry: dict[str, Reply] = {}
-        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
-            if reply.code in (250, 251):
-                accepted.append(rcpt)
-            elif reply.too_many_recipients:
-                retry[rcpt] = reply
-            else:
-                results[rcpt] = _result(rcpt, reply)
-
         if data_reply is None or data_reply.code != 354:
-            for rcpt in accepted:
-                assert data_reply is not None
-                results[rcpt] = _result(rcpt, data_reply)
             await self._reset()
             return retry
         if not accepted:

@@ -116,12 +116,7 @@ class SMTPTransport:
 
     async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery:
         async with self._lock:
-            client = await self._reusable()
-            if client is None:
-                client = await self._connect()
-                self._client = client
-                self._messages = 0
-                self.connections += 1
+            client = await self._connection()
             if isinstance(message, Message):
                 utf8 = message.requires_smtputf8 or (self.utf8_headers and client.smtputf8)
                 message = message.compose(utf8=utf8)
@@ -140,12 +135,7 @@ class SMTPTransport:
         out: list[Delivery | SMTPError | MessageError] = []
         async with self._lock:
             while len(out) < len(items):
-                client = await self._reusable()
-                if client is None:
-                    client = await self._connect()
-                    self._client = client
-                    self._messages = 0
-                    self.connections += 1
+                client = await self._connection()
                 room = len(items) - len(out)
                 if self.reuse.max_messages is not None:
                     room = min(room, self.reuse.max_messages - self._messages)
@@ -161,6 +151,16 @@ class SMTPTransport:
                     self._messages += len(chunk)
                     self._last_used = time.monotonic()
         return out
+
+    async def _connection(self) -> SMTPClient:
+        """The kept connection if it may carry another message, else a new one."""
+        client = await self._reusable()
+        if client is None:
+            client = await self._connect()
+            self._client = client
+            self._messages = 0
+            self.connections += 1
+        return client
 
     async def _reusable(self) -> SMTPClient | None:
         """The kept connection, if it may carry another message."""
