@@ -135,6 +135,8 @@ echo
 if part wan; then
     echo; echo "== WAN: 50 ms added to every server reply, one connection"
     "$MG" "$ROOT/bench/wan.py" --mode both --count "$WAN_N" --rounds "$RUNS" --aiosmtplib-python "$PY" | tee "$SCRATCH/mailgate-wan.jsonl"
+    echo "== WAN, mailgate with send_many of 8 (as the worker sends)"
+    "$MG" "$ROOT/bench/wan.py" --mode raw --count "$WAN_N" --rounds 1 --mailgate-batch 8 --aiosmtplib-python "$PY" | tee -a "$SCRATCH/mailgate-wan.jsonl"
 fi
 if part fairness; then
     echo; echo "== fairness: 100 tenants, one black-holed"

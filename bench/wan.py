@@ -15,7 +15,8 @@ through the proxy, with the peers' message (../shared/bench-peers/_common.py: ~1
 recipient), pre-built (raw) or built per send (compose):
 - aiosmtplib: ../shared/bench-peers/peer_c_aiosmtplib.py --conns 1, with the peers' venv
   ($SCRATCH/venv, SCRATCH=/tmp/perfbase);
-- mailgate: bench/mailgate_peer.py --conns 1 (SMTPClient.send), with this interpreter.
+- mailgate: bench/mailgate_peer.py --conns 1 (SMTPClient.send; with --mailgate-batch N,
+  send_many of N messages, as the worker sends: one round trip per message), with this interpreter.
 Rounds interleave them (aiosmtplib, mailgate, aiosmtplib, mailgate, …). Each client times
 itself from its first connect to its QUIT, so both rates include the session's own round trips.
 
@@ -273,7 +274,7 @@ def client_command(a: argparse.Namespace, peer: str, mode: str, port: int, max_s
     args += ["--max-seconds", f"{max_seconds:g}"]
     if peer == "aiosmtplib":
         return [a.aiosmtplib_python, str(PEERS / "peer_c_aiosmtplib.py"), *args]
-    return [sys.executable, str(ROOT / "bench" / "mailgate_peer.py"), *args]
+    return [sys.executable, str(ROOT / "bench" / "mailgate_peer.py"), *args, "--batch", str(a.mailgate_batch)]
 
 
 async def run_client(cmd: list[str], timeout: float, running: set[asyncio.subprocess.Process]) -> tuple[int, str, str]:
@@ -422,6 +423,9 @@ def main() -> int:
     p.add_argument("--run-timeout", type=float, default=120.0, help="seconds; a client run is killed after this")
     p.add_argument("--max-seconds", type=float, default=900.0, help="no run starts after this many seconds")
     p.add_argument("--aiosmtplib-python", default=str(SCRATCH / "venv" / "bin" / "python"))
+    p.add_argument(
+        "--mailgate-batch", type=int, default=1, help="mailgate: messages per SMTPClient.send_many (1: send)"
+    )
     a = p.parse_args()
     try:
         loopback = ipaddress.ip_address(a.host)

@@ -544,3 +544,19 @@ async def test_a_worker_outlives_claims_that_fail(open_mg: Opener) -> None:
 
 async def _all_sent(mg: Mailgate, pks: list[int]) -> bool:
     return all([(await mg.queue.get(pk)).summary.status == "sent" for pk in pks])
+
+
+async def test_submit_many_keeps_each_message_with_its_own_id(open_mg: Opener) -> None:
+    # The rows come back from a multi-row INSERT … RETURNING in no promised order: ids are matched
+    # by Message-ID, and a batch that repeats one takes the order-keeping statement.
+    mg = await open_mg()
+    async with serve(ServerConfig()) as server:
+        await setup(mg, server)
+        fresh = [note(subject=f"fresh {i}", to=f"f{i}@example.org") for i in range(30)]
+        twins = [note(subject=f"twin {i}", to=f"t{i}@example.org", message_id="<same@example.com>") for i in range(3)]
+        for batch in (fresh, twins):
+            pks = await mg.submit_many("acme", batch)
+            for pk, m in zip(pks, batch, strict=True):
+                detail = (await mg.queue.get(pk)).to_dict()
+                assert detail["subject"] == m.subject
+                assert [r["recipient"] for r in detail["recipient_outcomes"]] == [m.recipients[0].address]
