@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from mailgate import Mailgate
+from mailgate.outbox.worker import RESOLVE_TTL
 from smtp_servers import ServerConfig, scripted, serve
 from test_outbox import FAST, Opener, drain, note, open_mg, server_doc, status
 
@@ -88,3 +89,26 @@ async def test_a_server_that_refuses_connections_holds_its_lane_back(open_mg: Op
     assert tried and all(a["number"] == 1 for a in tried)  # no message was tried twice
     assert any("not tried" in (a["note"] or "") for d in details for a in d["attempt_log"])
     assert all("421" in d["last_error"] for d in details)
+
+
+async def test_a_running_worker_picks_up_new_settings_within_the_resolve_ttl(open_mg: Opener) -> None:
+    # Resolutions are reused for RESOLVE_TTL seconds (a lookup costs more than a send); new
+    # settings must still reach a worker that keeps running.
+    mg = await open_mg()
+    async with serve(ServerConfig()) as first, serve(ServerConfig()) as second:
+        await mg.tenants.add("acme")
+        await mg.servers.set("global", server_doc(first))
+        stop = asyncio.Event()
+        worker = asyncio.create_task(mg.run_worker(stop))
+        try:
+            await mg.submit("acme", note(subject="before"))
+            await first.wait_for_messages(1)
+            await mg.servers.set("global", server_doc(second))
+            await asyncio.sleep(RESOLVE_TTL + 0.2)
+            await mg.submit("acme", note(subject="after"))
+            await second.wait_for_messages(1, timeout=5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert [m.parsed()["Subject"] for m in first.messages] == ["before"]
+    assert [m.parsed()["Subject"] for m in second.messages] == ["after"]

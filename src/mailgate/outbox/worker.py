@@ -62,6 +62,7 @@ PURGE_EVERY = 600.0
 HOLD_BACK = 5.0  # seconds a lane holds back after its server failed; doubles each time, at most:
 MAX_HOLD_BACK = 300.0
 PIPELINE = 8  # messages a sender takes from its lane at once, pipelined on its connection
+RESOLVE_TTL = 2.0  # seconds a tenant's resolved server is reused
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Worker:
         )
         self._rng = random.Random()
         self._lanes: dict[tuple[int, int], _Lane] = {}
+        self._resolved: dict[str, tuple[float, Resolution | None]] = {}  # tenant → (loop time, resolution)
         self._waiting: dict[tuple[int, int], _Lane] = {}  # lanes with a backlog
         self._backlog = 0  # claimed messages no sender has taken yet
         self._ready = 0  # of those, what the lanes could start on at once: sum of min(backlog, capacity)
@@ -249,12 +251,23 @@ class Worker:
         self._wake.set()
 
     async def _resolve(self, batch: list[Claimed]) -> dict[str, Resolution | None]:
+        """Each tenant's resolved server, looked up at most every RESOLVE_TTL seconds: a lookup
+        (two queries, decrypting the secrets, validating the document) costs more than sending
+        a message, and a batch may hold many tenants. New settings take effect within the TTL."""
+        at = asyncio.get_running_loop().time()
         resolutions: dict[str, Resolution | None] = {}
         for tenant in {c.tenant_id for c in batch}:
+            cached = self._resolved.get(tenant)
+            if cached is not None and at - cached[0] < RESOLVE_TTL:
+                resolutions[tenant] = cached[1]
+                continue
             try:
                 resolutions[tenant] = await self.servers.resolve(tenant)
             except NotFound:
                 resolutions[tenant] = None  # the tenant was removed
+            self._resolved[tenant] = (at, resolutions[tenant])
+        if len(self._resolved) > 10_000:  # forget the stale ones
+            self._resolved = {t: v for t, v in self._resolved.items() if at - v[0] < RESOLVE_TTL}
         return resolutions
 
     # ---- lanes and senders -------------------------------------------------------------------
