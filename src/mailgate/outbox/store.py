@@ -49,6 +49,7 @@ class Claimed:
     previous_owner: str | None  # set when this claim took over an expired lease
     accepted_before: int = 0  # recipients that accepted it in earlier attempts
     quota_slot: datetime | None = None  # the place it waited for within its server's rate quotas
+    claimed_at: float = 0.0  # the worker's loop time when it took the message into its backlog
 
 
 @dataclass
@@ -327,6 +328,21 @@ class Outbox:
                 update(M)
                 .where(M.id.in_(pks), M.lease_owner == worker, M.status == SENDING)
                 .values(status=QUEUED, due_at=at, lease_owner=None, previous_owner=None, updated_at=at)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def renew(self, worker: str, pks: Sequence[int]) -> int:
+        """Extend the leases of claimed messages this worker still holds (a heartbeat)."""
+        if not pks:
+            return 0
+        at = now()
+        M = MessageRow
+        async with self.db.write() as s:
+            result = await s.execute(
+                update(M)
+                .where(M.id.in_(pks), M.lease_owner == worker, M.status == SENDING)
+                .values(due_at=at + timedelta(seconds=self.config.lease))
                 .execution_options(synchronize_session=False)
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]

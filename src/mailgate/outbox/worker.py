@@ -163,6 +163,9 @@ class Worker:
         self._free = config.concurrency  # senders that may start
         self._turns = 0
         self._senders: set[asyncio.Task[None]] = set()
+        self._stale: list[int] = []  # claimed messages held too long to send: given back
+        self._held: set[int] = set()  # claimed and not yet settled: their leases are renewed
+        self._renewed_at = 0.0  # loop time of the last lease renewal of everything held
         self._recorder: _Recorder | None = None
         self._stop = asyncio.Event()
         # Wakes the claim loop: the backlog ran low, the worker went idle, or it is stopping.
@@ -214,6 +217,21 @@ class Worker:
             self._pools.sweep()
             await self._quotas.renew(self.name)  # the connection slots of open connections
             self._housekeeping_at = loop.time() + HOUSEKEEPING_EVERY
+        renew_every = self.config.lease / 4
+        if self._held and loop.time() - self._renewed_at >= renew_every:
+            started = loop.time()
+            await self.outbox.renew(self.name, list(self._held))
+            self._renewed_at = started  # every message held now has a lease from `started` on
+        if self._stale:
+            stale, self._stale = self._stale, []
+            try:
+                released = await self.outbox.release(self.name, stale)
+            except BaseException:
+                self._stale[:0] = stale
+                raise
+            log.info("gave back %d claimed messages that waited too long for a sender (lease %g s)", released,
+                     self.config.lease)  # fmt: skip
+            self.stats.released += released
         if loop.time() >= self._purge_at:
             bodies, lines = await self.outbox.purge()
             if bodies or lines:
@@ -290,6 +308,8 @@ class Worker:
             lane = self._lanes[key] = _Lane(key, resolution.server, pool_size(resolution.server))
         if len(lane.backlog) < lane.capacity:
             self._ready += 1
+        c.claimed_at = asyncio.get_running_loop().time()
+        self._held.add(c.pk)
         lane.backlog.append((c, resolution))
         self._waiting[key] = lane
         self._backlog += 1
@@ -330,6 +350,12 @@ class Worker:
         self._senders.add(task)
         task.add_done_callback(self._senders.discard)
 
+    def _stale_lease(self, c: Claimed) -> bool:
+        """Held so long that its lease may run out before the send is done: never sent then (the
+        message would go twice if another worker takes it over); given back instead."""
+        since = max(c.claimed_at, self._renewed_at)
+        return asyncio.get_running_loop().time() - since > self.config.lease / 2
+
     def _others_wait(self, lane: _Lane) -> bool:
         """Another lane has messages and no sender, and none is free: time to make room."""
         if self._free > 0:
@@ -356,7 +382,15 @@ class Worker:
                     take = min(len(lane.backlog), PIPELINE if isinstance(transport, SMTPTransport) else 1)
                     if transport is None:  # held back: each waits untried, at once
                         take = len(lane.backlog)
-                    for outcome in await self._attempt([self._pop(lane) for _ in range(take)], lane, transport):
+                    items = [self._pop(lane) for _ in range(take)]
+                    fresh = [(c, r) for c, r in items if not self._stale_lease(c)]
+                    if len(fresh) < len(items):  # its lease may run out mid-send: another worker's now
+                        stale = [c.pk for c, _ in items if self._stale_lease(c)]
+                        self._stale.extend(stale)
+                        self._held.difference_update(stale)
+                        self._wake.set()
+                    for outcome in await self._attempt(fresh, lane, transport) if fresh else ():
+                        self._held.discard(outcome.pk)
                         recorder.add(outcome)
                         self._count(outcome)
                     if lane.failed is not None and lane.active > 1:
@@ -381,7 +415,7 @@ class Worker:
             for task in late:
                 task.cancel()  # _attempt records an interrupted send as such
             await asyncio.gather(*senders, return_exceptions=True)
-        untried = [c.pk for lane in self._lanes.values() for c, _ in lane.backlog]
+        untried = [c.pk for lane in self._lanes.values() for c, _ in lane.backlog] + self._stale
         self._lanes.clear()
         self._waiting.clear()
         self._backlog = self._ready = 0
