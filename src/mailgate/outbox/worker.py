@@ -382,10 +382,14 @@ class Worker:
                     take = min(len(lane.backlog), PIPELINE if isinstance(transport, SMTPTransport) else 1)
                     if transport is None:  # held back: each waits untried, at once
                         take = len(lane.backlog)
-                    items = [self._pop(lane) for _ in range(take)]
-                    fresh = [(c, r) for c, r in items if not self._stale_lease(c)]
-                    if len(fresh) < len(items):  # its lease may run out mid-send: another worker's now
-                        stale = [c.pk for c, _ in items if self._stale_lease(c)]
+                    fresh: list[tuple[Claimed, Resolution]] = []
+                    stale: list[int] = []
+                    for c, r in (self._pop(lane) for _ in range(take)):
+                        if self._stale_lease(c):
+                            stale.append(c.pk)
+                        else:
+                            fresh.append((c, r))
+                    if stale:  # its lease may run out mid-send and it would go twice: given back
                         self._stale.extend(stale)
                         self._held.difference_update(stale)
                         self._wake.set()
