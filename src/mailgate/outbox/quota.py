@@ -144,16 +144,26 @@ class ConnectionSlots:
     def __init__(self, quotas: Quotas, owner: str) -> None:
         self.quotas = quotas
         self.owner = owner
+        self.held = 0  # slots this worker's open connections hold
 
     async def acquire(self, server_id: int, limit: int) -> int | None:
         try:
-            return await self.quotas.acquire_connection(server_id, limit, self.owner)
+            slot = await self.quotas.acquire_connection(server_id, limit, self.owner)
         except (SQLAlchemyError, OSError) as e:
             log.warning("could not take a connection slot of mail server %s: %s", server_id, e)
             return None
+        if slot is not None:
+            self.held += 1
+        return slot
 
     async def release(self, server_id: int, slot: int) -> None:
+        self.held -= 1  # freed here or, if the database fails, when its lease runs out
         try:
             await self.quotas.release_connection(server_id, slot, self.owner)
-        except (SQLAlchemyError, OSError) as e:  # its lease runs out instead
+        except (SQLAlchemyError, OSError) as e:
             log.warning("could not free a connection slot of mail server %s: %s", server_id, e)
+
+    async def renew(self) -> None:
+        """Keep the slots of this worker's open connections; nothing to write when it holds none."""
+        if self.held:
+            await self.quotas.renew(self.owner)

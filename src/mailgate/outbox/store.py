@@ -319,30 +319,24 @@ class Outbox:
 
     async def release(self, worker: str, pks: Sequence[int]) -> int:
         """Give back claimed messages that were not tried (a stopping worker): due again now."""
-        if not pks:
-            return 0
         at = now()
-        M = MessageRow
-        async with self.db.write() as s:
-            result = await s.execute(
-                update(M)
-                .where(M.id.in_(pks), M.lease_owner == worker, M.status == SENDING)
-                .values(status=QUEUED, due_at=at, lease_owner=None, previous_owner=None, updated_at=at)
-                .execution_options(synchronize_session=False)
-            )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        return await self._update_held(worker, pks, status=QUEUED, due_at=at, lease_owner=None,
+                                        previous_owner=None, updated_at=at)  # fmt: skip
 
     async def renew(self, worker: str, pks: Sequence[int]) -> int:
         """Extend the leases of claimed messages this worker still holds (a heartbeat)."""
+        return await self._update_held(worker, pks, due_at=now() + timedelta(seconds=self.config.lease))
+
+    async def _update_held(self, worker: str, pks: Sequence[int], **values: Any) -> int:
+        """Update those of `pks` that `worker` still holds (claimed, its lease); how many."""
         if not pks:
             return 0
-        at = now()
         M = MessageRow
         async with self.db.write() as s:
             result = await s.execute(
                 update(M)
                 .where(M.id.in_(pks), M.lease_owner == worker, M.status == SENDING)
-                .values(due_at=at + timedelta(seconds=self.config.lease))
+                .values(**values)
                 .execution_options(synchronize_session=False)
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]

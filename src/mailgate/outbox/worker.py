@@ -146,12 +146,13 @@ class Worker:
         self.name = name or worker_name()
         self.stats = WorkerStats()
         self._quotas = Quotas(outbox.db)
+        self._slots = ConnectionSlots(self._quotas, self.name)
         self._pools = Pools(
             lambda prefix: lambda line: protocol_log.info("%s %s", prefix, line),
             tokens=tokens,
             store_refresh_token=servers.store_refresh_token,
             max_connections=config.max_connections,
-            admission=ConnectionSlots(self._quotas, self.name),
+            admission=self._slots,
         )
         self._rng = random.Random()
         self._lanes: dict[tuple[int, int], _Lane] = {}
@@ -215,7 +216,7 @@ class Worker:
         if loop.time() >= self._housekeeping_at:
             await self._release_held()
             self._pools.sweep()
-            await self._quotas.renew(self.name)  # the connection slots of open connections
+            await self._slots.renew()  # the connection slots of open connections
             self._housekeeping_at = loop.time() + HOUSEKEEPING_EVERY
         renew_every = self.config.lease / 4
         if self._held and loop.time() - self._renewed_at >= renew_every:
