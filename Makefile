@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/mailgate --help
+	$(BIN)/mailgate serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -1,5 +1,7 @@
 """The operator's settings that are not per mail server: retries, leases, retention, what to do
-when sending is disabled. From environment variables (MAILGATE_…), or given in code.
+when sending is disabled, where the API listens. From an optional TOML file
+($MAILGATE_CONFIG_FILE or `mailgate --config FILE`, keys as the field names below), overridden by
+environment variables (MAILGATE_<FIELD>), or given in code.
 
 Every variable is listed in `ENV` with its default; the README's configuration table matches it.
 """
@@ -7,8 +9,10 @@ Every variable is listed in `ENV` with its default; the README's configuration t
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from .errors import SettingsError
 
@@ -44,6 +48,14 @@ class Config:
     # Where browsers reach mailgate: the delegated OAuth consent comes back to
     # {public_url}/v1/oauth/callback, which must be registered as the app's redirect URI.
     public_url: str = "http://127.0.0.1:8000"
+    # `mailgate serve`: the address and port the API listens on, and the largest request body it
+    # reads (bytes; a 35 MB message with base64 attachments is about 47 MB of JSON).
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8000
+    max_request_size: int = 50 * 1024 * 1024
+    # The database, when neither --database-url nor $MAILGATE_DATABASE_URL names one (it may
+    # hold a password: never shown).
+    database_url: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -59,16 +71,29 @@ class Config:
             _web_url(self.public_url)
         except ValueError as e:
             problems.append(("public_url", str(e)))
+        if not 0 < self.listen_port < 65536:
+            problems.append(("listen_port", f"is a TCP port, 1-65535, not {self.listen_port}"))
         if self.retention_log < self.retention_body:
             problems.append(("retention_log", "must be at least retention_body"))
         if problems:
             raise SettingsError(problems)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
-        """Defaults, overridden by MAILGATE_<FIELD> variables (MAILGATE_MAX_AGE=3600, …)."""
+    def load(cls, file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+        """Defaults, overridden by the TOML file (`file`, else $MAILGATE_CONFIG_FILE, if any),
+        overridden by MAILGATE_<FIELD> variables."""
         environ = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        file = file or environ.get(ENV_FILE) or None
+        base: dict[str, object] = {}
+        if file is not None:
+            base = _read_file(Path(file))
+        return cls.from_env(environ, base)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, base: Mapping[str, object] | None = None) -> Config:
+        """Defaults (or `base`), overridden by MAILGATE_<FIELD> variables (MAILGATE_MAX_AGE=3600, …)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = dict(base or {})
         problems = []
         for f in fields(cls):
             name = "MAILGATE_" + f.name.upper()
@@ -93,4 +118,35 @@ class Config:
         return cls(**values)  # type: ignore[arg-type]
 
 
+ENV_FILE = "MAILGATE_CONFIG_FILE"
 ENV = {f"MAILGATE_{f.name.upper()}": f.default for f in fields(Config)}
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SettingsError([("config file", f"{path} can't be read: {e.strerror or e}")]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SettingsError([("config file", f"{path} is not valid TOML: {e}")]) from None
+    types = {f.name: f.type for f in fields(Config)}
+    problems = []
+    for key, value in data.items():
+        kind = types.get(key)
+        if kind is None:
+            problems.append((key, f"is not a setting (in {path}); the settings are: {', '.join(types)}"))
+        elif not _fits(value, str(kind)):
+            problems.append((key, f"is a {kind}, not {value!r} (in {path})"))
+    if problems:
+        raise SettingsError(problems)
+    return {k: float(v) if types[k] == "float" else v for k, v in data.items()}
+
+
+def _fits(value: object, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)

@@ -9,12 +9,14 @@ async with Mailgate.open() as mg:                      # or: mg = await Mailgate
 from __future__ import annotations
 
 import asyncio
+import copy
 import getpass
 import os
 from collections.abc import Generator, Sequence
 from types import TracebackType
 from typing import Any
 
+from .access import ApiTokens
 from .config import Config
 from .db.engine import Database, connect, database_url, ensure_schema
 from .errors import MessageError, SendingDisabled
@@ -45,12 +47,24 @@ class Mailgate:
         self.db = db
         self.actor = actor
         self.config = config
+        self._keyring = keyring
         self.tenants = Tenants(db, keyring, actor)
         self.servers = Servers(db, keyring, actor)
         self.queue = Outbox(db, config)
+        self.api_tokens = ApiTokens(db, actor)
         # One token cache for every tenant's servers (and one HTTP client, made when first used).
         self.tokens = TokenCache()
         self._consents = Consents(db, keyring, self.servers, self.tokens, actor)
+
+    def acting_as(self, actor: str) -> Mailgate:
+        """The same service (database, caches, connections) with changes audited as `actor`: the
+        API makes one per request, named after its token."""
+        view = copy.copy(self)
+        view.actor = actor
+        view.tenants = Tenants(self.db, self._keyring, actor)
+        view.servers = Servers(self.db, self._keyring, actor)
+        view._consents = Consents(self.db, self._keyring, view.servers, self.tokens, actor)
+        return view
 
     async def submit(self, tenant: str, message: Message, idempotency_key: str | None = None) -> int:
         """Store `message` in the outbox for `tenant` (one transaction) and return its id.
@@ -82,8 +96,18 @@ class Mailgate:
 
     async def run_worker(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Deliver queued messages until `stop` is set (or, with `until_idle`, nothing is due)."""
-        worker = Worker(self.queue, self.servers, self.config, tokens=self.tokens)
-        return await worker.run(stop, until_idle=until_idle)
+        return await self.new_worker().run(stop, until_idle=until_idle)
+
+    def new_worker(self) -> Worker:
+        """A worker for `run()`, for a caller that wants to watch it (`mailgate serve`)."""
+        return Worker(self.queue, self.servers, self.config, tokens=self.tokens)
+
+    async def ping(self) -> None:
+        """Raises if the database can't be reached (for /readyz)."""
+        from sqlalchemy import text
+
+        async with self.db.sessions() as s:
+            await s.execute(text("SELECT 1"))
 
     # ---- delegated OAuth consent ---------------------------------------------------------------
 
@@ -151,8 +175,8 @@ class _Opening:
 
     async def _open(self) -> Mailgate:
         url, secret_keys, actor, config = self._args
-        config = config or Config.from_env()
-        db = connect(database_url(url))
+        config = config or Config.load()
+        db = connect(database_url(url or config.database_url or None))
         try:
             path = db.sqlite_path
             if db.is_sqlite and path is None and not (secret_keys or os.environ.get(ENV_KEYS)):

@@ -41,11 +41,13 @@ servers_app = _typer("Mail servers: the global one ('global') and each tenant's 
 keys_app = _typer("The keys that encrypt stored secrets.")
 db_app = _typer("The database.")
 queue_app = _typer("The outbox: list, show, retry, cancel, stats, purge.")
+tokens_app = _typer("API tokens: create (shown once), list, revoke.")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(servers_app, name="servers")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(queue_app, name="queue")
+app.add_typer(tokens_app, name="tokens")
 
 
 @app.callback()
@@ -59,10 +61,25 @@ def _root(
             show_default=False,
         ),
     ] = None,
+    config_file: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="A TOML file of settings (default: $MAILGATE_CONFIG_FILE, if set); MAILGATE_… variables override it.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Outbound notification mail for multi-tenant applications."""
     logging.basicConfig(level=logging.WARNING, format="mailgate: %(message)s", stream=sys.stderr)
-    ctx.obj = {"database_url": database_url}
+    ctx.obj = {"database_url": database_url, "config_file": config_file}
+
+
+def load_config(ctx: typer.Context) -> Any:
+    """The operator's settings (config.py): the file, then the environment."""
+    from ..config import Config
+
+    return Config.load(ctx.obj.get("config_file"))
 
 
 def fail(exit_code: int, message: str, as_json: bool = False, **fields: Any) -> NoReturn:
@@ -98,7 +115,7 @@ def with_service(ctx: typer.Context, work: Callable[[Mailgate], Awaitable[T]], a
     from ..service import Mailgate
 
     async def main() -> T:
-        async with Mailgate.open(ctx.obj["database_url"], actor=cli_actor()) as mg:
+        async with Mailgate.open(ctx.obj["database_url"], actor=cli_actor(), config=load_config(ctx)) as mg:
             return await work(mg)
 
     try:

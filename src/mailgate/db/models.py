@@ -159,6 +159,25 @@ class ConnectionSlot(Base):
     expires_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+class ApiToken(Base):
+    """A bearer token of the HTTP API. Only the SHA-256 of the token is kept (it has 256 bits of
+    randomness, so a slow hash would add nothing); `prefix` is its first characters, enough to
+    tell tokens apart in a list. A tenant's tokens go with the tenant."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    role: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    created_by: Mapped[str] = mapped_column(String(200))
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
 class AuditEntry(Base):
     """Who changed what, when. `changes` lists {"field", "from", "to"} for plain fields and
     {"field", "secret": "changed" | "removed"} for secrets, never a secret's value. No foreign

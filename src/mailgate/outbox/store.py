@@ -486,6 +486,15 @@ class Outbox:
             "oldest_waiting_age_s": round((at - oldest).total_seconds(), 1) if oldest else None,
         }
 
+    async def counts(self) -> dict[str, Any]:
+        """For /metrics: messages by (tenant, status), attempts kept by outcome, and the queue."""
+        M, A = MessageRow, AttemptRow
+        async with self.db.sessions() as s:
+            by_tenant = [(t, st, n) for t, st, n in await s.execute(
+                select(M.tenant_id, M.status, func.count()).group_by(M.tenant_id, M.status))]  # fmt: skip
+            attempts = {o: n for o, n in await s.execute(select(A.outcome, func.count()).group_by(A.outcome))}
+        return {"messages": by_tenant, "attempts": attempts, "queue": await self.stats()}
+
 
 async def _message(s: Any, pk: int, tenant_id: str | None, *, lock: bool = False) -> MessageRow:
     """The message, if it exists and (when `tenant_id` is given) belongs to that tenant: another

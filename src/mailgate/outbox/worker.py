@@ -172,6 +172,7 @@ class Worker:
         # Wakes the claim loop: the backlog ran low, the worker went idle, or it is stopping.
         self._wake = asyncio.Event()
         self._housekeeping_at = self._purge_at = 0.0
+        self.heartbeat = time.monotonic()  # the claim loop's last turn: /readyz reads it
 
     @property
     def pools(self) -> Pools:
@@ -213,6 +214,7 @@ class Worker:
     async def _step(self, recorder: _Recorder, until_idle: bool) -> bool:
         """One turn of the claim loop: housekeeping when due, then claim or wait. False: done."""
         loop = asyncio.get_running_loop()
+        self.heartbeat = time.monotonic()
         if loop.time() >= self._housekeeping_at:
             await self._release_held()
             self._pools.sweep()

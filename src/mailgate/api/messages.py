@@ -1,0 +1,90 @@
+"""/v1/messages: submit, read, retry and cancel messages. A sender or tenant-admin token sees only
+its tenant's messages; another tenant's message does not exist for it (404)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+
+from ..outbox.store import STATUSES
+from .deps import Service, Who
+from .errors import ErrorReply
+from .schemas import Json, MessageIn, Submitted
+
+router = APIRouter(prefix="/v1/messages", tags=["messages"], responses={
+    401: {"model": ErrorReply}, 403: {"model": ErrorReply}, 404: {"model": ErrorReply}, 422: {"model": ErrorReply},
+})  # fmt: skip
+
+
+@router.post("", status_code=202, response_model=Submitted, responses={409: {"model": ErrorReply}})
+async def submit(
+    body: MessageIn,
+    mg: Service,
+    who: Who,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Any:
+    """Store a message in the outbox; a worker delivers it. The same `Idempotency-Key` for the
+    same tenant answers the first message's id and stores nothing new."""
+    who.must_be("system-admin", "sender")
+    tenant = _tenant_of(body.tenant, who)
+    message = body.to_message()
+    pk = await mg.submit(tenant, message, idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/v1/messages/{pk}"
+    summary = await mg.queue.get(pk, tenant_id=tenant)
+    return {"id": pk, "tenant": tenant, "status": summary.summary.status}
+
+
+@router.get("")
+async def list_messages(
+    mg: Service,
+    who: Who,
+    tenant: str | None = None,
+    status: Annotated[str | None, Query(description=f"One of {', '.join(STATUSES)}.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[int | None, Query(ge=1, description="Only messages with a smaller id (the next page).")] = None,
+) -> Json:
+    """Messages, newest first: `next_before` is the `before` of the next page (null at the end)."""
+    tenant = who.tenant_for(tenant)
+    if status is not None and status not in STATUSES:
+        from ..errors import InvalidInput
+
+        raise InvalidInput([("status", f"is one of {', '.join(STATUSES)}")])
+    if tenant is not None:
+        await mg.tenants.get(tenant)
+    found = await mg.queue.list_messages(tenant_id=tenant, status=status, limit=limit, before=before)
+    return {
+        "messages": [m.to_dict() for m in found],
+        "next_before": found[-1].id if len(found) == limit else None,
+    }
+
+
+@router.get("/{message_id}")
+async def get_message(message_id: int, mg: Service, who: Who) -> Json:
+    """A message: status, every recipient's outcome, every attempt with the server's replies."""
+    return (await mg.queue.get(message_id, tenant_id=who.tenant_for(None))).to_dict()
+
+
+@router.post("/{message_id}/retry", responses={409: {"model": ErrorReply}})
+async def retry(message_id: int, mg: Service, who: Who) -> Json:
+    """Send again now to every recipient that has not accepted it."""
+    who.must_be("system-admin", "tenant-admin")
+    return (await mg.queue.retry(message_id, tenant_id=who.tenant_for(None))).to_dict()
+
+
+@router.post("/{message_id}/cancel", responses={409: {"model": ErrorReply}})
+async def cancel(message_id: int, mg: Service, who: Who) -> Json:
+    """Cancel a message that is waiting (queued, deferred or held)."""
+    who.must_be("system-admin", "tenant-admin")
+    return (await mg.queue.cancel(message_id, tenant_id=who.tenant_for(None))).to_dict()
+
+
+def _tenant_of(named: str | None, who: Any) -> str:
+    from ..errors import InvalidInput
+
+    tenant = who.tenant_for(named)
+    if tenant is None:
+        raise InvalidInput([("tenant", "is required with a system-admin token")])
+    assert isinstance(tenant, str)
+    return tenant

@@ -1,0 +1,129 @@
+"""`mailgate serve` (the API, and a worker in the same process unless --no-worker) and
+`mailgate tokens …` (the API's bearer tokens)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ._common import EXIT_INPUT, app, dumps, fail, tokens_app, with_service
+
+if TYPE_CHECKING:
+    from ..service import Mailgate
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Listen on this address (default: $MAILGATE_LISTEN_HOST, 127.0.0.1).", show_default=False),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Listen on this port (default: $MAILGATE_LISTEN_PORT, 8000).", show_default=False)
+    ] = None,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="Only the API; run `mailgate worker` apart.")] = False,
+) -> None:
+    """Run the HTTP API (docs at /docs) and a delivery worker. SIGTERM or Ctrl-C stops both
+    gracefully: requests under way are answered, sends under way finish, the rest waits."""
+    import dataclasses
+    import logging
+
+    logging.getLogger("mailgate").setLevel(logging.INFO)
+
+    async def work(mg: Mailgate) -> None:
+        import uvicorn
+
+        from ..api import create_app
+
+        config = mg.config
+        listen_host, listen_port = host or config.listen_host, port or config.listen_port
+        if not 0 < listen_port < 65536:
+            fail(EXIT_INPUT, f"--port is a TCP port, 1-65535, not {listen_port}")
+        mg.config = dataclasses.replace(config, listen_host=listen_host, listen_port=listen_port)
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                super().handle_exit(sig, frame)
+                # uvicorn raises the signal again once it has shut down, which would end the
+                # process before the database is closed: the shutdown is complete, exit 0.
+                self._captured_signals.clear()
+
+        server = Server(
+            uvicorn.Config(
+                create_app(mg, worker=not no_worker), host=listen_host, port=listen_port, log_level="warning",
+                timeout_graceful_shutdown=int(config.stop_grace), server_header=False,
+            )
+        )  # fmt: skip
+        shown = f"[{listen_host}]" if ":" in listen_host else listen_host
+        worker = "no worker (run `mailgate worker`)" if no_worker else "with a delivery worker"
+        print(f"mailgate: listening on http://{shown}:{listen_port} (API docs: /docs), {worker}", flush=True)
+        if not await mg.api_tokens.any_system_admin():
+            print("mailgate: no API token exists yet. Make the first admin token with:\n"
+                  "    mailgate tokens create --role system-admin\n"
+                  "(in this directory, or with the same --database-url); it is shown once.", flush=True)  # fmt: skip
+        await server.serve()
+        if server.started is False:
+            fail(1, f"could not listen on {listen_host}:{listen_port}")
+        print("mailgate: stopped", flush=True)
+
+    with_service(ctx, work)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    ctx: typer.Context,
+    role: Annotated[str, typer.Option(help="system-admin, tenant-admin or sender.", show_default=False)],
+    tenant: Annotated[str | None, typer.Option(help="The tenant (tenant-admin and sender tokens).")] = None,
+    name: Annotated[str, typer.Option(help="What the token is for (shown in `tokens list`).")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Make a token. It is printed once, now: mailgate keeps only its hash."""
+
+    async def work(mg: Mailgate) -> Any:
+        return await mg.api_tokens.create(role, tenant, name=name)
+
+    token, info = with_service(ctx, work, as_json)
+    if as_json:
+        print(dumps({"token": token, **info.to_dict()}))
+        return
+    print(token)
+    print(f"token {info.id}: {info.role}{' of ' + info.tenant if info.tenant else ''}. Keep it now: it is not "
+          "shown again (only its hash is stored).", file=sys.stderr)  # fmt: skip
+
+
+@tokens_app.command("list")
+def tokens_list(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="Revoked tokens too.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """The tokens (never the tokens themselves: their first characters, role and tenant)."""
+
+    async def work(mg: Mailgate) -> Any:
+        return await mg.api_tokens.list(include_revoked=all_)
+
+    tokens = with_service(ctx, work, as_json)
+    if as_json:
+        print(dumps([t.to_dict() for t in tokens]))
+        return
+    for t in tokens:
+        used = f"used {t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never used"
+        revoked = f"  REVOKED {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else ""
+        print(f"{t.id:>5}  {t.prefix}…  {t.role:<13} {t.tenant or '-':<16} {used:<22} {t.name}{revoked}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    ctx: typer.Context, token_id: Annotated[int, typer.Argument(help="The token's id (tokens list).")]
+) -> None:
+    """Revoke a token: it stops working at once in new processes, within 2 s in running ones."""
+
+    async def work(mg: Mailgate) -> Any:
+        return await mg.api_tokens.revoke(token_id)
+
+    with_service(ctx, work)
+    print(f"revoked token {token_id}")
