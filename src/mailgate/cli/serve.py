@@ -45,7 +45,17 @@ def serve(
         if not 0 < listen_port < 65536:
             fail(EXIT_INPUT, f"--port is a TCP port, 1-65535, not {listen_port}")
         mg.config = dataclasses.replace(config, listen_host=listen_host, listen_port=listen_port)
+        shown = f"[{listen_host}]" if ":" in listen_host else listen_host
+        worker = "no worker (run `mailgate worker`)" if no_worker else "with a delivery worker"
+
         class Server(uvicorn.Server):
+            async def startup(self, sockets: Any = None) -> None:
+                await super().startup(sockets)
+                if self.started:
+                    print(
+                        f"mailgate: listening on http://{shown}:{listen_port} (API docs: /docs), {worker}", flush=True
+                    )
+
             def handle_exit(self, sig: int, frame: Any) -> None:
                 super().handle_exit(sig, frame)
                 # uvicorn raises the signal again once it has shut down, which would end the
@@ -58,16 +68,14 @@ def serve(
                 timeout_graceful_shutdown=int(config.stop_grace), server_header=False,
             )
         )  # fmt: skip
-        shown = f"[{listen_host}]" if ":" in listen_host else listen_host
-        worker = "no worker (run `mailgate worker`)" if no_worker else "with a delivery worker"
-        print(f"mailgate: listening on http://{shown}:{listen_port} (API docs: /docs), {worker}", flush=True)
         if not await mg.api_tokens.any_system_admin():
             print("mailgate: no API token exists yet. Make the first admin token with:\n"
                   "    mailgate tokens create --role system-admin\n"
                   "(in this directory, or with the same --database-url); it is shown once.", flush=True)  # fmt: skip
-        await server.serve()
-        if server.started is False:
-            fail(1, f"could not listen on {listen_host}:{listen_port}")
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's way of saying it could not start (it logged why)
+            fail(1, f"could not serve on {shown}:{listen_port} (the reason is above)")
         print("mailgate: stopped", flush=True)
 
     with_service(ctx, work)
