@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mailgate import SettingsError
@@ -38,3 +40,29 @@ def test_bad_values_are_named(env: dict[str, str], field: str) -> None:
     with pytest.raises(SettingsError) as e:
         Config.from_env(env)
     assert e.value.field == field
+
+
+def test_a_file_sets_values_and_the_environment_overrides_it(tmp_path: Path) -> None:
+    file = tmp_path / "mailgate.toml"
+    file.write_text('max_age = 3600\nlisten_port = 9000\nhold_when_disabled = true\ndatabase_url = "sqlite:///x.db"\n')
+    config = Config.load(file, {"MAILGATE_LISTEN_PORT": "9100"})
+    assert (config.max_age, config.listen_port, config.hold_when_disabled) == (3600.0, 9100, True)
+    assert config.database_url == "sqlite:///x.db" and "x.db" not in repr(config)
+    assert Config.load(None, {"MAILGATE_CONFIG_FILE": str(file)}).listen_port == 9000
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [("max_agee = 1\n", "max_agee"), ('listen_port = "80"\n', "listen_port"), ("max_age = \n", "config file")],
+)
+def test_a_bad_file_names_the_problem(tmp_path: Path, content: str, field: str) -> None:
+    file = tmp_path / "mailgate.toml"
+    file.write_text(content)
+    with pytest.raises(SettingsError) as e:
+        Config.load(file, {})
+    assert e.value.field == field
+
+
+def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="can't be read"):
+        Config.load(tmp_path / "nope.toml", {})
