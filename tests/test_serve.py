@@ -109,6 +109,7 @@ def test_serve_delivers_what_is_submitted_over_http_and_stops_gracefully(served:
 
     assert served.stop() == 0
     assert served.output().rstrip().endswith("mailgate: stopped")
+    assert admin not in served.output() and sender["token"] not in served.output()  # never logged
 
 
 def test_no_worker_serves_the_api_alone(tmp_path: Path, env: dict[str, str]) -> None:
