@@ -84,6 +84,7 @@ async def test_same_idempotency_key_answers_the_first_message(api: Api) -> None:
     again = await api.submit(body, {**api.sender, "Idempotency-Key": "reset-42"})
     other = await api.submit(body, {**api.sender, "Idempotency-Key": "reset-43"})
     assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+    assert (first.status_code, again.status_code) == (202, 200) and again.json()["replayed"] is True
     async with api.mg.db.sessions() as s:
         assert await s.scalar(select(text("count(*)")).select_from(MessageRow)) == 2
 

@@ -13,6 +13,7 @@ import copy
 import getpass
 import os
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +30,13 @@ from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
 from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenants, read_audit_log
 
 CALLBACK_PATH = "/v1/oauth/callback"
+
+
+@dataclass(frozen=True)
+class Submission:
+    id: int
+    status: str  # queued, or held (sending disabled, hold_when_disabled on); a replay: its status now
+    replayed: bool  # the idempotency key had been used: this is the first message, nothing new stored
 
 
 def default_actor() -> str:
@@ -73,20 +81,30 @@ class Mailgate:
         and nothing new is stored. When sending is disabled for the tenant, SendingDisabled says
         why — or, with `hold_when_disabled`, the message is kept as `held` until it may be sent.
         """
+        return (await self.accept(tenant, message, idempotency_key)).id
+
+    async def accept(self, tenant: str, message: Message, idempotency_key: str | None = None) -> Submission:
+        """`submit`, saying also the message's status and whether the key had been used before."""
         if idempotency_key is not None:
             if not idempotency_key or len(idempotency_key) > 255:
                 raise MessageError([("idempotency_key", "is 1-255 characters")])
             existing = await self.queue.find_by_key(tenant, idempotency_key)
             if existing is not None:
-                return existing
-        return (await self._submit(tenant, [message], [idempotency_key]))[0]
+                return Submission(existing, (await self.queue.get(existing)).summary.status, replayed=True)
+        resolution = await self.servers.resolve(tenant, secrets=False)
+        [pk] = await self._store(tenant, resolution, [message], [idempotency_key])
+        return Submission(pk, "queued" if resolution.server is not None else "held", replayed=False)
 
     async def submit_many(self, tenant: str, messages: Sequence[Message]) -> list[int]:
         """Store several messages for `tenant` in one transaction; returns their ids in order."""
         return await self._submit(tenant, messages, [None] * len(messages))
 
     async def _submit(self, tenant: str, messages: Sequence[Message], keys: Sequence[str | None]) -> list[int]:
-        resolution = await self.servers.resolve(tenant, secrets=False)
+        return await self._store(tenant, await self.servers.resolve(tenant, secrets=False), messages, keys)
+
+    async def _store(
+        self, tenant: str, resolution: Resolution, messages: Sequence[Message], keys: Sequence[str | None]
+    ) -> list[int]:
         if resolution.server is None and not self.config.hold_when_disabled:
             raise SendingDisabled(resolution.reason)
         domain = Address(resolution.server.from_address).ascii_domain if resolution.server else default_domain()

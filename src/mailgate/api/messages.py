@@ -17,7 +17,10 @@ router = APIRouter(prefix="/v1/messages", tags=["messages"], responses={
 })  # fmt: skip
 
 
-@router.post("", status_code=202, response_model=Submitted, responses={409: {"model": ErrorReply}})
+@router.post("", status_code=202, response_model=Submitted, responses={
+    200: {"model": Submitted, "description": "The idempotency key was used before: the first message."},
+    409: {"model": ErrorReply},
+})  # fmt: skip
 async def submit(
     body: MessageIn,
     mg: Service,
@@ -25,15 +28,16 @@ async def submit(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Any:
-    """Store a message in the outbox; a worker delivers it. The same `Idempotency-Key` for the
-    same tenant answers the first message's id and stores nothing new."""
+    """Store a message in the outbox (202); a worker delivers it. The same `Idempotency-Key` for
+    the same tenant answers the first message (200, `replayed: true`) and stores nothing new."""
     who.must_be("system-admin", "sender")
     tenant = _tenant_of(body.tenant, who)
     message = body.to_message()
-    pk = await mg.submit(tenant, message, idempotency_key=idempotency_key)
-    response.headers["Location"] = f"/v1/messages/{pk}"
-    summary = await mg.queue.get(pk, tenant_id=tenant)
-    return {"id": pk, "tenant": tenant, "status": summary.summary.status}
+    done = await mg.accept(tenant, message, idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/v1/messages/{done.id}"
+    if done.replayed:  # the first message's answer again; nothing new was stored
+        response.status_code = 200
+    return {"id": done.id, "tenant": tenant, "status": done.status, "replayed": done.replayed}
 
 
 @router.get("")

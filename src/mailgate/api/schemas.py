@@ -91,6 +91,7 @@ class Submitted(BaseModel):
     id: int
     tenant: str
     status: str
+    replayed: bool = False
 
 
 class TenantIn(_Input):
