@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 
-from ..outbox.store import STATUSES
+from ..outbox.store import MAX_ID, STATUSES
 from .deps import Service, Who
 from .errors import ErrorReply
 from .schemas import Json, MessageIn, Submitted
 
+MessageId = Annotated[int, Path(ge=1, le=MAX_ID)]
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses={
     401: {"model": ErrorReply}, 403: {"model": ErrorReply}, 404: {"model": ErrorReply}, 422: {"model": ErrorReply},
 })  # fmt: skip
@@ -47,7 +48,9 @@ async def list_messages(
     tenant: str | None = None,
     status: Annotated[str | None, Query(description=f"One of {', '.join(STATUSES)}.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="Only messages with a smaller id (the next page).")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="Only messages with a smaller id (next page).")
+    ] = None,
 ) -> Json:
     """Messages, newest first: `next_before` is the `before` of the next page (null at the end)."""
     tenant = who.tenant_for(tenant)
@@ -65,20 +68,20 @@ async def list_messages(
 
 
 @router.get("/{message_id}")
-async def get_message(message_id: int, mg: Service, who: Who) -> Json:
+async def get_message(message_id: MessageId, mg: Service, who: Who) -> Json:
     """A message: status, every recipient's outcome, every attempt with the server's replies."""
     return (await mg.queue.get(message_id, tenant_id=who.tenant_for(None))).to_dict()
 
 
 @router.post("/{message_id}/retry", responses={409: {"model": ErrorReply}})
-async def retry(message_id: int, mg: Service, who: Who) -> Json:
+async def retry(message_id: MessageId, mg: Service, who: Who) -> Json:
     """Send again now to every recipient that has not accepted it."""
     who.must_be("system-admin", "tenant-admin")
     return (await mg.queue.retry(message_id, tenant_id=who.tenant_for(None))).to_dict()
 
 
 @router.post("/{message_id}/cancel", responses={409: {"model": ErrorReply}})
-async def cancel(message_id: int, mg: Service, who: Who) -> Json:
+async def cancel(message_id: MessageId, mg: Service, who: Who) -> Json:
     """Cancel a message that is waiting (queued, deferred or held)."""
     who.must_be("system-admin", "tenant-admin")
     return (await mg.queue.cancel(message_id, tenant_id=who.tenant_for(None))).to_dict()

@@ -163,6 +163,9 @@ _RECORD_RECIPIENT = (
 )  # fmt: skip
 
 
+MAX_ID = 2**63 - 1  # ids are 64-bit signed integers in both databases
+
+
 def default_domain() -> str:
     """For a Message-ID when nothing better is known: this host's name."""
     name = socket.gethostname()
@@ -394,7 +397,7 @@ class Outbox:
         if status is not None:
             query = query.where(M.status == status)
         if before is not None:
-            query = query.where(M.id < before)
+            query = query.where(M.id < min(before, MAX_ID))
         async with self.db.sessions() as s:
             rows = list((await s.scalars(query)).all())
             counts = await _recipient_counts(s, [r.id for r in rows])
@@ -499,6 +502,8 @@ class Outbox:
 async def _message(s: Any, pk: int, tenant_id: str | None, *, lock: bool = False) -> MessageRow:
     """The message, if it exists and (when `tenant_id` is given) belongs to that tenant: another
     tenant's message does not exist, as far as the caller can tell."""
+    if not 0 < pk <= MAX_ID:  # past a 64-bit id no message can exist (and the driver would refuse it)
+        raise NotFound([("message", f"there is no message {pk}")])
     row: MessageRow | None = await s.get(MessageRow, pk, with_for_update=lock)
     if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound([("message", f"there is no message {pk}")])
