@@ -12,6 +12,7 @@ import asyncio
 import copy
 import getpass
 import os
+import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -24,12 +25,14 @@ from .errors import MessageError, SendingDisabled
 from .message import Address, Message
 from .oauth.cache import TokenCache
 from .oauth.consent import ConsentResult, Consents
-from .outbox.store import Outbox, default_domain
+from .outbox.group import GroupCommit
+from .outbox.store import Entry, Outbox, default_domain
 from .outbox.worker import Worker, WorkerStats
 from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
 from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenants, read_audit_log
 
 CALLBACK_PATH = "/v1/oauth/callback"
+SUBMIT_RESOLVE_TTL = 1.0
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,12 @@ class Mailgate:
         self.actor = actor
         self.config = config
         self._keyring = keyring
-        self.tenants = Tenants(db, keyring, actor)
-        self.servers = Servers(db, keyring, actor)
+        self._resolved: dict[str, tuple[float, Resolution]] = {}
+        self.tenants = Tenants(db, keyring, actor, self._resolved.clear)
+        self.servers = Servers(db, keyring, actor, self._resolved.clear)
         self.queue = Outbox(db, config)
         self.api_tokens = ApiTokens(db, actor)
+        self._group = GroupCommit(self.queue.store, self._store_one)
         # One token cache for every tenant's servers (and one HTTP client, made when first used).
         self.tokens = TokenCache()
         self._consents = Consents(db, keyring, self.servers, self.tokens, actor)
@@ -69,8 +74,8 @@ class Mailgate:
         API makes one per request, named after its token."""
         view = copy.copy(self)
         view.actor = actor
-        view.tenants = Tenants(self.db, self._keyring, actor)
-        view.servers = Servers(self.db, self._keyring, actor)
+        view.tenants = Tenants(self.db, self._keyring, actor, self._resolved.clear)
+        view.servers = Servers(self.db, self._keyring, actor, self._resolved.clear)
         view._consents = Consents(self.db, self._keyring, view.servers, self.tokens, actor)
         return view
 
@@ -91,9 +96,27 @@ class Mailgate:
             existing = await self.queue.find_by_key(tenant, idempotency_key)
             if existing is not None:
                 return Submission(existing, (await self.queue.get(existing)).summary.status, replayed=True)
+        resolution = await self._resolve_for_submit(tenant)
+        [ready], status = self._prepare(resolution, [message])
+        pk = await self._group.submit(Entry(tenant, ready, idempotency_key, status))
+        return Submission(pk, status, replayed=False)
+
+    async def _resolve_for_submit(self, tenant: str) -> Resolution:
+        # Busy APIs submit for the same tenants over and over: whether and where they may send is
+        # looked up once a second. A change made through this service clears it at once; one made
+        # by another process reaches these submits within SUBMIT_RESOLVE_TTL.
+        at = time.monotonic()
+        cached = self._resolved.get(tenant)
+        if cached is not None and at - cached[0] < SUBMIT_RESOLVE_TTL:
+            return cached[1]
         resolution = await self.servers.resolve(tenant, secrets=False)
-        [pk] = await self._store(tenant, resolution, [message], [idempotency_key])
-        return Submission(pk, "queued" if resolution.server is not None else "held", replayed=False)
+        if len(self._resolved) > 10_000:
+            self._resolved.clear()
+        self._resolved[tenant] = (at, resolution)
+        return resolution
+
+    async def _store_one(self, entry: Entry) -> int:
+        return (await self.queue.submit(entry.tenant_id, [entry.message], [entry.key], entry.status))[0]
 
     async def submit_many(self, tenant: str, messages: Sequence[Message]) -> list[int]:
         """Store several messages for `tenant` in one transaction; returns their ids in order."""
@@ -105,12 +128,16 @@ class Mailgate:
     async def _store(
         self, tenant: str, resolution: Resolution, messages: Sequence[Message], keys: Sequence[str | None]
     ) -> list[int]:
+        ready, status = self._prepare(resolution, messages)
+        return await self.queue.submit(tenant, ready, keys, status)
+
+    def _prepare(self, resolution: Resolution, messages: Sequence[Message]) -> tuple[list[Message], str]:
+        """The messages with their Message-IDs, and the status to store them in; or SendingDisabled."""
         if resolution.server is None and not self.config.hold_when_disabled:
             raise SendingDisabled(resolution.reason)
         domain = Address(resolution.server.from_address).ascii_domain if resolution.server else default_domain()
         ready = [m if m.message_id is not None else m.with_defaults(domain=domain) for m in messages]
-        status = "queued" if resolution.server is not None else "held"
-        return await self.queue.submit(tenant, ready, keys, status)
+        return ready, "queued" if resolution.server is not None else "held"
 
     async def run_worker(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Deliver queued messages until `stop` is set (or, with `until_idle`, nothing is due)."""

@@ -14,7 +14,7 @@ from .errors import Unauthorized
 _bearer = HTTPBearer(auto_error=False, description="An API token: `mailgate tokens create --role …`")
 
 
-def service(request: Request) -> Mailgate:
+async def service(request: Request) -> Mailgate:  # async: FastAPI would run a plain def in a thread
     mg: Mailgate = request.app.state.mg
     return mg
 
@@ -24,15 +24,17 @@ async def principal(
 ) -> Principal:
     if credentials is None:
         raise Unauthorized("send an API token: Authorization: Bearer mgt_…")
-    found = await service(request).api_tokens.authenticate(credentials.credentials)
+    mg: Mailgate = request.app.state.mg
+    found = await mg.api_tokens.authenticate(credentials.credentials)
     if found is None:
         raise Unauthorized("this API token is not valid (unknown, or revoked)")
     return found
 
 
-def acting(request: Request, who: Annotated[Principal, Depends(principal)]) -> Mailgate:
+async def acting(request: Request, who: Annotated[Principal, Depends(principal)]) -> Mailgate:
     """The service, with changes audited under the token's name."""
-    return service(request).acting_as(who.actor)
+    mg: Mailgate = request.app.state.mg
+    return mg.acting_as(who.actor)
 
 
 Service = Annotated[Mailgate, Depends(service)]

@@ -15,7 +15,7 @@ import sqlite3
 import time
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,9 @@ class Database:
     url: URL
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    # SQLite has one writer at a time. Writers of this process queue here, in order, instead of
+    # in SQLite's busy handler, which sleeps 1…100 ms between tries and lets newcomers overtake.
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -83,9 +86,12 @@ class Database:
         writes after another writer committed, fails at once in WAL mode ("database is locked",
         no busy wait). Reads use plain `sessions()`, which never block.
         """
-        async with self.sessions.begin() as session:
-            if self.is_sqlite:
-                await session.connection(execution_options={_BEGIN: "IMMEDIATE"})
+        if not self.is_sqlite:
+            async with self.sessions.begin() as session:
+                yield session
+            return
+        async with self._writing, self.sessions.begin() as session:
+            await session.connection(execution_options={_BEGIN: "IMMEDIATE"})
             yield session
 
     async def dispose(self) -> None:

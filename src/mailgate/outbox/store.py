@@ -166,6 +166,16 @@ _RECORD_RECIPIENT = (
 MAX_ID = 2**63 - 1  # ids are 64-bit signed integers in both databases
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A message to store: for which tenant, with which idempotency key, in which status."""
+
+    tenant_id: str
+    message: Message
+    key: str | None
+    status: str
+
+
 def default_domain() -> str:
     """For a Message-ID when nothing better is known: this host's name."""
     name = socket.gethostname()
@@ -189,32 +199,38 @@ class Outbox:
     ) -> list[int]:
         """Store messages (each with a message_id already) in one transaction; returns their ids.
         With an idempotency key that is already taken, that message's id is returned instead."""
-        at = now()
-        rows = [self._row(tenant_id, m, k, status, at) for m, k in zip(messages, keys, strict=True)]
+        entries = [Entry(tenant_id, m, k, status) for m, k in zip(messages, keys, strict=True)]
         try:
-            async with self.db.write() as s:
-                ids = await _insert_messages(s, rows)
-                bodies = [{"message_pk": pk, "content": m.to_dict()} for pk, m in zip(ids, messages, strict=True)]
-                await s.execute(_BODIES.insert(), bodies)
-                recipients = [
-                    {"message_pk": pk, "position": i, "address": a.envelope_form(False), "status": PENDING}
-                    for pk, m in zip(ids, messages, strict=True)
-                    for i, a in enumerate(m.recipients)
-                ]
-                await s.execute(_RECIPIENTS.insert(), recipients)
-                attachments = [
-                    {"message_pk": pk, "position": i, "data": bytes(a.data)}
-                    for pk, m in zip(ids, messages, strict=True)
-                    for i, a in enumerate(m.attachments)
-                ]
-                if attachments:
-                    await s.execute(_ATTACHMENTS.insert(), attachments)
-            return ids
+            return await self.store(entries)
         except IntegrityError:
             # Another submit with the same idempotency key committed first.
             if len(messages) == 1 and keys[0] is not None and (pk := await self.find_by_key(tenant_id, keys[0])):
                 return [pk]
             raise
+
+    async def store(self, entries: Sequence[Entry]) -> list[int]:
+        """Store messages of any tenants in one transaction; returns their ids in order."""
+        at = now()
+        rows = [self._row(e.tenant_id, e.message, e.key, e.status, at) for e in entries]
+        messages = [e.message for e in entries]
+        async with self.db.write() as s:
+            ids = await _insert_messages(s, rows)
+            bodies = [{"message_pk": pk, "content": m.to_dict()} for pk, m in zip(ids, messages, strict=True)]
+            await s.execute(_BODIES.insert(), bodies)
+            recipients = [
+                {"message_pk": pk, "position": i, "address": a.envelope_form(False), "status": PENDING}
+                for pk, m in zip(ids, messages, strict=True)
+                for i, a in enumerate(m.recipients)
+            ]
+            await s.execute(_RECIPIENTS.insert(), recipients)
+            attachments = [
+                {"message_pk": pk, "position": i, "data": bytes(a.data)}
+                for pk, m in zip(ids, messages, strict=True)
+                for i, a in enumerate(m.attachments)
+            ]
+            if attachments:
+                await s.execute(_ATTACHMENTS.insert(), attachments)
+        return ids
 
     def _row(self, tenant_id: str, m: Message, key: str | None, status: str, at: datetime) -> dict[str, Any]:
         assert m.message_id is not None

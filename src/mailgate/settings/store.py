@@ -7,7 +7,7 @@ Every change is one transaction: validated first, written whole, audited in the 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -134,10 +134,18 @@ class AuditRecord:
 class _Part:
     """What both halves of the store share: the database, the keys, and who makes the changes."""
 
-    def __init__(self, db: Database, keyring: Keyring, actor: str) -> None:
+    def __init__(self, db: Database, keyring: Keyring, actor: str, on_change: Callable[[], None] | None = None) -> None:
         self.db = db
         self.keyring = keyring
         self.actor = actor
+        self.on_change = on_change  # told of every change (caches of resolutions listen)
+
+    def _audit(
+        self, s: AsyncSession, action: str, tenant_id: str | None, scope: str | None, changes: list[Any]
+    ) -> None:
+        _audit(s, self.actor, action, tenant_id, scope, changes)
+        if self.on_change is not None:
+            self.on_change()
 
 
 class Tenants(_Part):
@@ -167,7 +175,7 @@ class Tenants(_Part):
             await s.flush()
             info = _tenant_info(row)
             changes = [{"field": k, "from": None, "to": v} for k, v in _audited(info).items()]
-            _audit(s, self.actor, "tenant.add", tenant_id, None, changes)
+            self._audit(s, "tenant.add", tenant_id, None, changes)
         return info
 
     async def get(self, tenant_id: str) -> TenantInfo:
@@ -208,7 +216,7 @@ class Tenants(_Part):
             after = _audited(info)
             changes = [{"field": k, "from": before[k], "to": after[k]} for k in after if before[k] != after[k]]
             if changes:
-                _audit(s, self.actor, "tenant.update", tenant_id, None, changes)
+                self._audit(s, "tenant.update", tenant_id, None, changes)
         return info
 
     async def remove(self, tenant_id: str) -> None:
@@ -220,7 +228,7 @@ class Tenants(_Part):
             changes: list[Any] = [{"field": "tenant", "from": tenant_id, "to": None}]
             if server is not None:
                 changes.append({"field": "server", "from": f"version {server.version}", "to": None})
-            _audit(s, self.actor, "tenant.remove", tenant_id, None, changes)
+            self._audit(s, "tenant.remove", tenant_id, None, changes)
 
 
 class Servers(_Part):
@@ -316,7 +324,7 @@ class Servers(_Part):
                 changes.insert(0, {"field": "enabled", "from": old_enabled, "to": server.enabled})
             changes += [{"field": p, "secret": "changed"} for p in sorted(given)]
             changes += [{"field": p, "secret": "removed"} for p in sorted(set(stored) - kept - set(given))]
-            _audit(s, self.actor, "server.set", _tenant_of(scope), scope, changes)
+            self._audit(s, "server.set", _tenant_of(scope), scope, changes)
         return info
 
     async def enable(self, scope: str) -> ServerInfo:
@@ -334,7 +342,7 @@ class Servers(_Part):
             if row is None:
                 raise NotFound([("server", f"no mail server is set for {scope}")])
             if row.enabled != enabled:
-                _audit(s, self.actor, "server.enable" if enabled else "server.disable", _tenant_of(scope), scope,
+                self._audit(s, "server.enable" if enabled else "server.disable", _tenant_of(scope), scope,
                        [{"field": "enabled", "from": row.enabled, "to": enabled}])  # fmt: skip
                 row.enabled = enabled
                 row.version += 1
@@ -351,7 +359,7 @@ class Servers(_Part):
             if row is None:
                 raise NotFound([("server", f"no mail server is set for {scope}")])
             await s.delete(row)
-            _audit(s, self.actor, "server.delete", _tenant_of(scope), scope,
+            self._audit(s, "server.delete", _tenant_of(scope), scope,
                    [{"field": "server", "from": f"version {row.version}", "to": None}])  # fmt: skip
 
     # ---- resolution ----------------------------------------------------------------------------
@@ -448,7 +456,7 @@ class Servers(_Part):
                 row.version += 1
                 row.updated_at, row.updated_by = now(), self.actor
                 await _mend(s, row)
-                _audit(s, self.actor, "server.consent", _tenant_of(row.scope), row.scope,
+                self._audit(s, "server.consent", _tenant_of(row.scope), row.scope,
                        [{"field": path, "secret": "changed"}])  # fmt: skip
             return True
 
@@ -467,7 +475,7 @@ class Servers(_Part):
                 await s.delete(secret)
                 row.version += 1
                 row.updated_at, row.updated_by = now(), self.actor
-                _audit(s, self.actor, "server.consent_reset", _tenant_of(scope), scope,
+                self._audit(s, "server.consent_reset", _tenant_of(scope), scope,
                        [{"field": path, "secret": "removed"}])  # fmt: skip
             await s.flush()
             return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
@@ -480,7 +488,7 @@ class Servers(_Part):
             rows = (await s.execute(select(ServerSecret, MailServerRow.scope).join(MailServerRow))).all()
             for secret, scope in rows:
                 secret.ciphertext = self.keyring.rotate(scope, secret.field, secret.ciphertext)
-            _audit(s, self.actor, "keys.rotate", None, None, [{"field": "secrets", "from": None, "to": len(rows)}])
+            self._audit(s, "keys.rotate", None, None, [{"field": "secrets", "from": None, "to": len(rows)}])
             return len(rows)
 
 
