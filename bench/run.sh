@@ -20,8 +20,12 @@
 # 5. Fairness (bench/fairness.py): 100 tenants with their own servers, one black-holed, vs none.
 # 6. Scale (bench/scale.py): claim time, worker RSS and rate with 1,000 and SCALE_N queued
 #    messages, SQLite and PostgreSQL.
+# 7. HTTP submit (bench/http_load.py): HTTP_CLIENTS keep-alive clients POSTing /v1/messages to
+#    `mailgate serve --no-worker` for HTTP_SECONDS (wrk; `apt-get install -y wrk`), SQLite then
+#    PostgreSQL (skipped when unreachable). Not in the default PARTS: PARTS="http" or add it.
 # Env: PEERS (../shared/bench-peers), SCRATCH (/tmp/perfbase), N (5000), RUNS (3), LIMIT_N (20000),
 #      N_DURABLE (20000), WAN_N (200), SCALE_N (1000000), PARTS (all: "send durable wan fairness scale").
+#      HTTP_CLIENTS (200), HTTP_SECONDS (30).
 # Output: $SCRATCH/mailgate-results.jsonl and the table in $SCRATCH/mailgate-table.md.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,6 +44,11 @@ for n in "$N" "$RUNS" "$LIMIT_N" "$N_DURABLE" "$WAN_N"; do
     [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200000 ] || { echo "bad count $n"; exit 2; }
 done
 [[ "$SCALE_N" =~ ^[0-9]+$ ]] && [ "$SCALE_N" -ge 1000 ] && [ "$SCALE_N" -le 2000000 ] || { echo "bad SCALE_N"; exit 2; }
+HTTP_CLIENTS=${HTTP_CLIENTS:-200}
+HTTP_SECONDS=${HTTP_SECONDS:-30}
+for n in "$HTTP_CLIENTS" "$HTTP_SECONDS"; do
+    [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 3600 ] || { echo "bad HTTP_CLIENTS/HTTP_SECONDS $n"; exit 2; }
+done
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 OUT=$SCRATCH/mailgate-results.jsonl
 HOST=127.0.0.1
@@ -145,4 +154,9 @@ fi
 if part scale; then
     echo; echo "== scale: 1,000 vs $SCALE_N queued messages"
     "$MG" "$ROOT/bench/scale.py" --sizes "1000,$SCALE_N" | tee "$SCRATCH/mailgate-scale.jsonl"
+fi
+if part http; then
+    echo; echo "== HTTP submit: $HTTP_CLIENTS clients for $HTTP_SECONDS s, mailgate serve --no-worker"
+    command -v wrk >/dev/null || { echo "wrk not found: apt-get install -y wrk"; exit 2; }
+    "$MG" "$ROOT/bench/http_load.py" --db both --clients "$HTTP_CLIENTS" --duration "$HTTP_SECONDS" | tee "$SCRATCH/mailgate-http.txt"
 fi
