@@ -70,7 +70,7 @@ def serve(
         )  # fmt: skip
         if not await mg.api_tokens.any_system_admin():
             print("mailgate: no API token exists yet. Make the first admin token with:\n"
-                  "    mailgate tokens create --role system-admin\n"
+                  f"    {_command()} tokens create --role system-admin\n"
                   "(in this directory, or with the same --database-url); it is shown once.", flush=True)  # fmt: skip
         try:
             await server.serve()
@@ -79,6 +79,19 @@ def serve(
         print("mailgate: stopped", flush=True)
 
     with_service(ctx, work)
+
+
+def _command() -> str:
+    """How to call this mailgate again from here: `mailgate` when that is what PATH finds, else
+    the path it was started by (`make run` starts .venv/bin/mailgate)."""
+    import os
+    import shutil
+
+    me = os.path.realpath(sys.argv[0])
+    found = shutil.which("mailgate")
+    if found is not None and os.path.realpath(found) == me:
+        return "mailgate"
+    return os.path.relpath(me) if not os.path.relpath(me).startswith("..") else me
 
 
 @tokens_app.command("create")
