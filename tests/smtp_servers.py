@@ -162,6 +162,8 @@ class ServerConfig:
     # Offer and accept AUTH only once the session is encrypted (ignored for
     # implicit TLS, which always is).
     auth_require_tls: bool = True
+    # The reply to a wrong password (PLAIN, LOGIN, CRAM-MD5); None: aiosmtpd's 535 5.7.8.
+    auth_failure: str | None = None
     # Refuse MAIL/RCPT/DATA with 530 until the client authenticated.
     auth_required: bool = False
     pipelining: bool = False
@@ -601,7 +603,7 @@ class _Handler:
         self._record_auth(AuthAttempt(server.connection_log.index, mechanism, login, success))
         if success:
             return AuthResult(success=True, auth_data=_Identity(mechanism, login))
-        return AuthResult(success=False, handled=False)  # aiosmtpd replies 535 5.7.8
+        return AuthResult(success=False, handled=False, message=self.config.auth_failure)  # None: 535 5.7.8
 
     async def auth_CRAM__MD5(self, server: _RecordingSMTP, args: list[str]) -> AuthResult:
         """RFC 2195: challenge "<unique@host>", answer "user hex(HMAC-MD5(password, challenge))"."""

@@ -105,6 +105,8 @@ ROUTES = [
     route("POST", "/v1/servers/global/enable", None, {S: 200, A: 403, N: 403}),
     route("POST", "/v1/servers/global/disable", None, {S: 200, A: 403, N: 403}),
     route("POST", "/v1/servers/global/oauth/connect", None, {S: 200, A: 403, N: 403}),
+    route("POST", "/v1/servers/global/test", lambda t: {"to": "x@example.com", "dry_run": True},
+          {S: 200, A: 403, N: 403}),
     route("POST", "/v1/servers/global/oauth/reset", None, {S: 200, A: 403, N: 403}),
     *[
         route(method, "/v1/tenants/{t}/server" + suffix, body,
@@ -117,6 +119,7 @@ ROUTES = [
             ("POST", "/disable", None, 200),
             ("POST", "/oauth/connect", None, 200),
             ("POST", "/oauth/reset", None, 200),
+            ("POST", "/test", lambda t: {"to": "x@example.com", "dry_run": True}, 200),
         ]
     ],
     route("GET", "/v1/tenants", None, {S: 200, A: 200, N: 403}),

@@ -13,15 +13,15 @@ import copy
 import getpass
 import os
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .access import ApiTokens
 from .config import Config
 from .db.engine import Database, connect, database_url, ensure_schema
-from .errors import MessageError, SendingDisabled
+from .errors import MessageError, NotFound, SendingDisabled
 from .message import Address, Message
 from .oauth.cache import TokenCache
 from .oauth.consent import ConsentResult, Consents
@@ -30,6 +30,9 @@ from .outbox.store import Entry, Outbox, default_domain
 from .outbox.worker import Worker, WorkerStats
 from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
 from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenants, read_audit_log
+
+if TYPE_CHECKING:
+    from .diagnostics.testmail import StepReport
 
 CALLBACK_PATH = "/v1/oauth/callback"
 SUBMIT_RESOLVE_TTL = 1.0
@@ -153,6 +156,42 @@ class Mailgate:
 
         async with self.db.sessions() as s:
             await s.execute(text("SELECT 1"))
+
+    # ---- the test e-mail ------------------------------------------------------------------------
+
+    async def test_server(
+        self,
+        scope: str,
+        to: str,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        dry_run: bool = False,
+        secrets: Mapping[str, str] | None = None,
+    ) -> StepReport:
+        """Send a test e-mail through `scope`'s mail server ("global" or a tenant), as named steps
+        that stop at the first failure, each explained (diagnostics/testmail.py). `settings`: an
+        unsaved document to try instead of the saved one; its stored secrets are reused only when
+        no destination field changed. `dry_run`: stop before DATA (RSET), nothing is delivered."""
+        from .diagnostics.testmail import run_test
+        from .message import Address
+
+        try:
+            recipient = Address(to).address
+        except ValueError as e:
+            raise MessageError([("to", f"{to!r} is not a valid address: {e}")]) from None
+        if settings is None and not secrets:
+            loaded = await self.servers.loaded(scope)
+            if loaded is None:
+                raise NotFound([("server", f"no mail server is set for {scope}")])
+            server, source = loaded.server, "saved"
+        else:
+            if settings is None:
+                info = await self.servers.get(scope)
+                if info is None:
+                    raise NotFound([("server", f"no mail server is set for {scope}")])
+                settings = info.document
+            server, source = await self.servers.unsaved(scope, settings, secrets=secrets), "unsaved"
+        return await run_test(scope, server, recipient, tokens=self.tokens, dry_run=dry_run, source=source)
 
     # ---- delegated OAuth consent ---------------------------------------------------------------
 

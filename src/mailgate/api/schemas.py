@@ -112,6 +112,15 @@ class TenantPatch(_Input):
     may_set_support_address: bool | None = None
 
 
+class TestEmailIn(_Input):
+    """A test e-mail: to whom, whether to stop before DATA, and (optionally) unsaved settings to try
+    instead of the saved ones — a stored secret is reused only when no destination field changed."""
+
+    to: str = Field(max_length=320)
+    dry_run: bool = False
+    settings: dict[str, Any] | None = None
+
+
 class AuthorizeUrl(BaseModel):
     authorize_url: str
 

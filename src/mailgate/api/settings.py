@@ -15,7 +15,7 @@ from ..errors import NotFound
 from ..service import CALLBACK_PATH
 from .deps import Acting, Service, Who
 from .errors import ErrorReply
-from .schemas import AuthorizeUrl, Json, TenantIn, TenantPatch
+from .schemas import AuthorizeUrl, Json, TenantIn, TenantPatch, TestEmailIn
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorReply}, 403: {"model": ErrorReply}, 404: {"model": ErrorReply}, 422: {"model": ErrorReply},
@@ -127,6 +127,27 @@ async def _delete(mg: Any, scope: str) -> None:
     if await mg.servers.get(scope) is None:
         raise NotFound([("server", f"no mail server is set for {scope}")])
     await mg.servers.delete(scope)
+
+
+# ---- the test e-mail ---------------------------------------------------------------------------
+
+
+@router.post("/v1/servers/global/test", tags=["mail servers"])
+async def test_global_server(body: TestEmailIn, mg: Acting, who: Who) -> Json:
+    """Send a test e-mail through the global mail server: named steps that stop at the first
+    failure, each with its duration, details, and for the failed one the cause and the fix.
+    200 whether or not a step failed (`ok` says)."""
+    who.must_manage_settings("global")
+    result: Json = (await mg.test_server("global", body.to, body.settings, dry_run=body.dry_run)).to_dict()
+    return result
+
+
+@router.post("/v1/tenants/{tenant}/server/test", tags=["mail servers"])
+async def test_tenant_server(tenant: str, body: TestEmailIn, mg: Acting, who: Who) -> Json:
+    """Send a test e-mail through the tenant's own mail server, as named steps (see the global one)."""
+    await _may_manage(mg, who, tenant)
+    result: Json = (await mg.test_server(tenant, body.to, body.settings, dry_run=body.dry_run)).to_dict()
+    return result
 
 
 # ---- delegated OAuth consent -------------------------------------------------------------------

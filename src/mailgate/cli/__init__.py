@@ -1,10 +1,10 @@
 """The `mailgate` command line. Start-up stays fast: commands import what they need inside.
 
 Modules: `_common` (the app, exit statuses, shared plumbing), `send`, `queue` (worker and
-queue), `settings` (tenants, servers, keys, db), `serve` (the API, tokens).
+queue), `settings` (tenants, servers, keys, db), `serve` (the API, tokens), `testmail` (`mailgate test`).
 """
 
-from . import queue, send, serve, settings  # noqa: F401  (registers the commands)
+from . import queue, send, serve, settings, testmail  # noqa: F401  (registers the commands)
 from ._common import app
 
 

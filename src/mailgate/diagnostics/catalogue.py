@@ -184,3 +184,214 @@ def explain_graph_error(status: int, code: str | None) -> Explanation:
         return GRAPH["RequestEntityTooLarge"]
     what = f"Graph refused the request (HTTP {status}{f', {code}' if code else ''})."
     return _e(what, "Check the Graph settings; the attempt log has Graph's message.", broken=status in (401, 403, 404))
+
+
+# ---- SMTP (reference §3 Exchange Online, §6 Gmail, §7 RFC 5321) -------------------------------
+
+_CHECK_PASSWORD = ("Check the user name and password in the mail server settings (a mailbox with multi-factor "
+                   "sign-in needs an app password, or OAuth2).")  # fmt: skip
+
+# By enhanced status code; a reply's text may refine it (_SMTP_TEXT).
+SMTP: dict[str, Explanation] = {
+    "5.7.139": _e("The mail server turned SMTP AUTH off for this mailbox or the whole organization (535 5.7.139). "
+                  "This is not a password or token problem: signing in again cannot help.",
+                  "An Exchange admin enables authenticated SMTP for the mailbox (Set-CASMailbox <mailbox> "
+                  "-SmtpClientAuthenticationDisabled $false, or in the Microsoft 365 admin center → the user → Mail → "
+                  "Authenticated SMTP), or use Microsoft Graph (kind graph) instead."),
+    "5.7.3": _e("The server refused the credentials (535 5.7.3): a wrong password or token, a token for the wrong "
+                "audience or scope, or a user name that is not the mailbox.",
+                "Check auth.username (the mailbox address) and the password or token source. For an app-only token "
+                "(client credentials), an Exchange admin must also register the app's service principal in Exchange "
+                "(New-ServicePrincipal with the Enterprise application's object id) and grant it FullAccess to the "
+                "mailbox (Add-MailboxPermission)."),
+    "5.7.8": _e("The server refused the user name and password (535 5.7.8).", _CHECK_PASSWORD),
+    "5.7.30": _e("The server no longer accepts passwords for SMTP (550 5.7.30: Basic authentication is off).",
+                 "Switch auth to oauth2 (XOAUTH2 with a Microsoft token source) or use Microsoft Graph."),
+    "5.7.4": _e("The server does not accept this authentication mechanism (504 5.7.4): it wants another one — "
+                "Exchange Online and Gmail want XOAUTH2 once passwords are off.",
+                "Set auth.mechanism to auto, or use the method the server offers (oauth2 for XOAUTH2)."),
+    "5.7.57": _e("The server refused to take mail without authentication (5.7.57): AUTH did not happen before MAIL "
+                 "FROM.", "Set auth (password or oauth2) and security starttls-required, so AUTH is offered and used."),
+    "5.7.60": _e("The signed-in mailbox may not send as this From address (5.7.60).",
+                 "Use the mailbox's own address as from_address, or have an Exchange admin grant Send As "
+                 "(Add-RecipientPermission <from> -AccessRights SendAs -Trustee <mailbox>).", broken=False),
+    "5.2.252": _e("The signed-in mailbox may not send as this From address (554 5.2.252 SendAsDenied).",
+                  "Use the mailbox's own address as from_address, or grant Send As; new permissions can take an "
+                  "hour to apply.", broken=False),
+    "4.7.66": _e("The server refuses TLS 1.0 and 1.1 (421 4.7.66).", "Nothing to change in mailgate (it uses TLS 1.2 "
+                 "or newer); a TLS-intercepting proxy between here and the server may be downgrading it."),
+    "4.3.2": _e("The mailbox has too many SMTP connections at once (432 4.3.2; Exchange Online allows 3).",
+                "Set quota.max_concurrent_connections to 3 (or fewer) for this server.", transient=True),
+    "4.5.3": _e("Too many recipients in one transaction (452 4.5.3).",
+                "Nothing to change: mailgate sends the rest in another transaction.", transient=True),
+    "5.2.2": _e("The mailbox's sending quota is used up (5.2.2: submission quota exceeded; Exchange Online: 10,000 "
+                "recipients a day, 30 messages a minute), or the mailbox is full.",
+                "Set quota.recipients_per_day and quota.messages_per_minute to the provider's limits, send from "
+                "more mailboxes, or use a bulk service; a full mailbox needs its Sent Items cleared.", broken=False),
+    "5.1.8": _e("The provider blocked this account from sending (550 5.1.8 bad outbound sender), usually after spam "
+                "from a compromised account.", "Secure the account, then a Microsoft 365 admin releases it under "
+                "Restricted users in Microsoft Defender (https://security.microsoft.com/restrictedusers)."),
+    "5.7.705": _e("Microsoft blocked this tenant's outbound mail (550 5.7.705): it sent too much spam.",
+                  "Fix the compromised accounts, then ask Microsoft Support to lift the block."),
+    "5.7.708": _e("Microsoft does not accept mail from this sending IP (550 5.7.708), typical for new or trial "
+                  "tenants.", "A Microsoft 365 admin asks Support for an exception."),
+    "5.7.750": _e("Microsoft refuses mail from an unregistered domain (550 5.7.750).",
+                  "Add and verify the sender's domain as an accepted domain in Microsoft 365."),
+    "5.7.512": _e("The server refused the message's From header (550 5.7.512).",
+                  "Check from_address: it must be a valid address.", broken=False),
+    "5.6.11": _e("The server refused bare line feeds in the message (550 5.6.11).",
+                 "Report it: mailgate sends CRLF line ends.", broken=False),
+    "5.7.1": _e("The server refused to relay (5.7.1): it does not take mail from this client, sender or for this "
+                "recipient without authentication.", "Set auth for this server, or have its admin allow this "
+                "machine's address to relay."),
+    "5.1.1": _e("The recipient's address does not exist (5.1.1).", "Correct the recipient.", broken=False),
+}  # fmt: skip
+
+
+def explain_smtp_reply(code: int | None, enhanced: str | None, text: str = "", *, app_only: bool = False,
+                       mechanism: str | None = None) -> Explanation:  # fmt: skip
+    """What an SMTP refusal means, by its enhanced code (and, for a few, its text)."""
+    lowered = text.lower()
+    if enhanced == "5.7.139" and "security defaults" in lowered:
+        return _e(
+            "Security defaults block this sign-in (535 5.7.139).",
+            "Use oauth2 (XOAUTH2) instead of a password, or have an Entra ID admin review security defaults.",
+        )
+    if enhanced == "5.7.139" and "did not meet the criteria" in lowered:
+        return _e(
+            "A sign-in policy (Conditional Access, or a multi-factor requirement) blocks this sign-in (535 5.7.139).",
+            "Use oauth2 (XOAUTH2); an Entra ID admin reviews the sign-in logs and policies.",
+        )
+    if "sendasdenied" in lowered:
+        return SMTP["5.2.252"]
+    if enhanced == "5.7.3" and mechanism == "XOAUTH2" and app_only:
+        return _e(
+            "Exchange refused the app-only token (535 5.7.3). The most common cause: the app's service "
+            "principal is not registered in Exchange Online, or it has no permission on this mailbox.",
+            "An Exchange admin runs New-ServicePrincipal -AppId <client id> -ObjectId <the Enterprise "
+            "application's object id> and Add-MailboxPermission -Identity <mailbox> -User <that object id> "
+            "-AccessRights FullAccess; check also that the token scope is "
+            "https://outlook.office365.com/.default and auth.username is the mailbox.",
+        )
+    if enhanced in SMTP:
+        return SMTP[enhanced]
+    if code == 504 or (enhanced or "").startswith("5.5.4"):
+        return SMTP["5.7.4"]
+    if code == 535 or code == 534:
+        return _e(f"The server refused the credentials ({code} {enhanced or ''}).".replace(" )", ")"), _CHECK_PASSWORD)
+    if code is not None and 400 <= code < 500:
+        return _e(
+            f"The server answered {code}{' ' + enhanced if enhanced else ''}: a temporary refusal.",
+            _RETRY,
+            transient=True,
+        )
+    return _e(
+        f"The server refused ({code}{' ' + enhanced if enhanced else ''}).",
+        "Read the server's reply in the details; its administrator can say more.",
+        broken=False,
+    )
+
+
+def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, security: str = "",
+                       app_only: bool = False) -> Explanation:  # fmt: skip
+    """What a failed SMTP session means: DNS, connection, timeout, TLS, security, AUTH, replies."""
+    from ..smtp.errors import (
+        SMTPAuthError,
+        SMTPConnectError,
+        SMTPSecurityError,
+        SMTPTimeoutError,
+        SMTPTLSError,
+    )
+
+    text = str(e)
+    lowered = text.lower()
+    where = f"{host}:{port}" if host else "the mail server"
+    if isinstance(e, SMTPConnectError) and "cannot resolve" in lowered:
+        return _e(
+            f"The mail server's name {host!r} does not resolve (DNS).",
+            "Check smtp.host for a typo (Exchange Online: smtp.office365.com; Gmail: smtp.gmail.com); this "
+            "machine's DNS must find it.",
+        )
+    if isinstance(e, SMTPConnectError) and getattr(e, "code", None) is None:
+        return _e(
+            f"Nothing accepted the connection at {where} ({text.split(': ', 1)[-1]}).",
+            "Check smtp.host and smtp.port (587 with starttls, 465 with tls, 25 for a relay), that the server "
+            "runs, and that no firewall blocks this machine.",
+        )
+    if isinstance(e, SMTPTimeoutError):
+        if "connecting" in lowered:
+            return _e(
+                f"{where} did not answer the connection in time: a firewall drops the packets, or the "
+                "host or port is wrong (many networks block outgoing port 25).",
+                "Check smtp.host and smtp.port, and that this machine may connect out to that port.",
+                transient=True,
+            )
+        return _e(f"{where} stopped answering ({text}).", _RETRY, transient=True)
+    if isinstance(e, SMTPTLSError):
+        if "expired" in lowered:
+            return _e(
+                f"The certificate of {where} has expired.",
+                "The server's administrator renews its certificate. (Turning verify_certificate off would "
+                "send the password to whoever answers.)",
+            )
+        if "mismatch" in lowered or "doesn't match" in lowered or "not valid for" in lowered:
+            return _e(
+                f"The certificate of {where} is for another host name.",
+                "Use the host name the certificate names in smtp.host (e.g. smtp.office365.com, not an IP "
+                "address or an alias).",
+            )
+        if "self-signed" in lowered or "self signed" in lowered or "local issuer" in lowered:
+            return _e(
+                f"The certificate of {where} is not signed by a trusted authority (self-signed or a private CA).",
+                "Give the CA's certificate in smtp.ca_file, or have the server use a public certificate.",
+            )
+        if "wrong_version_number" in lowered or "wrong version number" in lowered:
+            return _e(
+                f"{where} does not speak TLS from the start: it is a plain SMTP port.",
+                "Use security starttls-required with this port (usually 587), or port 465 for security tls.",
+            )
+        if "protocol_version" in lowered or "unsupported_protocol" in lowered or "no protocols" in lowered:
+            return _e(
+                f"{where} offers only TLS versions older than 1.2, which mailgate refuses.",
+                "The server's administrator enables TLS 1.2 or 1.3.",
+            )
+        return _e(f"TLS with {where} failed ({text}).", "Check smtp.security and smtp.port, and smtp.ca_file.")
+    if isinstance(e, SMTPSecurityError):
+        if "does not offer starttls" in lowered or "did not offer starttls" in lowered:
+            return _e(
+                f"{where} does not offer STARTTLS, and mailgate will not send credentials or mail unencrypted "
+                f"(security {security or 'starttls-required'}).",
+                "Use the server's TLS port (587 with starttls-required, 465 with tls); only for a relay on a "
+                "trusted network, set security none.",
+            )
+        return _e(text, "Check smtp.security.")
+    if isinstance(e, SMTPAuthError):
+        if e.code is None and e.mechanism is None:
+            return _e(
+                f"{where} offers no authentication mechanism mailgate may use here ({text}).",
+                "Use the method the server offers: oauth2 when it offers XOAUTH2 only (Exchange Online, "
+                "Gmail); a password needs PLAIN, LOGIN or CRAM-MD5 over TLS.",
+            )
+        return explain_smtp_reply(e.code, e.enhanced, e.reply or "", app_only=app_only, mechanism=e.mechanism)
+    code, enhanced = getattr(e, "code", None), getattr(e, "enhanced", None)
+    if code is not None:
+        return explain_smtp_reply(code, enhanced, getattr(e, "reply", None) or "", app_only=app_only)
+    return _e(text or type(e).__name__, "Read the details; the protocol log shows the conversation.")
+
+
+def permission_problem(claims: dict[str, object], *, large_attachments: bool) -> Explanation | None:
+    """What a Graph access token lacks for sending (its `roles`, app-only, or `scp`, delegated)."""
+    roles = claims.get("roles") or []
+    granted = set(roles if isinstance(roles, list) else []) | set(str(claims.get("scp") or "").split())
+    needed = ["Mail.Send"] + (["Mail.ReadWrite"] if large_attachments else [])
+    missing = [p for p in needed if p not in granted]
+    if not claims:
+        return None  # an opaque token: nothing to check before sending
+    if missing:
+        what = " and ".join(missing)
+        return _e(f"The access token does not grant {what} (it has: {', '.join(sorted(granted)) or 'nothing'}).",
+                  f"In Entra ID → App registrations → the app → API permissions, add the Microsoft Graph application "
+                  f"permission {what} and press \"Grant admin consent\"; tokens carry it a few minutes later."
+                  + (" Mail.ReadWrite is needed because graph.large_attachments is on." if "Mail.ReadWrite" in missing
+                     else ""))  # fmt: skip
+    return None

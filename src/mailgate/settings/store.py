@@ -271,21 +271,7 @@ class Servers(_Part):
             if row is not None:
                 stored = {x.field: x for x in await s.scalars(_secrets_of(row))}
                 old = _stored_server(row)
-            kept = {path for path in fields if path not in given and path not in cleared and path in stored}
-            problems: list[tuple[str, str]] = []
-            if kept and old is not None:
-                before = destination(old)
-                moved = [k for k, v in destination(server).items() if before.get(k) != v]
-                if moved:
-                    problems += [
-                        (path, f"give it again: {', '.join(moved)} changed, and a stored secret is never "
-                               "sent to a destination it was not saved for")
-                        for path in sorted(kept)
-                    ]  # fmt: skip
-            missing = [p for p in required_secrets(server) if p not in given and p not in kept]
-            problems += [(p, "is required") for p in missing]
-            if problems:
-                raise SettingsError(problems)
+            kept = _kept_secrets(server, fields, given, cleared, set(stored), old)
 
             old_public = _server_info(row, set(stored)).document if row is not None else {}
             old_enabled = row.enabled if row is not None else None
@@ -326,6 +312,36 @@ class Servers(_Part):
             changes += [{"field": p, "secret": "removed"} for p in sorted(set(stored) - kept - set(given))]
             self._audit(s, "server.set", _tenant_of(scope), scope, changes)
         return info
+
+    async def unsaved(
+        self, scope: str, document: Mapping[str, Any] | MailServer, *, secrets: Mapping[str, str] | None = None
+    ) -> MailServer:
+        """The server `document` describes, with its secrets, as `set` would save it — the stored
+        secrets kept under the same rule (only when no destination field changed) — without
+        saving anything: for a test e-mail of settings not saved yet."""
+        server = document if isinstance(document, MailServer) else parse_server(dict(document))
+        fields = secret_fields(server)
+        given = {path: value for path in fields if (value := secret_value(server, path)) is not None}
+        for path, value in (secrets or {}).items():
+            if path not in fields:
+                raise SettingsError([(path, _not_a_secret_here(server, path))])
+            given[path] = value
+        cleared = {path for path in fields if path not in given and secret_cleared(server, path)}
+        async with self.db.sessions() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope)
+            stored = {x.field: x for x in await s.scalars(_secrets_of(row))} if row is not None else {}
+            old = _stored_server(row) if row is not None else None
+        kept = _kept_secrets(server, fields, given, cleared, set(stored), old)
+        values = {**given, **{p: self.keyring.decrypt(scope, p, stored[p].ciphertext) for p in kept}}
+        doc = {**storable_document(server), "enabled": server.enabled}
+        for path, value in values.items():
+            *parents, name = path.split(".")
+            node = doc
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[name] = value
+        return parse_server(doc)
 
     async def enable(self, scope: str) -> ServerInfo:
         """Switch the server on ("use mail server")."""
@@ -502,6 +518,35 @@ async def read_audit_log(db: Database, tenant_id: str | None = None, *, limit: i
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+
+def _kept_secrets(
+    server: MailServer,
+    fields: tuple[str, ...],
+    given: Mapping[str, str],
+    cleared: set[str],
+    stored: set[str],
+    old: MailServer | None,
+) -> set[str]:
+    """The stored secrets that stay: those neither given nor cleared — refused (SettingsError) when
+    a destination field changed, since a stored secret is never sent where it was not saved for;
+    and every required secret must be given or kept."""
+    kept = {path for path in fields if path not in given and path not in cleared and path in stored}
+    problems: list[tuple[str, str]] = []
+    if kept and old is not None:
+        before = destination(old)
+        moved = [k for k, v in destination(server).items() if before.get(k) != v]
+        if moved:
+            problems += [
+                (path, f"give it again: {', '.join(moved)} changed, and a stored secret is never "
+                       "sent to a destination it was not saved for")
+                for path in sorted(kept)
+            ]  # fmt: skip
+    missing = [p for p in required_secrets(server) if p not in given and p not in kept]
+    problems += [(p, "is required") for p in missing]
+    if problems:
+        raise SettingsError(problems)
+    return kept
 
 
 def _check_tenant_id(tenant_id: str) -> None:

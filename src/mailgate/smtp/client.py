@@ -161,24 +161,32 @@ class SMTPClient:
         await self.quit()
 
     async def connect(self) -> None:
-        """Connect, read the greeting, EHLO, STARTTLS as configured, EHLO again, and AUTH."""
+        """Connect, read the greeting, EHLO, STARTTLS as configured, EHLO again, and AUTH.
+
+        The same phases are public one by one (`open`, `read_greeting`, `ehlo`, `starttls`,
+        `authenticate`) for the test e-mail, which reports each as a step."""
         cfg = self.config
         try:
-            await self._open()
-            greeting = (await self._proto_().read(1, cfg.protocol_timeout))[0]
-            self.greeting = greeting
-            if greeting.code != 220:
-                raise SMTPConnectError.from_reply(f"{cfg.server} refused the session", greeting)
-            await self._ehlo()
+            await self.open()
+            await self.read_greeting()
+            await self.ehlo()
             if cfg.security in ("starttls", "starttls-required"):
-                await self._starttls()
+                await self.starttls()
             if cfg.auth is not None:
-                await self._authenticate(cfg.auth)
+                await self.authenticate(cfg.auth)
         except BaseException:
             self.close()
             raise
 
-    async def _open(self) -> None:
+    async def read_greeting(self) -> Reply:
+        greeting = (await self._proto_().read(1, self.config.protocol_timeout))[0]
+        self.greeting = greeting
+        if greeting.code != 220:
+            raise SMTPConnectError.from_reply(f"{self.config.server} refused the session", greeting)
+        return greeting
+
+    async def open(self) -> None:
+        """The TCP connection (and, for security tls, the TLS handshake)."""
         cfg = self.config
         loop = asyncio.get_running_loop()
         proto = SMTPProtocol(loop, self._log)
@@ -204,7 +212,8 @@ class SMTPClient:
         if self._log:
             self._log(f"-- connected to {cfg.server}" + (f" ({self.tls_version})" if ctx else ""))
 
-    async def _ehlo(self) -> None:
+    async def ehlo(self) -> None:
+        """EHLO (HELO for a server from before ESMTP); the extensions go to `extensions`."""
         name = self.config.helo_name or default_helo_name()
         reply = await self.command(f"EHLO {name}")
         self._learn({})
@@ -228,7 +237,9 @@ class SMTPClient:
                 return
         raise SMTPResponseError.from_reply("the server refused EHLO", reply)
 
-    async def _starttls(self) -> None:
+    async def starttls(self) -> None:
+        """STARTTLS when offered (an error when not offered and security is starttls-required),
+        then EHLO again."""
         cfg = self.config
         required = cfg.security == "starttls-required"
         if "STARTTLS" not in self.extensions:
@@ -263,7 +274,7 @@ class SMTPClient:
             raise SMTPDisconnectedError("the server closed the connection during the TLS handshake")
         proto.transport = transport
         self._note_tls()
-        await self._ehlo()  # RFC 3207: forget what was learnt before TLS
+        await self.ehlo()  # RFC 3207: forget what was learnt before TLS
 
     def _note_tls(self) -> None:
         transport = self._proto_().transport
@@ -272,7 +283,8 @@ class SMTPClient:
         self.tls_version = sslobj.version() if sslobj is not None else "TLS"
         self.peer_certificate = sslobj.getpeercert() if sslobj is not None else None
 
-    async def _authenticate(self, creds: Credentials) -> None:
+    async def authenticate(self, creds: Credentials) -> None:
+        """AUTH with the best mechanism both sides have (`auth_mechanism` says which)."""
         cfg = self.config
         if not self.tls_active and cfg.security != "none":
             secret = "access token" if isinstance(creds, _auth.OAuth2Auth) else "password"
@@ -332,6 +344,24 @@ class SMTPClient:
         return self._proto
 
     # ---- transactions --------------------------------------------------------------------------
+
+    async def mail(self, mail_from: str, recipients: list[str], data: bytes) -> Reply:
+        """MAIL FROM alone, with the parameters `data` needs (SIZE, BODY, SMTPUTF8), for a test
+        that reports each command; `send` is the way to send."""
+        params, _ = self._mail_parameters(mail_from, recipients, data)
+        return await self.command(f"MAIL FROM:<{mail_from}>{params}")
+
+    async def data(self, data: bytes) -> Reply:
+        """DATA, then the message (dot-stuffed) and its final dot: the server's final reply (or its
+        refusal of DATA itself)."""
+        reply = await self.command("DATA")
+        if reply.code != 354:
+            return reply
+        proto = self._proto_()
+        if self._log:
+            self._log(f"C: [message, {len(data):,} bytes]")
+        proto.write(_dot_stuff(data) + b".\r\n")
+        return (await proto.read(1, self.config.protocol_timeout))[0]
 
     async def send(self, envelope: Envelope, data: bytes) -> Delivery:
         """Hand `data` (RFC 5322 bytes) to the server for every recipient of `envelope`.

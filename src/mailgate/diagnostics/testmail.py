@@ -1,0 +1,420 @@
+"""The test e-mail: a mail server's settings tried as named steps, stopping at the first failure,
+each with its duration, what it found, and — when it failed — the catalogue's cause and fix.
+
+SMTP: resolve settings → dns → connect → greeting → ehlo → tls → token → auth → mail from →
+rcpt to → data → queued. Graph: resolve settings → token → permissions → sendMail. With
+`dry_run` the SMTP test says RSET instead of DATA and the Graph test stops before sendMail:
+nothing is delivered. A token is never shown: only its decoded claims (audience, roles or
+scopes, tenant, expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from ..errors import DeliveryError, InvalidInput
+from ..message import Message
+from ..oauth.cache import TokenCache, graph_token_source, smtp_token_source
+from ..settings.document import MailServer, OAuth2AuthSettings, PasswordAuthSettings
+from .catalogue import Explanation, explain_smtp_error, explain_smtp_reply
+
+Status = Literal["ok", "failed", "skipped"]
+SMTP_STEPS = ("resolve settings", "dns", "connect", "greeting", "ehlo", "tls", "token", "auth", "mail from",
+              "rcpt to", "data", "queued")  # fmt: skip
+GRAPH_STEPS = ("resolve settings", "token", "permissions", "sendMail")
+_QUEUE_ID = re.compile(r"(?:queued as|id=|Ok:?)\s*<?([A-Za-z0-9][A-Za-z0-9._@-]{3,})>?", re.IGNORECASE)
+
+
+@dataclass
+class Step:
+    name: str
+    status: Status = "skipped"
+    duration_ms: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+    explanation: Explanation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "status": self.status, "duration_ms": round(self.duration_ms, 1),
+                               "details": self.details}  # fmt: skip
+        if self.explanation is not None:
+            out["cause"], out["fix"] = self.explanation.cause, self.explanation.fix
+        return out
+
+
+@dataclass
+class StepReport:
+    scope: str
+    kind: str
+    to: str
+    dry_run: bool
+    steps: list[Step]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status != "failed" for s in self.steps)
+
+    @property
+    def failed(self) -> Step | None:
+        return next((s for s in self.steps if s.status == "failed"), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        failed = self.failed
+        return {
+            "scope": self.scope,
+            "kind": self.kind,
+            "to": self.to,
+            "dry_run": self.dry_run,
+            "ok": self.ok,
+            "failed_step": failed.name if failed else None,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+
+class _Failed(Exception):
+    pass
+
+
+class _Run:
+    """Runs steps in order; the first failure marks the rest skipped."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.steps = {n: Step(n) for n in names}
+        self.stopped = False
+
+    async def step(self, name: str, work: Callable[[Step], Awaitable[None]]) -> None:
+        step = self.steps[name]
+        if self.stopped:
+            return
+        started = time.perf_counter()
+        try:
+            await work(step)
+            if step.status == "skipped" and "skipped" not in step.details:
+                step.status = "ok"
+        except _Failed:
+            step.status = "failed"
+            self.stopped = True
+        finally:
+            step.duration_ms = (time.perf_counter() - started) * 1000
+
+    def fail(self, step: Step, explanation: Explanation, **details: Any) -> _Failed:
+        step.explanation = explanation
+        step.details.update(details)
+        return _Failed()
+
+
+def probe_message(server: MailServer, to: str) -> Message:
+    return Message(
+        from_=server.from_address if not server.from_name else f"{server.from_name} <{server.from_address}>",
+        to=to,
+        subject="mailgate test e-mail",
+        text="This is a test e-mail from mailgate: the mail server settings work.\r\n",
+    )
+
+
+async def run_test(
+    scope: str, server: MailServer, to: str, *, tokens: TokenCache, dry_run: bool = False, source: str = "saved"
+) -> StepReport:
+    """Try `server` (with its secrets) by sending a test e-mail to `to` (or, dry, up to RCPT TO)."""
+    if server.kind == "graph":
+        steps = await _graph(scope, server, to, tokens, dry_run, source)
+        return StepReport(scope, "graph", to, dry_run, steps)
+    return StepReport(scope, "smtp", to, dry_run, await _smtp(scope, server, to, tokens, dry_run, source))
+
+
+# ---- SMTP --------------------------------------------------------------------------------------
+
+
+async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str) -> list[Step]:
+    from ..smtp import OAuth2Auth, SMTPClient
+    from ..smtp.errors import SMTPError
+    from ..transports.smtp import smtp_config
+
+    assert server.smtp is not None
+    s = server.smtp
+    run = _Run(SMTP_STEPS)
+    auth = server.auth
+    app_only = isinstance(auth, OAuth2AuthSettings) and auth.token.grant == "client_credentials"
+    client: SMTPClient | None = None
+    token_handle: Any = None
+    message = probe_message(server, to)
+
+    def explain(e: BaseException) -> Explanation:
+        return explain_smtp_error(e, host=s.host, port=s.effective_port, security=s.security, app_only=app_only)
+
+    async def resolve(step: Step) -> None:
+        nonlocal client, token_handle
+        step.details.update(scope=scope, settings=source, kind="smtp", host=s.host, port=s.effective_port,
+                            security=s.security, verify_certificate=s.verify_certificate,
+                            auth=getattr(auth, "method", "none"), from_address=server.from_address)  # fmt: skip
+        try:
+            if isinstance(auth, OAuth2AuthSettings):
+                token_handle = tokens.handle(smtp_token_source(server, name=f"the {scope} mail server"))
+            client = SMTPClient(smtp_config(server, token=token_handle))
+        except DeliveryError as e:  # a delegated source nobody connected yet
+            raise run.fail(step, getattr(e, "explanation", None) or explain(e), error=str(e)) from None
+
+    async def dns(step: Step) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(s.host, s.effective_port, type=socket.SOCK_STREAM), server.connection.connect_timeout
+            )
+        except (OSError, TimeoutError) as e:
+            from ..smtp.errors import SMTPConnectError
+
+            error = SMTPConnectError(f"cannot resolve {s.host!r}: {getattr(e, 'strerror', None) or e}")
+            raise run.fail(step, explain(error), error=str(error)) from None
+        step.details["addresses"] = sorted({str(i[4][0]) for i in infos})
+
+    async def connect(step: Step) -> None:
+        assert client is not None
+        try:
+            await client.open()
+        except SMTPError as e:
+            raise run.fail(step, explain(e), error=str(e)) from None
+        step.details["server"] = client.config.server
+        if s.security == "tls":
+            step.details["tls"] = client.tls_version
+
+    async def greeting(step: Step) -> None:
+        assert client is not None
+        try:
+            reply = await client.read_greeting()
+        except SMTPError as e:
+            raise run.fail(step, explain(e), error=str(e)) from None
+        step.details["reply"] = str(reply)
+
+    async def ehlo(step: Step) -> None:
+        assert client is not None
+        try:
+            await client.ehlo()
+        except SMTPError as e:
+            raise run.fail(step, explain(e), error=str(e)) from None
+        step.details["capabilities"] = [f"{k} {v}".strip() for k, v in client.extensions.items()]
+
+    async def tls(step: Step) -> None:
+        assert client is not None
+        if s.security == "none":
+            step.details["skipped"] = "security is none: no TLS"
+            return
+        if s.security in ("starttls", "starttls-required"):
+            try:
+                await client.starttls()
+            except SMTPError as e:
+                raise run.fail(step, explain(e), error=str(e)) from None
+            if not client.tls_active:
+                step.details["skipped"] = "the server does not offer STARTTLS (security starttls: sent unencrypted)"
+                return
+        step.details.update(_certificate(client.tls_version, client.peer_certificate, s.verify_certificate))
+        step.details["capabilities_after_tls"] = [f"{k} {v}".strip() for k, v in client.extensions.items()]
+
+    async def token(step: Step) -> None:
+        if token_handle is None:
+            step.details["skipped"] = "auth is not oauth2"
+            return
+        try:
+            access = await token_handle()
+        except DeliveryError as e:
+            explanation = getattr(e, "explanation", None) or explain(e)
+            raise run.fail(step, explanation, error=str(e)) from None
+        step.details.update(_token_details(access.value, access.expires_at, access.scope))
+
+    async def authenticate(step: Step) -> None:
+        assert client is not None
+        if client.config.auth is None:
+            step.details["skipped"] = "auth is none"
+            return
+        step.details["offered"] = client.auth_mechanisms
+        try:
+            await client.authenticate(client.config.auth)
+        except SMTPError as e:
+            raise run.fail(step, explain(e), error=str(e)) from None
+        step.details["used"] = client.auth_mechanism
+        creds = client.config.auth
+        step.details["username"] = creds.username if isinstance(creds, OAuth2Auth) else _username(auth)
+
+    async def mail_from(step: Step) -> None:
+        assert client is not None
+        envelope = message.envelope(mail_from=server.envelope_from)
+        step.details["from"] = envelope.mail_from
+        await _command(run, step, lambda: client.mail(envelope.mail_from, list(envelope.rcpt_to), _body()), explain,
+                       app_only)  # fmt: skip
+
+    async def rcpt_to(step: Step) -> None:
+        assert client is not None
+        step.details["to"] = to
+        await _command(run, step, lambda: client.command(f"RCPT TO:<{to}>"), explain, app_only)
+
+    async def data(step: Step) -> None:
+        assert client is not None
+        if dry_run:
+            await client.rset()
+            step.details["skipped"] = "dry run: RSET instead of DATA, nothing was delivered"
+            return
+        await _command(run, step, lambda: client.data(_body()), explain, app_only)
+
+    async def queued(step: Step) -> None:
+        reply = run.steps["data"].details.get("reply", "")
+        if dry_run or not reply:
+            step.details["skipped"] = "dry run" if dry_run else "no reply"
+            return
+        match = _QUEUE_ID.search(reply)
+        step.details["queue_id"] = match.group(1) if match else None
+        step.details["message_id"] = message.message_id
+
+    body: bytes | None = None
+
+    def _body() -> bytes:
+        nonlocal body
+        if body is None:
+            assert client is not None
+            body = message.compose(utf8=client.smtputf8 and bool(s.utf8_headers))
+        return body
+
+    try:
+        for name, work in zip(SMTP_STEPS, (resolve, dns, connect, greeting, ehlo, tls, token, authenticate,
+                                            mail_from, rcpt_to, data, queued), strict=True):  # fmt: skip
+            await run.step(name, work)
+    finally:
+        if client is not None:
+            if client.is_connected:
+                await client.quit()
+            else:
+                client.close()
+    return list(run.steps.values())
+
+
+async def _command(
+    run: _Run, step: Step, send: Callable[[], Awaitable[Any]], explain: Callable[[BaseException], Explanation],
+    app_only: bool,
+) -> None:  # fmt: skip
+    from ..smtp.errors import SMTPError
+
+    try:
+        reply = await send()
+    except (SMTPError, InvalidInput) as e:
+        raise run.fail(step, explain(e), error=str(e)) from None
+    step.details["reply"] = str(reply)
+    if not 200 <= reply.code < 400:
+        raise run.fail(step, explain_smtp_reply(reply.code, reply.enhanced, reply.text, app_only=app_only))
+
+
+def _username(auth: Any) -> str | None:
+    return auth.username if isinstance(auth, PasswordAuthSettings) else None
+
+
+def _certificate(version: str | None, cert: dict[str, Any] | None, verified: bool) -> dict[str, Any]:
+    def name(rdns: Any) -> str:
+        return ", ".join(f"{k}={v}" for rdn in rdns or () for k, v in rdn)
+
+    out: dict[str, Any] = {"version": version, "verified": verified}
+    if cert:  # empty when not verified: Python hands out the parsed certificate only after verification
+        out.update(subject=name(cert.get("subject")), issuer=name(cert.get("issuer")),
+                   expires=cert.get("notAfter"),
+                   names=[v for k, v in cert.get("subjectAltName", ()) if k == "DNS"])  # fmt: skip
+    return out
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """The payload of a JWT (not verified: for showing what the token says), or None."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (binascii.Error, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _token_details(token: str, expires_at: float, scope: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"expires": datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds")}
+    if scope:
+        out["granted_scope"] = scope
+    claims = jwt_claims(token)
+    if claims is None:
+        out["format"] = "opaque (not a JWT): nothing to decode"
+        return out
+    out["format"] = "JWT"
+    for key, shown in (("aud", "audience"), ("roles", "roles"), ("scp", "scopes"), ("tid", "tenant"),
+                       ("appid", "app"), ("azp", "app"), ("upn", "user"), ("unique_name", "user")):  # fmt: skip
+        if key in claims and shown not in out:
+            out[shown] = claims[key]
+    if isinstance(out.get("scopes"), str):
+        out["scopes"] = out["scopes"].split()
+    return out
+
+
+# ---- Graph -------------------------------------------------------------------------------------
+
+
+async def _graph(scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str) -> list[Step]:
+    from .catalogue import permission_problem
+
+    assert server.graph is not None
+    g = server.graph
+    run = _Run(GRAPH_STEPS)
+    handle = tokens.handle(graph_token_source(server))
+    claims: dict[str, Any] = {}
+
+    async def resolve(step: Step) -> None:
+        step.details.update(scope=scope, settings=source, kind="graph", endpoint=g.endpoint, mailbox=g.mailbox,
+                            directory_id=g.directory_id, client_id=g.client_id,
+                            large_attachments=g.large_attachments)  # fmt: skip
+
+    async def token(step: Step) -> None:
+        try:
+            access = await handle()
+        except DeliveryError as e:
+            raise run.fail(step, getattr(e, "explanation", None) or _generic(e), error=str(e)) from None
+        details = _token_details(access.value, access.expires_at, access.scope)
+        claims.update(jwt_claims(access.value) or {})
+        step.details.update(details)
+
+    async def permissions(step: Step) -> None:
+        problem = permission_problem(claims, large_attachments=g.large_attachments)
+        step.details["needed"] = ["Mail.Send"] + (["Mail.ReadWrite"] if g.large_attachments else [])
+        step.details["granted"] = sorted(set(claims.get("roles") or []) | set(str(claims.get("scp", "")).split()))
+        if problem is not None:
+            raise run.fail(step, problem)
+
+    async def send_mail(step: Step) -> None:
+        from ..transports.graph import GraphTransport
+
+        if dry_run:
+            step.details["skipped"] = "dry run: nothing was sent"
+            return
+        message = probe_message(server, to)
+        transport = GraphTransport(server, handle, tokens.http)
+        try:
+            delivery = await transport.send(message.envelope(), message)
+        except DeliveryError as e:
+            raise run.fail(step, getattr(e, "explanation", None) or _generic(e), error=str(e)) from None
+        [result] = delivery.results
+        step.details.update(status=result.code, reply=result.text, message_id=message.message_id)
+        if result.outcome.value != "accepted":
+            from .catalogue import explain_graph_error
+
+            raise run.fail(step, explain_graph_error(result.code or 0, None))
+
+    for name, work in zip(GRAPH_STEPS, (resolve, token, permissions, send_mail), strict=True):
+        await run.step(name, work)
+    return list(run.steps.values())
+
+
+def _generic(e: BaseException) -> Explanation:
+    return Explanation(str(e), "Read the details.", transient=getattr(e, "transient", False))

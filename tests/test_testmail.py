@@ -1,0 +1,333 @@
+"""The test e-mail: every step against real servers on 127.0.0.1, the dry run, each failure named
+with its cause and fix, and stored secrets never sent to a changed destination (Keycloak #39486)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import certs
+from conftest import TEST_KEY
+from fakes.identity import FakeIdentityProvider
+from mailgate import Mailgate, SettingsError
+from mailgate.config import Config
+from smtp_servers import RecordingServer, ServerConfig, serve, serve_in_thread
+
+PASSWORD = "correct horse battery staple"
+TO = "admin@acme.example"
+
+
+@pytest.fixture
+async def mg(tmp_path: Path) -> AsyncIterator[Mailgate]:
+    async with Mailgate.open(f"sqlite:///{tmp_path}/m.db", secret_keys=TEST_KEY, actor="admin", config=Config()) as m:
+        await m.tenants.add("acme", may_use_own_server=True)
+        yield m
+
+
+def doc(server: RecordingServer, *, security: str = "starttls-required", auth: dict[str, Any] | None = None,
+        host: str | None = None, port: int | None = None, **smtp: Any) -> dict[str, Any]:  # fmt: skip
+    return {"kind": "smtp", "from_address": "no-reply@acme.example",
+            "smtp": {"host": host or server.host, "port": port or server.port, "security": security,
+                     "ca_file": str(server.ca_file) if server.ca_file else None, **smtp},
+            "auth": auth if auth is not None else {"method": "password", "username": "user@example.com",
+                                                   "password": PASSWORD},
+            "connection": {"connect_timeout": 3, "protocol_timeout": 5}}  # fmt: skip
+
+
+def steps(report: Any) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in report.to_dict()["steps"]}
+
+
+STARTTLS_AUTH = ServerConfig(security="starttls-required", auth={"PLAIN", "LOGIN"})
+
+
+async def test_every_step_reports_what_it_found(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server:
+        await mg.servers.set("acme", doc(server))
+        report = await mg.test_server("acme", TO)
+        assert [m.rcpt_tos for m in server.messages] == [[TO]]
+    found = steps(report)
+    assert report.ok and list(found) == ["resolve settings", "dns", "connect", "greeting", "ehlo", "tls", "token",
+                                         "auth", "mail from", "rcpt to", "data", "queued"]  # fmt: skip
+    assert all(s["status"] == "ok" for n, s in found.items() if n != "token")
+    assert found["token"]["status"] == "skipped"
+    assert found["dns"]["details"]["addresses"] == ["127.0.0.1"]
+    assert found["greeting"]["details"]["reply"].startswith("220")
+    assert any(c.startswith("STARTTLS") for c in found["ehlo"]["details"]["capabilities"])
+    tls = found["tls"]["details"]
+    assert (
+        tls["version"] in ("TLSv1.2", "TLSv1.3")
+        and tls["verified"] is True
+        and tls["issuer"] == "commonName=mailgate test CA"
+    )
+    assert tls["expires"] and tls["subject"]
+    assert (
+        sorted(found["auth"]["details"]["offered"]) == ["LOGIN", "PLAIN"]
+        and found["auth"]["details"]["used"] == "PLAIN"
+    )
+    assert found["data"]["details"]["reply"].startswith("250")
+    assert found["queued"]["details"]["queue_id"]
+    assert PASSWORD not in str(report.to_dict())
+
+
+async def test_dry_run_delivers_nothing(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server:
+        await mg.servers.set("global", doc(server))
+        report = await mg.test_server("global", TO, dry_run=True)
+        assert server.messages == [] and "RSET" in server.commands
+    found = steps(report)
+    assert report.ok and found["rcpt to"]["status"] == "ok"
+    assert found["data"]["status"] == "skipped" and "nothing was delivered" in found["data"]["details"]["skipped"]
+
+
+async def test_a_wrong_password_fails_at_auth_and_stops(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server:
+        await mg.servers.set("acme", doc(server, auth={"method": "password", "username": "user@example.com",
+                                                       "password": "wrong"}))  # fmt: skip
+        report = await mg.test_server("acme", TO)
+    found = steps(report)
+    assert not report.ok and report.failed is not None and report.failed.name == "auth"
+    assert found["auth"]["cause"] and "password" in found["auth"]["fix"]
+    assert [found[n]["status"] for n in ("mail from", "rcpt to", "data", "queued")] == ["skipped"] * 4
+
+
+async def _report(mg: Mailgate, server: RecordingServer, **kw: Any) -> dict[str, Any]:
+    await mg.servers.set("acme", doc(server, **kw))
+    report = (await mg.test_server("acme", TO)).to_dict()
+    failed = next(s for s in report["steps"] if s["status"] == "failed")
+    return failed
+
+
+async def test_dns_failure(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server:
+        failed = await _report(mg, server, host="smtp.does-not-exist.invalid")
+    assert failed["name"] == "dns" and "does not resolve" in failed["cause"] and "smtp.host" in failed["fix"]
+
+
+async def test_connection_refused(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server:
+        port = server.port
+    async with serve(STARTTLS_AUTH) as other:  # a server only to make the document; the port above is closed
+        failed = await _report(mg, other, port=port)
+    assert failed["name"] == "connect" and "Nothing accepted the connection" in failed["cause"]
+    assert "smtp.port" in failed["fix"]
+
+
+async def test_starttls_required_but_not_offered(mg: Mailgate) -> None:
+    async with serve(ServerConfig(security="none", auth={"PLAIN"}, auth_require_tls=False)) as server:
+        failed = await _report(mg, server)
+    assert failed["name"] == "tls" and "does not offer STARTTLS" in failed["cause"]
+
+
+async def test_untrusted_certificate(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server:
+        await mg.servers.set("acme", {**doc(server), "smtp": {**doc(server)["smtp"], "ca_file": None}})
+        failed = next(s for s in (await mg.test_server("acme", TO)).to_dict()["steps"] if s["status"] == "failed")
+    assert failed["name"] == "tls" and "not signed by a trusted authority" in failed["cause"]
+    assert "ca_file" in failed["fix"]
+
+
+@pytest.mark.parametrize(("case", "words"), [("wrong host", "another host name"), ("expired", "has expired")])
+async def test_wrong_host_and_expired_certificates(mg: Mailgate, tmp_path: Path, case: str, words: str) -> None:
+    ca = certs.make_ca("mailgate bad-cert CA")
+    bad = {"wrong host": ca.issue(hostnames=["wrong.example"], ips=[]),
+           "expired": ca.issue(not_before=certs.days_ago(30), not_after=certs.days_ago(1))}[case]  # fmt: skip
+    config = ServerConfig(security="starttls-required", auth={"PLAIN"}, ssl_context=bad.server_context(),
+                          ca_file=ca.write(tmp_path))  # fmt: skip
+    async with serve(config) as server:
+        failed = await _report(mg, server)
+    assert failed["name"] == "tls" and words in failed["cause"]
+
+
+async def test_implicit_tls_against_a_plain_port(mg: Mailgate) -> None:
+    async with serve(ServerConfig(security="none")) as server:
+        failed = await _report(mg, server, security="tls", auth={"method": "none"})
+    assert failed["name"] == "connect"
+    assert "plain SMTP port" in failed["cause"] or "did not answer" in failed["cause"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "words"),
+    [
+        ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. "
+         "Visit https://aka.ms/smtp_auth_disabled for more information.", "SMTP AUTH off"),
+        ("535 5.7.3 Authentication unsuccessful", "refused the credentials"),
+        ("504 5.7.4 Unrecognized authentication type", "does not accept this authentication mechanism"),
+        ("535 5.7.139 Authentication unsuccessful, the user credentials were incorrect, user is locked by your "
+         "organization's security defaults policy", "Security defaults"),
+    ],
+    ids=["5.7.139", "5.7.3", "504-5.7.4", "security-defaults"],
+)  # fmt: skip
+async def test_auth_refusals_are_explained(mg: Mailgate, reply: str, words: str) -> None:
+    config = ServerConfig(security="starttls-required", auth={"PLAIN"}, password="not what we send",
+                          auth_failure=reply)  # fmt: skip
+    async with serve(config) as server:
+        failed = await _report(mg, server)
+    assert failed["name"] == "auth" and words in failed["cause"], failed
+
+
+@pytest.mark.parametrize(
+    ("hook", "reply", "step", "words"),
+    [
+        ("mail_reply", "550 5.7.60 SMTP; Client does not have permissions to send as this sender", "mail from",
+         "may not send as"),
+        ("mail_reply", "530 5.7.57 Client not authenticated to send mail", "mail from", "without authentication"),
+        ("rcpt_reply", "550 5.1.1 User unknown", "rcpt to", "does not exist"),
+        ("data_reply", "554 5.2.252 SendAsDenied; no-reply@acme.example not allowed to send as x", "data",
+         "may not send as"),
+        ("mail_reply", "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "mail from",
+         "too many SMTP connections"),
+    ],
+    ids=["5.7.60", "5.7.57", "5.1.1", "5.2.252", "4.3.2"],
+)  # fmt: skip
+async def test_transaction_refusals_are_explained(mg: Mailgate, hook: str, reply: str, step: str, words: str) -> None:
+    config = ServerConfig(security="starttls-required", auth={"PLAIN"}, **{hook: lambda *a: reply})
+    async with serve(config) as server:
+        failed = await _report(mg, server)
+    assert failed["name"] == step and words in failed["cause"], failed
+
+
+# ---- unsaved settings and stored secrets -------------------------------------------------------
+
+
+async def test_unsaved_settings_reuse_the_stored_password_for_the_same_destination(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server:
+        await mg.servers.set("acme", doc(server))
+        unsaved = doc(server)
+        unsaved["auth"] = {"method": "password", "username": "user@example.com"}  # the password left out
+        unsaved["from_name"] = "Acme notifications"
+        report = await mg.test_server("acme", TO, settings=unsaved)
+    assert report.ok and steps(report)["resolve settings"]["details"]["settings"] == "unsaved"
+
+
+async def test_a_stored_password_is_not_sent_to_a_changed_host(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server, serve(STARTTLS_AUTH) as attacker:
+        await mg.servers.set("acme", doc(server))
+        moved = doc(attacker)
+        moved["auth"] = {"method": "password", "username": "user@example.com", "password": {"set": True}}
+        with pytest.raises(SettingsError, match="give it again"):
+            await mg.test_server("acme", TO, settings=moved)
+        assert attacker.auth_attempts == [] and attacker.connection_count == 0
+        moved["auth"]["password"] = PASSWORD  # given again: then it may go there
+        assert (await mg.test_server("acme", TO, settings=moved)).ok
+
+
+# ---- oauth2: the token step --------------------------------------------------------------------
+
+TENANT_ID = "0b8e4a5c-1d2f-4e3a-9b7c-5d6e7f8a9b0c"
+CLIENT = "11111111-2222-3333-4444-555555555555"
+SECRET = "Qx~8Q~secret.value-that-is-long_enough"
+MAILBOX = "noreply@contoso.example"
+
+
+def oauth_doc(idp: FakeIdentityProvider, server: RecordingServer, secret: str = SECRET) -> dict[str, Any]:
+    return {"from_address": MAILBOX, "smtp": {"host": server.host, "port": server.port, "security": "none"},
+            "auth": {"method": "oauth2", "username": MAILBOX,
+                     "token": {"grant": "client_credentials", "provider": "microsoft", "authority": idp.url,
+                               "directory_id": TENANT_ID, "client_id": CLIENT, "client_secret": secret}},
+            "connection": {"connect_timeout": 5, "protocol_timeout": 5}}  # fmt: skip
+
+
+@pytest.fixture
+def idp() -> Iterator[FakeIdentityProvider]:
+    with FakeIdentityProvider() as fake:
+        fake.add_tenant(TENANT_ID)
+        fake.add_app(CLIENT, SECRET, roles=("SMTP.SendAsApp",))
+        yield fake
+
+
+def xoauth2(idp: FakeIdentityProvider, **kw: Any) -> ServerConfig:
+    return ServerConfig(security="none", auth={"XOAUTH2"}, auth_require_tls=False, username=MAILBOX,
+                        xoauth2_style="exchange", **{"token_check": idp.check, **kw})  # fmt: skip
+
+
+async def test_the_token_step_shows_the_decoded_claims_never_the_token(mg: Mailgate, idp: FakeIdentityProvider) -> None:
+    async with serve(xoauth2(idp)) as server:
+        await mg.servers.set("acme", oauth_doc(idp, server))
+        report = await mg.test_server("acme", TO)
+    found = steps(report)
+    assert report.ok, report.to_dict()
+    token = found["token"]["details"]
+    assert token["format"] == "JWT" and token["tenant"] == TENANT_ID and token["roles"] == ["SMTP.SendAsApp"]
+    assert token["audience"] == "https://outlook.office365.com" and token["expires"]
+    assert found["auth"]["details"]["used"] == "XOAUTH2"
+    [issued] = idp.issued  # the access token itself appears nowhere in the report
+    assert issued not in str(report.to_dict()) and SECRET not in str(report.to_dict())
+
+
+async def test_an_app_only_token_refused_with_5_7_3_points_at_the_service_principal(
+    mg: Mailgate, idp: FakeIdentityProvider
+) -> None:
+    async with serve(xoauth2(idp, token_check=lambda token: False)) as server:
+        await mg.servers.set("acme", oauth_doc(idp, server))
+        failed = (await mg.test_server("acme", TO)).failed
+    assert failed is not None and failed.name == "auth" and failed.explanation is not None
+    assert "service principal" in failed.explanation.cause and "New-ServicePrincipal" in failed.explanation.fix
+
+
+async def test_a_secret_id_pasted_for_the_secret_fails_at_the_token_step(
+    mg: Mailgate, idp: FakeIdentityProvider
+) -> None:
+    async with serve(xoauth2(idp)) as server:
+        await mg.servers.set("acme", oauth_doc(idp, server, secret="8c3a3f7e-0d3b-4a1e-9f6e-2b8f1c9d7e6a"))
+        report = await mg.test_server("acme", TO)
+        assert server.auth_attempts == []
+    failed = report.failed
+    assert failed is not None and failed.name == "token" and failed.explanation is not None
+    assert "AADSTS7000215" in failed.explanation.cause and "Value" in failed.explanation.fix
+
+
+# ---- through the API and the CLI ---------------------------------------------------------------
+
+
+async def test_the_api_runs_the_test_for_a_tenant_admin(mg: Mailgate) -> None:
+    import httpx2
+
+    from mailgate.api import create_app
+
+    token, _ = await mg.api_tokens.create("tenant-admin", "acme")
+    async with serve(STARTTLS_AUTH) as server:
+        await mg.servers.set("acme", doc(server))
+        transport = httpx2.ASGITransport(app=create_app(mg))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://mailgate.test",
+                                      headers={"Authorization": f"Bearer {token}"}) as http:  # fmt: skip
+            reply = await http.post("/v1/tenants/acme/server/test", json={"to": TO})
+            assert reply.status_code == 200 and reply.json()["ok"] is True
+            assert [m.rcpt_tos for m in server.messages] == [[TO]]
+            unsaved = {**doc(server), "auth": {"method": "password", "username": "user@example.com",
+                                               "password": "wrong"}}  # fmt: skip
+            reply = await http.post("/v1/tenants/acme/server/test", json={"to": TO, "settings": unsaved})
+            body = reply.json()
+            assert reply.status_code == 200 and body["ok"] is False and body["failed_step"] == "auth"
+            assert "wrong" not in reply.text
+            reply = await http.post("/v1/tenants/acme/server/test", json={"to": "not an address"})
+            assert reply.status_code == 422 and reply.json()["problems"][0]["field"] == "to"
+
+
+def test_the_cli_prints_each_step_and_exits_1_on_a_failure(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    mailgate = str(Path(sys.executable).with_name("mailgate"))
+    env = {**os.environ, "MAILGATE_SECRET_KEYS": TEST_KEY, "MAILGATE_DATABASE_URL": f"sqlite:///{tmp_path}/c.db"}
+    with serve_in_thread(STARTTLS_AUTH) as server:
+        path = tmp_path / "global.json"
+        path.write_text(json.dumps(doc(server)))
+        subprocess.run([mailgate, "servers", "set", "global", "--file", str(path)], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        ok = subprocess.run([mailgate, "test", "global", "--to", TO, "--dry-run"], env=env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert "every step passed" in ok.stdout and "ok       auth" in ok.stdout and "skipped  data" in ok.stdout
+        wrong = {**doc(server), "auth": {"method": "password", "username": "user@example.com"}}
+        path.write_text(json.dumps(wrong))
+        failed = subprocess.run([mailgate, "test", "global", "--to", TO, "--file", str(path), "--secret-stdin",
+                                 "auth.password"], env=env, input="wrong\n", capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        assert failed.returncode == 1 and "FAILED   auth" in failed.stdout and "fix:" in failed.stdout
+        assert server.messages == []
