@@ -285,6 +285,9 @@ async def test_broken_credentials_wait_then_fixed_settings_deliver(open_mg: Open
         shown = await mg.servers.get("global")
         resolution = await mg.resolve("acme")
         assert resolution.broken_reason is not None and "535" in resolution.broken_reason
+        # The catalogue's words, the same the test e-mail uses: the cause and the fix.
+        assert "refused the user name and password" in resolution.broken_reason
+        assert "Fix: Check the user name and password" in resolution.broken_reason
         logins = len(server.auth_attempts)
         for pk in pks:
             detail = (await mg.queue.get(pk)).to_dict()
@@ -561,3 +564,15 @@ async def test_submit_many_keeps_each_message_with_its_own_id(open_mg: Opener) -
                 detail = (await mg.queue.get(pk)).to_dict()
                 assert detail["subject"] == m.subject
                 assert [r["recipient"] for r in detail["recipient_outcomes"]] == [m.recipients[0].address]
+
+
+async def test_a_refused_recipient_is_explained_in_the_attempt_log(open_mg: Opener) -> None:
+    mg = await open_mg()
+    config = ServerConfig(rcpt_reply=lambda rcpt, i: "550 5.1.1 User unknown" if rcpt.startswith("gone") else None)
+    async with serve(config) as server:
+        await setup(mg, server)
+        pk = await mg.submit("acme", note(to=["gone@example.org", "here@example.org"]))
+        await mg.run_worker(until_idle=True)
+    [attempt] = (await mg.queue.get(pk)).to_dict()["attempt_log"]
+    assert attempt["outcome"] == "mixed"
+    assert "The recipient's address does not exist (5.1.1). Fix: Correct the recipient." in attempt["note"]
