@@ -3,6 +3,7 @@ with its cause and fix, and stored secrets never sent to a changed destination (
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -149,45 +150,65 @@ async def test_implicit_tls_against_a_plain_port(mg: Mailgate) -> None:
     assert "plain SMTP port" in failed["cause"] or "did not answer" in failed["cause"]
 
 
-@pytest.mark.parametrize(
-    ("reply", "words"),
-    [
-        ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. "
-         "Visit https://aka.ms/smtp_auth_disabled for more information.", "SMTP AUTH off"),
-        ("535 5.7.3 Authentication unsuccessful", "refused the credentials"),
-        ("504 5.7.4 Unrecognized authentication type", "does not accept this authentication mechanism"),
-        ("535 5.7.139 Authentication unsuccessful, the user credentials were incorrect, user is locked by your "
-         "organization's security defaults policy", "Security defaults"),
-    ],
-    ids=["5.7.139", "5.7.3", "504-5.7.4", "security-defaults"],
-)  # fmt: skip
-async def test_auth_refusals_are_explained(mg: Mailgate, reply: str, words: str) -> None:
-    config = ServerConfig(security="starttls-required", auth={"PLAIN"}, password="not what we send",
-                          auth_failure=reply)  # fmt: skip
-    async with serve(config) as server:
-        failed = await _report(mg, server)
-    assert failed["name"] == "auth" and words in failed["cause"], failed
+# Every SMTP entry of the catalogue, provoked against a real server: (where the server says it, its
+# reply, the step that fails, words of the explanation). A test below checks none is missing.
+# fmt: off
+SMTP_CASES = [
+    ("auth_failure", "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. "
+     "Visit https://aka.ms/smtp_auth_disabled for more information.", "auth", "SMTP AUTH off"),
+    ("auth_failure", "535 5.7.139 Authentication unsuccessful, the user credentials were incorrect, user is locked by "
+     "your organization's security defaults policy", "auth", "Security defaults"),
+    ("auth_failure", "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be "
+     "authenticated successfully", "auth", "Conditional Access"),
+    ("auth_failure", "535 5.7.3 Authentication unsuccessful", "auth", "refused the credentials"),
+    ("auth_failure", "535-5.7.8 Username and Password not accepted. For more information, go to\r\n"
+     "535 5.7.8  https://support.google.com/mail/?p=BadCredentials", "auth", "user name and password"),
+    ("auth_failure", "504 5.7.4 Unrecognized authentication type", "auth", "does not accept this authentication"),
+    ("auth_failure", "550 5.7.30 Basic authentication is not supported for Client Submission", "auth",
+     "no longer accepts passwords"),
+    ("mail_reply", "530 5.7.57 Client not authenticated to send mail", "mail from", "without authentication"),
+    ("mail_reply", "550 5.7.60 SMTP; Client does not have permissions to send as this sender", "mail from",
+     "may not send as"),
+    ("data_reply", "554 5.2.252 SendAsDenied; no-reply@acme.example not allowed to send as x", "data",
+     "may not send as"),
+    ("mail_reply", "421 4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade/update your client to support "
+     "TLS 1.2", "mail from", "TLS 1.0 and 1.1"),
+    ("mail_reply", "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "mail from",
+     "too many SMTP connections"),
+    ("rcpt_reply", "452 4.5.3 Too many recipients", "rcpt to", "Too many recipients"),
+    ("data_reply", "554 5.2.2 STOREDRV.Submission.Exception:SubmissionQuotaExceededException", "data",
+     "sending quota is used up"),
+    ("mail_reply", "550 5.1.8 Access denied, bad outbound sender", "mail from", "blocked this account"),
+    ("mail_reply", "550 5.7.705 Access denied, tenant has exceeded threshold", "mail from", "blocked this tenant"),
+    ("mail_reply", "550 5.7.708 Access denied, traffic not accepted from this IP", "mail from", "sending IP"),
+    ("mail_reply", "550 5.7.750 Client blocked from sending from unregistered domain", "mail from",
+     "unregistered domain"),
+    ("data_reply", "550 5.7.512 Access denied, message must be RFC 5322 section 3.6.2 compliant", "data",
+     "From header"),
+    ("data_reply", "550 5.6.11 SMTPSEND.BareLinefeedsAreIllegal", "data", "bare line feeds"),
+    ("rcpt_reply", "550 5.7.1 Unable to relay", "rcpt to", "refused to relay"),
+    ("rcpt_reply", "550 5.1.1 User unknown", "rcpt to", "does not exist"),
+]
+# fmt: on
 
 
-@pytest.mark.parametrize(
-    ("hook", "reply", "step", "words"),
-    [
-        ("mail_reply", "550 5.7.60 SMTP; Client does not have permissions to send as this sender", "mail from",
-         "may not send as"),
-        ("mail_reply", "530 5.7.57 Client not authenticated to send mail", "mail from", "without authentication"),
-        ("rcpt_reply", "550 5.1.1 User unknown", "rcpt to", "does not exist"),
-        ("data_reply", "554 5.2.252 SendAsDenied; no-reply@acme.example not allowed to send as x", "data",
-         "may not send as"),
-        ("mail_reply", "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "mail from",
-         "too many SMTP connections"),
-    ],
-    ids=["5.7.60", "5.7.57", "5.1.1", "5.2.252", "4.3.2"],
-)  # fmt: skip
-async def test_transaction_refusals_are_explained(mg: Mailgate, hook: str, reply: str, step: str, words: str) -> None:
-    config = ServerConfig(security="starttls-required", auth={"PLAIN"}, **{hook: lambda *a: reply})
+@pytest.mark.parametrize(("hook", "reply", "step", "words"), SMTP_CASES, ids=[c[1][:12] for c in SMTP_CASES])
+async def test_each_smtp_refusal_is_explained(mg: Mailgate, hook: str, reply: str, step: str, words: str) -> None:
+    kw: dict[str, Any] = {hook: reply} if hook == "auth_failure" else {hook: lambda *a: reply}
+    config = ServerConfig(security="starttls-required", auth={"PLAIN"}, **kw)
+    if hook == "auth_failure":
+        config = ServerConfig(security="starttls-required", auth={"PLAIN"}, password="not what we send", **kw)
     async with serve(config) as server:
         failed = await _report(mg, server)
     assert failed["name"] == step and words in failed["cause"], failed
+    assert failed["fix"]
+
+
+def test_every_smtp_catalogue_entry_has_a_case() -> None:
+    from mailgate.diagnostics.catalogue import SMTP
+
+    provoked = {re.search(r"\d\.\d\.\d+", reply).group(0) for _, reply, _, _ in SMTP_CASES}  # type: ignore[union-attr]
+    assert set(SMTP) <= provoked, set(SMTP) - provoked
 
 
 # ---- unsaved settings and stored secrets -------------------------------------------------------
