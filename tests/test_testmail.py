@@ -12,6 +12,7 @@ import pytest
 
 import certs
 from conftest import TEST_KEY
+from fakes.graph import FakeGraph
 from fakes.identity import FakeIdentityProvider
 from mailgate import Mailgate, SettingsError
 from mailgate.config import Config
@@ -352,3 +353,49 @@ def test_the_cli_prints_each_step_and_exits_1_on_a_failure(tmp_path: Path) -> No
                                 timeout=60)  # fmt: skip
         assert failed.returncode == 1 and "FAILED   auth" in failed.stdout and "fix:" in failed.stdout
         assert server.messages == []
+
+
+# ---- Graph -------------------------------------------------------------------------------------
+
+GRAPH_TENANT = "7f0c2b9e-0000-4000-8000-00000000c0de"
+GRAPH_APP = "22222222-3333-4444-5555-666666666666"
+GRAPH_SECRET = "Gr~aph.secret-value_0123456789"
+GRAPH_MAILBOX = "notifications@contoso.example"
+
+
+def graph_doc(idp: FakeIdentityProvider, graph: FakeGraph, **settings: Any) -> dict[str, Any]:
+    return {"kind": "graph", "from_address": GRAPH_MAILBOX,
+            "graph": {"authority": idp.url, "endpoint": graph.url, "directory_id": GRAPH_TENANT,
+                      "client_id": GRAPH_APP, "client_secret": GRAPH_SECRET, "mailbox": GRAPH_MAILBOX, **settings},
+            "connection": {"connect_timeout": 5, "protocol_timeout": 10}}  # fmt: skip
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_graph_steps(mg: Mailgate, dry_run: bool) -> None:
+    with FakeIdentityProvider() as idp:
+        idp.add_tenant(GRAPH_TENANT)
+        idp.add_app(GRAPH_APP, GRAPH_SECRET, roles=("Mail.Send",))
+        with FakeGraph(idp) as graph:
+            graph.add_mailbox(GRAPH_MAILBOX)
+            await mg.servers.set("acme", graph_doc(idp, graph))
+            report = await mg.test_server("acme", TO, dry_run=dry_run)
+            sent = [r for r in graph.requests if r.path.endswith("/sendMail")]
+    found = steps(report)
+    assert report.ok and list(found) == ["resolve settings", "token", "permissions", "sendMail"]
+    assert found["token"]["details"]["roles"] == ["Mail.Send"] and found["token"]["details"]["tenant"] == GRAPH_TENANT
+    assert found["permissions"]["details"]["granted"] == ["Mail.Send"]
+    assert (found["sendMail"]["status"], len(sent)) == (("skipped", 0) if dry_run else ("ok", 1))
+
+
+async def test_graph_without_mail_read_write_for_large_attachments(mg: Mailgate) -> None:
+    with FakeIdentityProvider() as idp:
+        idp.add_tenant(GRAPH_TENANT)
+        idp.add_app(GRAPH_APP, GRAPH_SECRET, roles=("Mail.Send",))
+        with FakeGraph(idp) as graph:
+            graph.add_mailbox(GRAPH_MAILBOX)
+            await mg.servers.set("acme", graph_doc(idp, graph, large_attachments=True))
+            report = await mg.test_server("acme", TO)
+            assert not [r for r in graph.requests if r.path.endswith("/sendMail")]
+    failed = report.failed
+    assert failed is not None and failed.name == "permissions" and failed.explanation is not None
+    assert "Mail.ReadWrite" in failed.explanation.cause and "Grant admin consent" in failed.explanation.fix
