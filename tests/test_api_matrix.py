@@ -105,6 +105,7 @@ ROUTES = [
     route("POST", "/v1/servers/global/enable", None, {S: 200, A: 403, N: 403}),
     route("POST", "/v1/servers/global/disable", None, {S: 200, A: 403, N: 403}),
     route("POST", "/v1/servers/global/oauth/connect", None, {S: 200, A: 403, N: 403}),
+    route("GET", "/v1/servers/global/health", None, {S: 200, A: 403, N: 403}),
     route("POST", "/v1/servers/global/test", lambda t: {"to": "x@example.com", "dry_run": True},
           {S: 200, A: 403, N: 403}),
     route("POST", "/v1/servers/global/oauth/reset", None, {S: 200, A: 403, N: 403}),
@@ -120,6 +121,7 @@ ROUTES = [
             ("POST", "/oauth/connect", None, 200),
             ("POST", "/oauth/reset", None, 200),
             ("POST", "/test", lambda t: {"to": "x@example.com", "dry_run": True}, 200),
+            ("GET", "/health", None, 200),
         ]
     ],
     route("GET", "/v1/tenants", None, {S: 200, A: 200, N: 403}),

@@ -129,6 +129,25 @@ async def _delete(mg: Any, scope: str) -> None:
     await mg.servers.delete(scope)
 
 
+# ---- credential health -------------------------------------------------------------------------
+
+
+@router.get("/v1/servers/global/health", tags=["mail servers"])
+async def global_server_health(mg: Acting, who: Who) -> Json:
+    """Status, last successful send, last failure, token expiry, consent, coming expiries."""
+    who.must_manage_settings("global")
+    result: Json = (await mg.servers.health("global")).to_dict()
+    return result
+
+
+@router.get("/v1/tenants/{tenant}/server/health", tags=["mail servers"])
+async def tenant_server_health(tenant: str, mg: Acting, who: Who) -> Json:
+    """The tenant's own mail server: status, last successful send, last failure, token expiry."""
+    await _may_manage(mg, who, tenant)
+    result: Json = (await mg.servers.health(tenant)).to_dict()
+    return result
+
+
 # ---- the test e-mail ---------------------------------------------------------------------------
 
 

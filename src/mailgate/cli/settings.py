@@ -127,6 +127,44 @@ def _show_tenant(t: TenantInfo, as_json: bool) -> None:
 # ---- servers -----------------------------------------------------------------------------------
 
 
+@servers_app.command("health")
+def servers_health(
+    ctx: typer.Context,
+    scope: Annotated[str | None, typer.Argument(help="'global' or a tenant's id (default: every server).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Credential health: status, last successful send, last failure, token expiry, consent, and
+    what is known of coming expiries (client secrets, refresh tokens)."""
+
+    async def work(mg: Mailgate) -> Any:
+        if scope is not None:
+            return [await mg.servers.health(scope)]
+        scopes = ["global"] + [t.id for t in await mg.tenants.list()]
+        found = []
+        for each in scopes:
+            if await mg.servers.get(each) is not None:
+                found.append(await mg.servers.health(each))
+        return found
+
+    health = [h.to_dict() for h in with_service(ctx, work, as_json)]
+    if as_json:
+        print(dumps(health))
+        return
+    for h in health:
+        print(f"{h['scope']} (version {h['version']}, {h['kind']}): {h['status']}")
+        if h["broken"]:
+            print(f"  broken since {h['broken']['since']}: {h['broken']['reason']}")
+        print(f"  last success:  {h['last_success_at'] or '-'}")
+        failure = h["last_failure"]
+        print(f"  last failure:  {failure['at'] + ': ' + failure['text'] if failure else '-'}")
+        if h["token_expires_at"]:
+            print(f"  access token expires: {h['token_expires_at']}")
+        if h["consented_at"]:
+            print(f"  consent given: {h['consented_at']}")
+        for note in h["notes"]:
+            print(f"  note: {note}")
+
+
 @servers_app.command("set")
 def servers_set(
     ctx: typer.Context,

@@ -104,6 +104,14 @@ class MailServerRow(Base):
     # its messages wait instead of hammering it. Saving or enabling the server clears it.
     broken_reason: Mapped[str | None] = mapped_column(Text)
     broken_at: Mapped[datetime | None]
+    # Credential health, written by workers (at most every few seconds per server): the last send
+    # a server accepted, the last failure of the server itself (not a recipient's), the expiry of
+    # the access token a worker holds, and when an admin last gave consent (delegated grant).
+    last_success_at: Mapped[datetime | None]
+    last_failure_at: Mapped[datetime | None]
+    last_failure: Mapped[str | None] = mapped_column(Text)
+    token_expires_at: Mapped[datetime | None]
+    consented_at: Mapped[datetime | None]
 
 
 class ServerSecret(Base):

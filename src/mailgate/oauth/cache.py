@@ -123,6 +123,11 @@ class TokenCache:
             entry.task.add_done_callback(_retrieve)
         return await asyncio.shield(entry.task)
 
+    def peek(self, source: TokenSource) -> AccessToken | None:
+        """The token held for `source` now, if any (nothing is fetched)."""
+        entry = self._entries.get(source.key())
+        return entry.token if entry is not None else None
+
     def invalidate(self, source: TokenSource, token: AccessToken | None = None) -> None:
         """The server refused `token` (or whatever is cached): fetch a new one next time."""
         entry = self._entries.get(source.key())
@@ -196,6 +201,10 @@ class TokenHandle:
 
     async def __call__(self) -> AccessToken:
         return await self.cache.get(self.source)
+
+    @property
+    def current(self) -> AccessToken | None:
+        return self.cache.peek(self.source)
 
     def invalidate(self, token: AccessToken | None = None) -> None:
         self.cache.invalidate(self.source, token)

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -174,6 +174,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._housekeeping_at = self._purge_at = 0.0
         self.heartbeat = time.monotonic()  # the claim loop's last turn: /readyz reads it
+        self._health: dict[int, dict[str, Any]] = {}  # server id → news for its credential health
+        self._token_expiry: dict[int, datetime] = {}  # as last written
 
     @property
     def pools(self) -> Pools:
@@ -218,6 +220,7 @@ class Worker:
         self.heartbeat = time.monotonic()
         if loop.time() >= self._housekeeping_at:
             await self._release_held()
+            await self._write_health()
             self._pools.sweep()
             await self._slots.renew()  # the connection slots of open connections
             self._housekeeping_at = loop.time() + HOUSEKEEPING_EVERY
@@ -430,6 +433,8 @@ class Worker:
         await recorder.close()
         if untried:
             self.stats.released += await self.outbox.release(self.name, untried)
+        with contextlib.suppress(*DATABASE_ERRORS):
+            await self._write_health()
         await self._pools.aclose()
 
     def _count(self, o: Recorded) -> None:
@@ -538,8 +543,41 @@ class Worker:
                 outcome = await self._broken(r.c, r.finish, text, **code, **r.where)
             elif explanation is not None and outcome.outcome not in ("accepted", "quota"):
                 outcome.note = _join(outcome.note, str(explanation))
+            self._note_health(lane.key[0], result, explanation)
             outcomes.append(outcome)
         return outcomes
+
+    def _note_health(self, server_id: int, result: Delivery | BaseException, explanation: Explanation | None) -> None:
+        """A send the server accepted, or a failure of the server itself (not a recipient's)."""
+        news = self._health.setdefault(server_id, {})
+        if isinstance(result, Delivery):
+            if any(r.outcome is Outcome.ACCEPTED for r in result.results):
+                news["last_success_at"] = now()
+        elif isinstance(result, DeliveryError) and not isinstance(result, QuotaWait):
+            text = result.message
+            if explanation is not None and explanation.cause not in text:
+                text = f"{text} — {explanation}"
+            news["last_failure_at"], news["last_failure"] = now(), text
+
+    async def _write_health(self) -> None:
+        """Every few seconds: what the sends said of each server, and its access token's expiry."""
+        for server_id, handle in self._pools.token_handles.items():
+            token = handle.current
+            if token is not None:
+                expires = datetime.fromtimestamp(token.expires_at, UTC)
+                if self._token_expiry.get(server_id) != expires:
+                    self._health.setdefault(server_id, {})["token_expires_at"] = expires
+                    self._token_expiry[server_id] = expires
+        news = {k: v for k, v in self._health.items() if v}
+        self._health = {}
+        if news:
+            try:
+                await self.servers.record_health(news)
+            except BaseException:
+                for server_id, values in news.items():  # kept for the next try; newer news wins
+                    self._health[server_id] = {**values, **self._health.get(server_id, {})}
+                self._token_expiry.clear()
+                raise
 
     def _held_back(
         self, c: Claimed, finish: Finish, where: dict[str, Any], lane: _Lane, transport: Transport | None

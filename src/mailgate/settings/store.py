@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Select, delete, select, update
@@ -77,6 +77,52 @@ class ServerInfo:
             "updated_at": self.updated_at.isoformat(),
             "updated_by": self.updated_by,
             "server": self.document,
+        }
+
+
+@dataclass(frozen=True)
+class ServerHealth:
+    scope: str
+    version: int
+    enabled: bool
+    kind: str
+    broken_reason: str | None
+    broken_at: datetime | None
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    last_failure: str | None
+    token_expires_at: datetime | None
+    consented_at: datetime | None
+    notes: list[str]
+
+    @property
+    def status(self) -> str:
+        if not self.enabled:
+            return "disabled"
+        if self.broken_reason:
+            return "broken"
+        if self.last_failure_at and (self.last_success_at is None or self.last_failure_at > self.last_success_at):
+            return "failing"
+        return "ok" if self.last_success_at else "unknown"
+
+    def to_dict(self) -> dict[str, Any]:
+        def at(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "scope": self.scope,
+            "version": self.version,
+            "status": self.status,
+            "enabled": self.enabled,
+            "kind": self.kind,
+            "broken": {"reason": self.broken_reason, "since": at(self.broken_at)} if self.broken_reason else None,
+            "last_success_at": at(self.last_success_at),
+            "last_failure": {"at": at(self.last_failure_at), "text": self.last_failure}
+            if self.last_failure_at
+            else None,
+            "token_expires_at": at(self.token_expires_at),
+            "consented_at": at(self.consented_at),
+            "notes": self.notes,
         }
 
 
@@ -422,6 +468,25 @@ class Servers(_Part):
                    [{"field": "broken_reason", "from": None, "to": reason}])  # fmt: skip
             return True
 
+    async def record_health(self, updates: Mapping[int, Mapping[str, Any]]) -> None:
+        """Workers' news of their servers (by id): last_success_at, last_failure_at and
+        last_failure, token_expires_at. Not a settings change: no new version, no audit entry."""
+        allowed = {"last_success_at", "last_failure_at", "last_failure", "token_expires_at"}
+        async with self.db.write() as s:
+            for server_id, values in updates.items():
+                assert set(values) <= allowed, values
+                await s.execute(update(MailServerRow).where(MailServerRow.id == server_id).values(**values))
+
+    async def health(self, scope: str) -> ServerHealth:
+        """What is known of the server's credentials and its last sends (for `servers health` and
+        GET …/server/health)."""
+        async with self.db.sessions() as s:
+            await _check_scope(s, scope)
+            row = await _server_row(s, scope)
+            if row is None:
+                raise NotFound([("server", f"no mail server is set for {scope}")])
+            return _health(row)
+
     async def with_secrets(self, scope: str) -> MailServer | None:
         """A stored server with its secrets decrypted, for sending or testing; never for showing."""
         async with self.db.sessions() as s:
@@ -471,6 +536,7 @@ class Servers(_Part):
             if consent:
                 row.version += 1
                 row.updated_at, row.updated_by = now(), self.actor
+                row.consented_at = now()
                 await _mend(s, row)
                 self._audit(s, "server.consent", _tenant_of(row.scope), row.scope,
                        [{"field": path, "secret": "changed"}])  # fmt: skip
@@ -617,6 +683,33 @@ def _server_info(row: MailServerRow, secrets_set: set[str]) -> ServerInfo:
     server = _stored_server(row)
     document = {"enabled": row.enabled, **public_document(row.document, secrets_set, server)}
     return ServerInfo(row.scope, row.version, row.enabled, document, row.created_at, row.updated_at, row.updated_by)
+
+
+def _health(row: MailServerRow) -> ServerHealth:
+    """The row's health, with what is known of coming expiries from the provider's rules (the token
+    endpoints say nothing of a client secret's or a grant's end: reference §4, §6, §8)."""
+    doc = row.document
+    auth, graph = doc.get("auth") or {}, doc.get("graph") or {}
+    token = auth.get("token") or {} if auth.get("method") == "oauth2" else {}
+    notes: list[str] = []
+    grant, provider = token.get("grant"), token.get("provider")
+    if grant == "client_credentials" or graph:
+        notes.append("The token endpoint does not tell when the client secret expires: Entra ID shows it under App "
+                     "registrations → the app → Certificates & secrets (Expires). Once expired, sends fail with "
+                     "AADSTS7000222 and the server is marked broken: make a new secret before then.")  # fmt: skip
+    if grant in ("delegated", "refresh_token") and provider == "google":
+        until = f" (here: {(row.consented_at + timedelta(days=7)).isoformat(timespec='minutes')})" \
+            if row.consented_at else ""  # fmt: skip
+        notes.append(f"A Google refresh token of an app in Testing status ends about 7 days after consent{until}; "
+                     "publish the app to keep it.")  # fmt: skip
+    elif grant == "delegated":
+        notes.append("A Microsoft refresh token lasts 90 days and is replaced at each use (mailgate keeps the "
+                     "newest); unused for 90 days, revoked, or after a password change it ends: "
+                     "connect again.")  # fmt: skip
+    return ServerHealth(
+        row.scope, row.version, row.enabled, str(doc.get("kind", "smtp")), row.broken_reason, row.broken_at,
+        row.last_success_at, row.last_failure_at, row.last_failure, row.token_expires_at, row.consented_at, notes,
+    )  # fmt: skip
 
 
 def _tenant_info(row: Tenant) -> TenantInfo:

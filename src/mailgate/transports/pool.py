@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from ..errors import DeliveryError
-from ..oauth.cache import TokenCache, graph_token_source, smtp_token_source
+from ..oauth.cache import TokenCache, TokenHandle, graph_token_source, smtp_token_source
 from ..settings.document import MailServer, OAuth2AuthSettings
 from ..smtp.protocol import ProtocolLog
 from .base import Transport
@@ -302,6 +302,8 @@ class Pools:
         self._store_refresh_token = store_refresh_token
         self._mailbox_slots = MailboxSlots()
         self.budget = ConnectionBudget(max_connections)
+        # The token source of each server's newest pool (oauth2 and Graph), for credential health.
+        self.token_handles: dict[int, TokenHandle] = {}
 
     def get(self, server_id: int, version: int, server: MailServer) -> ServerPool:
         """The pool of this server version. Raises TokenError when the server's token source can't
@@ -327,6 +329,7 @@ class Pools:
         size = pool_size(server)
         if server.kind == "graph":
             handle = self.tokens.handle(graph_token_source(server))
+            self.token_handles[server_id] = handle
             graph = GraphTransport(server, handle, self.tokens.http, slots=self._mailbox_slots, protocol_log=log)
             return SharedPool(graph, size)
         token = None
@@ -340,6 +343,7 @@ class Pools:
 
             source = smtp_token_source(server, name=f"mail server {server_id}", store_refresh_token=store)
             token = self.tokens.handle(source)
+            self.token_handles[server_id] = token
         limit = server.quota.max_concurrent_connections
         return ServerPool(
             lambda: SMTPTransport.from_server(server, token=token, protocol_log=log),
