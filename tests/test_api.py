@@ -298,6 +298,8 @@ async def test_consent_connect_and_callback(api: Api) -> None:
         assert page.status_code == 200 and "Mailbox connected" in page.text and mailbox in page.text
         server = (await api.client.get("/v1/tenants/acme/server", headers=headers)).json()["server"]
         assert server["auth"]["token"]["refresh_token"] == {"set": True}
+        health = (await api.client.get("/v1/tenants/acme/server/health", headers=headers)).json()
+        assert health["consented_at"] is not None and any("90 days" in n for n in health["notes"])
         assert "app-secret-value" not in page.text + str(server)
 
         again = await api.client.get(f"{callback.path}?{callback.query}")  # a state works once
@@ -309,6 +311,8 @@ async def test_consent_connect_and_callback(api: Api) -> None:
 
         reset = await api.client.post("/v1/tenants/acme/server/oauth/reset", headers=headers)
         assert reset.json()["server"]["auth"]["token"]["refresh_token"] == {"set": False}
+        health = (await api.client.get("/v1/tenants/acme/server/health", headers=headers)).json()
+        assert health["consented_at"] is None
     code = parse_qs(callback.query)["code"][0]
     assert code not in str((await api.client.get("/v1/audit", headers=api.admin)).json())
 

@@ -557,6 +557,7 @@ class Servers(_Part):
                 await s.delete(secret)
                 row.version += 1
                 row.updated_at, row.updated_by = now(), self.actor
+                row.consented_at = row.token_expires_at = None
                 self._audit(s, "server.consent_reset", _tenant_of(scope), scope,
                        [{"field": path, "secret": "removed"}])  # fmt: skip
             await s.flush()
