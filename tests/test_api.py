@@ -351,3 +351,16 @@ async def test_ids_past_64_bits_are_not_found_not_a_crash(api: Api) -> None:
 
     with pytest.raises(NotFound):
         await api.mg.queue.get(2**63)
+
+
+async def test_a_tenant_admin_sets_the_admin_address_but_not_the_switches(api: Api) -> None:
+    token, _ = await api.mg.api_tokens.create("tenant-admin", "acme")
+    headers = {"Authorization": f"Bearer {token}"}
+    reply = await api.client.patch("/v1/tenants/acme", json={"admin_address": "it@acme.example"}, headers=headers)
+    assert reply.status_code == 200 and reply.json()["admin_address"] == "it@acme.example"
+    reply = await api.client.patch("/v1/tenants/acme", json={"admin_address": "not an address"}, headers=headers)
+    assert reply.status_code == 422 and "admin_address" in problems(reply)
+    reply = await api.client.patch("/v1/tenants/acme", json={"support_address": "help@acme.example"}, headers=headers)
+    assert reply.status_code == 403  # acme may not set its support address
+    reply = await api.client.patch("/v1/tenants/acme", json={"admin_address": None}, headers=headers)
+    assert reply.json()["admin_address"] is None

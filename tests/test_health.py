@@ -107,3 +107,25 @@ async def test_servers_health_from_the_command_line(tmp_path: Path) -> None:
     shown = json.loads(subprocess.run([mailgate, "servers", "health", "global", "--json"], env=env,
                                       capture_output=True, text=True, timeout=60, check=True).stdout)  # fmt: skip
     assert shown[0]["status"] == "ok" and PASSWORD not in json.dumps(shown)
+
+
+async def test_a_broken_tenant_server_is_told_once_to_the_tenant_admin_through_the_global_server(
+    mg: Mailgate,
+) -> None:
+    await mg.tenants.update("acme", may_use_own_server=True, admin_address="it@acme.example")
+    async with serve(PLAIN) as own, serve(ServerConfig()) as global_server:
+        await mg.servers.set("global", {"from_address": "no-reply@operator.example",
+                                        "smtp": {"host": global_server.host, "port": global_server.port,
+                                                 "security": "none"}})  # fmt: skip
+        await mg.servers.set("acme", smtp_doc(own, password="wrong"))
+        for i in range(3):
+            await mg.submit("acme", Message(to=f"r{i}@example.org", subject="invitation", text="t"))
+        await mg.run_worker(until_idle=True)
+        await mg.run_worker(until_idle=True)  # again: still one notice, not one per message or per round
+    [notice] = global_server.messages
+    assert notice.rcpt_tos == ["it@acme.example"] and notice.mail_from == "no-reply@operator.example"
+    parsed = notice.parsed()
+    assert "Mail of acme is waiting" in parsed["Subject"]
+    body = parsed.get_content()
+    assert "535" in body and "Fix:" in body and "wrong" not in body
+    assert own.messages == []

@@ -39,8 +39,10 @@ class Config:
     lease: float = 300.0
     poll_interval: float = 1.0
     stop_grace: float = 30.0
-    # A server marked broken (credentials refused): how often its waiting messages look again.
+    # A server marked broken (credentials refused): how often its waiting messages look again, and
+    # whether the tenant's admin address is told (once, through the global server).
     broken_recheck: float = 300.0
+    notify_broken: bool = True
     # Sent messages: their bodies are removed after retention_body, their log lines (message,
     # recipients, attempts) after retention_log. Seconds.
     retention_body: float = 7 * 86400.0

@@ -100,16 +100,19 @@ class TenantIn(_Input):
     may_use_own_server: bool = False
     support_address: str | None = None
     may_set_support_address: bool = False
+    admin_address: str | None = Field(None, description="Told once when the tenant's own mail server breaks.")
 
 
 class TenantPatch(_Input):
-    """Only the fields given change; `support_address: null` removes it. A tenant admin may change
-    only `support_address`, and only when the tenant may set it."""
+    """Only the fields given change; `support_address: null` (or `admin_address: null`) removes
+    it. A tenant admin may change only `admin_address`, and `support_address` when the tenant may
+    set it."""
 
     name: str | None = None
     may_use_own_server: bool | None = None
     support_address: str | None = None
     may_set_support_address: bool | None = None
+    admin_address: str | None = None
 
 
 class TestEmailIn(_Input):

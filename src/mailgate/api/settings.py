@@ -254,7 +254,7 @@ async def add_tenant(body: TenantIn, mg: Acting, who: Who, response: Response) -
     who.must_be("system-admin")
     info = await mg.tenants.add(
         body.id, name=body.name, may_use_own_server=body.may_use_own_server, support_address=body.support_address,
-        may_set_support_address=body.may_set_support_address,
+        may_set_support_address=body.may_set_support_address, admin_address=body.admin_address,
     )  # fmt: skip
     response.headers["Location"] = f"/v1/tenants/{info.id}"
     return info.to_dict()
@@ -269,23 +269,24 @@ async def get_tenant(tenant: str, mg: Acting, who: Who) -> Json:
 
 @router.patch("/v1/tenants/{tenant}", tags=["tenants"])
 async def update_tenant(tenant: str, body: TenantPatch, mg: Acting, who: Who) -> Json:
-    """Change the fields given. A tenant admin may change only `support_address`, and only when
-    the tenant may set it."""
+    """Change the fields given. A tenant admin may change only `admin_address`, and
+    `support_address` when the tenant may set it."""
     who.must_be("system-admin", "tenant-admin")
     who.may_see_tenant(tenant)
     given = body.model_fields_set
     if not who.is_system_admin:
         from ..access import Forbidden
 
-        if given - {"support_address"}:
-            raise Forbidden(f"only a system admin changes {', '.join(sorted(given - {'support_address'}))}")
-        if not (await mg.tenants.get(tenant)).may_set_support_address:
+        if others := given - {"support_address", "admin_address"}:
+            raise Forbidden(f"only a system admin changes {', '.join(sorted(others))}")
+        if "support_address" in given and not (await mg.tenants.get(tenant)).may_set_support_address:
             raise Forbidden("this tenant may not set its support address (a system admin decides)")
-    clear = "support_address" in given and body.support_address is None
     return (
         await mg.tenants.update(
             tenant, name=body.name, may_use_own_server=body.may_use_own_server, support_address=body.support_address,
-            clear_support_address=clear, may_set_support_address=body.may_set_support_address,
+            clear_support_address="support_address" in given and body.support_address is None,
+            may_set_support_address=body.may_set_support_address, admin_address=body.admin_address,
+            clear_admin_address="admin_address" in given and body.admin_address is None,
         )
     ).to_dict()  # fmt: skip
 

@@ -44,6 +44,9 @@ def tenants_add(
     may_use_own_server: Annotated[bool, typer.Option(help="May the tenant send through its own server?")] = False,
     support_address: Annotated[str | None, typer.Option(help="The tenant's support address.")] = None,
     may_set_support_address: Annotated[bool, typer.Option(help="May the tenant set its support address?")] = False,
+    admin_address: Annotated[
+        str | None, typer.Option(help="Told once when the tenant's own mail server is marked broken.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add a tenant."""
@@ -51,7 +54,7 @@ def tenants_add(
     async def work(mg: Mailgate) -> TenantInfo:
         return await mg.tenants.add(
             tenant, name=name, may_use_own_server=may_use_own_server, support_address=support_address,
-            may_set_support_address=may_set_support_address,
+            may_set_support_address=may_set_support_address, admin_address=admin_address,
         )  # fmt: skip
 
     _show_tenant(with_service(ctx, work, as_json), as_json)
@@ -92,6 +95,8 @@ def tenants_update(
     support_address: Annotated[str | None, typer.Option(help="New support address.")] = None,
     clear_support_address: Annotated[bool, typer.Option(help="Remove the support address.")] = False,
     may_set_support_address: Annotated[bool | None, typer.Option(help="May it set its support address?")] = None,
+    admin_address: Annotated[str | None, typer.Option(help="New admin address (told when its server breaks).")] = None,
+    clear_admin_address: Annotated[bool, typer.Option(help="Remove the admin address.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Change a tenant: only the options given."""
@@ -100,6 +105,7 @@ def tenants_update(
         return await mg.tenants.update(
             tenant, name=name, may_use_own_server=may_use_own_server, support_address=support_address,
             clear_support_address=clear_support_address, may_set_support_address=may_set_support_address,
+            admin_address=admin_address, clear_admin_address=clear_admin_address,
         )  # fmt: skip
 
     _show_tenant(with_service(ctx, work, as_json), as_json)

@@ -78,6 +78,8 @@ class Tenant(Base):
     may_use_own_server: Mapped[bool] = mapped_column(default=False)
     support_address: Mapped[str | None] = mapped_column(String(320))
     may_set_support_address: Mapped[bool] = mapped_column(default=False)
+    # Who hears, once, when the tenant's own mail server is marked broken (sent through the global one).
+    admin_address: Mapped[str | None] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(default=now)
     updated_at: Mapped[datetime] = mapped_column(default=now)
 

@@ -175,6 +175,7 @@ class Worker:
         self._housekeeping_at = self._purge_at = 0.0
         self.heartbeat = time.monotonic()  # the claim loop's last turn: /readyz reads it
         self._health: dict[int, dict[str, Any]] = {}  # server id → news for its credential health
+        self._notices: set[asyncio.Task[None]] = set()  # "your mail server is broken" mails on their way
         self._token_expiry: dict[int, datetime] = {}  # as last written
 
     @property
@@ -430,6 +431,8 @@ class Worker:
         self._lanes.clear()
         self._waiting.clear()
         self._backlog = self._ready = 0
+        if self._notices:
+            await asyncio.wait(set(self._notices), timeout=self.config.stop_grace)
         await recorder.close()
         if untried:
             self.stats.released += await self.outbox.release(self.name, untried)
@@ -702,7 +705,45 @@ class Worker:
         server_id, version = kw["server_id"], kw["server_version"]
         if await self.servers.mark_broken(server_id, version, reason):
             log.warning("mail server %s (version %s) marked broken: %s", server_id, version, reason)
+            if self.config.notify_broken:  # only the worker that marked it: once, not per message
+                task = asyncio.create_task(self._notify_broken(server_id, reason))
+                self._notices.add(task)
+                task.add_done_callback(self._notices.discard)
         return self._wait_for_fix(finish, reason, **kw)
+
+    async def _notify_broken(self, server_id: int, reason: str) -> None:
+        """Tell the tenant's admin address, through the global server, that the tenant's own mail
+        server refused us and its mail waits. Best effort: a failure is logged, never retried."""
+        try:
+            broken = await self.servers.loaded_by_id(server_id)
+            if broken is None or broken.scope == "global":
+                return  # the global server can't carry news of itself; the operator's log has it
+            to = await self.servers.admin_address(broken.scope)
+            glob = await self.servers.loaded("global")
+            if to is None or glob is None:
+                return
+            resolution = await self.servers.resolve(broken.scope, secrets=False)
+            if not glob.server.enabled or resolution.server is None:
+                return
+            message = Message(
+                from_=glob.server.from_address, to=to,
+                subject=f"Mail of {broken.scope} is waiting: its mail server refused mailgate",
+                text=(f"The mail server of {broken.scope} ({broken.server.kind}) refused mailgate for good, so its "
+                      f"messages wait instead of being sent:\n\n{reason}\n\nWhen its settings are saved again "
+                      "(after the fix), the waiting messages go at once. Run the test e-mail from the mail server "
+                      "settings to see each step.\n"),
+            )  # fmt: skip
+            message = glob.server.fill_in(message)
+            pool = self._pools.get(glob.id, glob.version, glob.server)
+            async with pool.transport() as transport:
+                delivery = await transport.send(message.envelope(mail_from=glob.server.envelope_from), message)
+            if delivery.accepted:
+                log.info("told %s that the mail server of %s is broken", to, broken.scope)
+            else:
+                log.warning("telling %s that the mail server of %s is broken failed: %s", to, broken.scope,
+                            delivery.results[0].text)  # fmt: skip
+        except Exception as e:
+            log.warning("telling the admin that mail server %s is broken failed: %s", server_id, _first_line(e))
 
     def _wait_for_fix(self, finish: Finish, reason: str, **kw: Any) -> Recorded:
         """The message waits for the broken server's settings to be saved (or re-checks later)."""

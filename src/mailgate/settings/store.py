@@ -43,6 +43,7 @@ class TenantInfo:
     may_use_own_server: bool
     support_address: str | None
     may_set_support_address: bool
+    admin_address: str | None
     created_at: datetime
     updated_at: datetime
 
@@ -53,6 +54,7 @@ class TenantInfo:
             "may_use_own_server": self.may_use_own_server,
             "support_address": self.support_address,
             "may_set_support_address": self.may_set_support_address,
+            "admin_address": self.admin_address,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
@@ -205,9 +207,11 @@ class Tenants(_Part):
         may_use_own_server: bool = False,
         support_address: str | None = None,
         may_set_support_address: bool = False,
+        admin_address: str | None = None,
     ) -> TenantInfo:
         _check_tenant_id(tenant_id)
-        fields = _tenant_fields(name=name if name is not None else tenant_id, support_address=support_address)
+        fields = _tenant_fields(name=name if name is not None else tenant_id, support_address=support_address,
+                                admin_address=admin_address)  # fmt: skip
         async with self.db.write() as s:
             if await s.get(Tenant, tenant_id) is not None:
                 raise Conflict([("tenant", f"a tenant {tenant_id!r} exists already")])
@@ -242,16 +246,20 @@ class Tenants(_Part):
         support_address: str | None = None,
         clear_support_address: bool = False,
         may_set_support_address: bool | None = None,
+        admin_address: str | None = None,
+        clear_admin_address: bool = False,
     ) -> TenantInfo:
         async with self.db.write() as s:
             row = await _tenant(s, tenant_id, lock=True)
             before = _audited(_tenant_info(row))
-            fields = _tenant_fields(name=name, support_address=support_address)
+            fields = _tenant_fields(name=name, support_address=support_address, admin_address=admin_address)
             for key, value in fields.items():
                 if value is not None:
                     setattr(row, key, value)
             if clear_support_address:
                 row.support_address = None
+            if clear_admin_address:
+                row.admin_address = None
             if may_use_own_server is not None:
                 row.may_use_own_server = may_use_own_server
             if may_set_support_address is not None:
@@ -511,6 +519,13 @@ class Servers(_Part):
             row = await _server_row(s, scope)
             return LoadedServer(row.scope, row.id, row.version, await self._with_secrets(s, row)) if row else None
 
+    async def admin_address(self, scope: str) -> str | None:
+        """The tenant's admin address (who hears that its mail server broke), if it has one."""
+        if scope == GLOBAL:
+            return None
+        async with self.db.sessions() as s:
+            return await s.scalar(select(Tenant.admin_address).where(Tenant.id == scope))
+
     async def loaded_by_id(self, server_id: int) -> LoadedServer | None:
         async with self.db.sessions() as s:
             row = await s.get(MailServerRow, server_id)
@@ -626,20 +641,24 @@ def _check_tenant_id(tenant_id: str) -> None:
         raise SettingsError([("tenant", "'global' names the global mail server; choose another tenant id")])
 
 
-def _tenant_fields(*, name: str | None, support_address: str | None) -> dict[str, Any]:
+def _tenant_fields(
+    *, name: str | None, support_address: str | None, admin_address: str | None = None
+) -> dict[str, Any]:
     from ..message import Address
 
     problems = []
     if name is not None and (not name.strip() or len(name) > 200 or "\r" in name or "\n" in name):
         problems.append(("name", "is 1-200 characters on one line"))
-    if support_address is not None:
-        try:
-            support_address = Address(support_address).address
-        except ValueError as e:
-            problems.append(("support_address", f"{support_address!r} is not a valid address: {e}"))
+    addresses = {"support_address": support_address, "admin_address": admin_address}
+    for field, value in list(addresses.items()):
+        if value is not None:
+            try:
+                addresses[field] = Address(value).address
+            except ValueError as e:
+                problems.append((field, f"{value!r} is not a valid address: {e}"))
     if problems:
         raise SettingsError(problems)
-    return {"name": name.strip() if name is not None else None, "support_address": support_address}
+    return {"name": name.strip() if name is not None else None, **addresses}
 
 
 async def _tenant(s: AsyncSession, tenant_id: str, *, lock: bool = False) -> Tenant:
@@ -716,7 +735,7 @@ def _health(row: MailServerRow) -> ServerHealth:
 def _tenant_info(row: Tenant) -> TenantInfo:
     return TenantInfo(
         row.id, row.name, row.may_use_own_server, row.support_address, row.may_set_support_address,
-        row.created_at, row.updated_at,
+        row.admin_address, row.created_at, row.updated_at,
     )  # fmt: skip
 
 
