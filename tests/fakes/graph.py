@@ -307,6 +307,7 @@ class FakeGraph(ThreadedFake):
         self.concurrency_violations: int = 0
         self._mailboxes: dict[str, _Mailbox] = {}
         self._throttles: list[tuple[int, int | None]] = []
+        self._refusals: list[tuple[int, str, str]] = []
         self._in_flight: dict[str, int] = {}
         self._sessions: dict[str, UploadSession] = {}
         self._tls = threading.local()
@@ -334,6 +335,12 @@ class FakeGraph(ThreadedFake):
         """The next `count` API requests (not upload PUTs) get 429 ApplicationThrottled or 503 ServiceUnavailable."""
         with self._lock:
             self._throttles.extend((status, retry_after) for _ in range(count))
+
+    def refuse_next(self, status: int, code: str, message: str, count: int = 1) -> None:
+        """The next `count` API requests, once authenticated, get this documented Graph error
+        (e.g. 403 ErrorQuotaExceeded) instead of being processed."""
+        with self._lock:
+            self._refusals.extend((status, code, message) for _ in range(count))
 
     # ---- HTTP ----------------------------------------------------------------------------
 
@@ -394,6 +401,10 @@ class FakeGraph(ThreadedFake):
         if len(request.body) > MAX_REQUEST_BYTES:
             raise _GraphError(413, "RequestEntityTooLarge", "The request entity is too large (limit: 4 MB).")
         token = self._authenticate(request.headers)
+        with self._lock:
+            refusal = self._refusals.pop(0) if self._refusals else None
+        if refusal is not None:
+            raise _GraphError(*refusal)
         route = next(((m, h, p) for pattern, h, p in _ROUTES if (m := pattern.match(request.path))), None)
         if route is None:
             raise _GraphError(404, "ResourceNotFound", f"Resource not found for the segment '{request.path}'.")
