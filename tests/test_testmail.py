@@ -16,7 +16,7 @@ from fakes.graph import FakeGraph
 from fakes.identity import FakeIdentityProvider
 from mailgate import Mailgate, SettingsError
 from mailgate.config import Config
-from smtp_servers import RecordingServer, ServerConfig, serve, serve_in_thread
+from smtp_servers import RecordingServer, ServerConfig, scripted, serve, serve_in_thread
 
 PASSWORD = "correct horse battery staple"
 TO = "admin@acme.example"
@@ -189,6 +189,13 @@ SMTP_CASES = [
     ("data_reply", "550 5.6.11 SMTPSEND.BareLinefeedsAreIllegal", "data", "bare line feeds"),
     ("rcpt_reply", "550 5.7.1 Unable to relay", "rcpt to", "refused to relay"),
     ("rcpt_reply", "550 5.1.1 User unknown", "rcpt to", "does not exist"),
+    ("data_reply", "550 5.1.90 Your message can't be sent because you've reached your daily limit for message "
+     "recipients", "data", "daily recipient limit"),
+    ("rcpt_reply", "550 5.7.703 Your message can't be delivered because messages to x@example.com are blocked by "
+     "your organization", "rcpt to", "block list"),
+    ("mail_reply", "451 4.7.550 Access denied, please try again later (AS4630)", "mail from", "suspicious activity"),
+    ("mail_reply", "550 5.7.501 Access denied, spam abuse detected", "mail from", "banned this sending account"),
+    ("mail_reply", "550 5.7.606 Access denied, banned sending IP [203.0.113.9]", "mail from", "block list"),
 ]
 # fmt: on
 
@@ -206,9 +213,10 @@ async def test_each_smtp_refusal_is_explained(mg: Mailgate, hook: str, reply: st
 
 
 def test_every_smtp_catalogue_entry_has_a_case() -> None:
-    from mailgate.diagnostics.catalogue import SMTP
+    from mailgate.diagnostics.catalogue import SMTP, _ranged
 
-    provoked = {re.search(r"\d\.\d\.\d+", reply).group(0) for _, reply, _, _ in SMTP_CASES}  # type: ignore[union-attr]
+    codes = {re.search(r"\d\.\d\.\d+", reply).group(0) for _, reply, _, _ in SMTP_CASES}  # type: ignore[union-attr]
+    provoked = codes | {_ranged(c) for c in codes}
     assert set(SMTP) <= provoked, set(SMTP) - provoked
 
 
@@ -399,3 +407,48 @@ async def test_graph_without_mail_read_write_for_large_attachments(mg: Mailgate)
     failed = report.failed
     assert failed is not None and failed.name == "permissions" and failed.explanation is not None
     assert "Mail.ReadWrite" in failed.explanation.cause and "Grant admin consent" in failed.explanation.fix
+
+
+# ---- more failures of the session itself -------------------------------------------------------
+
+
+async def test_a_server_that_never_greets_times_out_at_the_greeting(mg: Mailgate) -> None:
+    async with scripted("silent") as server:
+        await mg.servers.set("acme", {"from_address": "no-reply@acme.example",
+                                      "smtp": {"host": server.host, "port": server.port, "security": "none"},
+                                      "connection": {"connect_timeout": 2, "protocol_timeout": 0.5}})  # fmt: skip
+        failed = (await mg.test_server("acme", TO)).failed
+    assert failed is not None and failed.name == "greeting" and failed.explanation is not None
+    assert "stopped answering" in failed.explanation.cause and failed.explanation.transient
+
+
+async def test_a_server_offering_only_old_tls_is_refused(mg: Mailgate, tmp_path: Path) -> None:
+    import ssl
+
+    ca = certs.make_ca("mailgate old-tls CA")
+    context = ca.issue().server_context()
+    with pytest.warns(DeprecationWarning):  # so it is: that is the point
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
+    config = ServerConfig(security="starttls-required", auth={"PLAIN"}, ssl_context=context,
+                          ca_file=ca.write(tmp_path))  # fmt: skip
+    async with serve(config) as server:
+        failed = await _report(mg, server)
+    assert failed["name"] == "tls"
+    assert "TLS 1.2 or" in failed["cause"] and "TLS 1.2 or 1.3" in failed["fix"], failed
+
+
+async def test_no_mechanism_in_common_is_explained(mg: Mailgate) -> None:
+    async with serve(ServerConfig(security="starttls-required", auth={"XOAUTH2"})) as server:
+        failed = await _report(mg, server)  # a password, and the server wants XOAUTH2 only
+    assert failed["name"] == "auth" and "no authentication mechanism" in failed["cause"]
+    assert "oauth2" in failed["fix"]
+
+
+async def test_gmail_refusing_the_access_token_is_explained(mg: Mailgate, idp: FakeIdentityProvider) -> None:
+    config = ServerConfig(security="none", auth={"XOAUTH2"}, auth_require_tls=False, username=MAILBOX,
+                          xoauth2_style="gmail", token_check=lambda token: False)  # fmt: skip
+    async with serve(config) as server:
+        await mg.servers.set("acme", oauth_doc(idp, server))
+        failed = (await mg.test_server("acme", TO)).failed
+    assert failed is not None and failed.name == "auth" and failed.explanation is not None
+    assert "refused the access token" in failed.explanation.cause

@@ -241,6 +241,17 @@ SMTP: dict[str, Explanation] = {
                   "Check from_address: it must be a valid address.", broken=False),
     "5.6.11": _e("The server refused bare line feeds in the message (550 5.6.11).",
                  "Report it: mailgate sends CRLF line ends.", broken=False),
+    "5.1.90": _e("The mailbox reached its daily recipient limit (5.1.90; Exchange Online: 10,000 recipients in 24 "
+                 "hours).", "Set quota.recipients_per_day to the provider's limit so mailgate paces itself, or send "
+                 "from more mailboxes.", broken=False),
+    "5.7.703": _e("The recipient or its domain is on the tenant's block list (550 5.7.703).",
+                  "A Microsoft 365 admin edits the Tenant Allow/Block List.", broken=False),
+    "4.7.500": _e("Microsoft restricts this sender for a while after suspicious activity (451 4.7.500-699).", _RETRY,
+                  transient=True),
+    "5.7.501": _e("Microsoft banned this sending account for spam (550 5.7.501-503).",
+                  "Secure the account, then ask Microsoft Support to lift the ban."),
+    "5.7.606": _e("The sending IP address is on Microsoft's block list (550 5.7.606-649).",
+                  "Request delisting at https://sender.office.com/."),
     "5.7.1": _e("The server refused to relay (5.7.1): it does not take mail from this client, sender or for this "
                 "recipient without authentication.", "Set auth for this server, or have its admin allow this "
                 "machine's address to relay."),
@@ -264,6 +275,16 @@ def explain_smtp_reply(code: int | None, enhanced: str | None, text: str = "", *
         )
     if "sendasdenied" in lowered:
         return SMTP["5.2.252"]
+    if enhanced == "5.7.8" and mechanism == "XOAUTH2":
+        return _e(
+            "The server refused the access token (535 5.7.8): expired, revoked, for another scope, or the "
+            "user name is not the mailbox it was issued for.",
+            "Check auth.username (the mailbox) and the token source's scope (Gmail: https://mail.google.com/); "
+            "connect the mailbox again if its grant was revoked.",
+        )
+    ranged = _ranged(enhanced)
+    if ranged is not None:
+        return SMTP[ranged]
     if enhanced == "5.7.3" and mechanism == "XOAUTH2" and app_only:
         return _e(
             "Exchange refused the app-only token (535 5.7.3). The most common cause: the app's service "
@@ -290,6 +311,21 @@ def explain_smtp_reply(code: int | None, enhanced: str | None, text: str = "", *
         "Read the server's reply in the details; its administrator can say more.",
         broken=False,
     )
+
+
+def _ranged(enhanced: str | None) -> str | None:
+    """The catalogue key of an enhanced code that belongs to one of Exchange's ranges."""
+    parts = (enhanced or "").split(".")
+    if len(parts) != 3 or parts[1] != "7" or not parts[2].isdigit():
+        return None
+    cls, detail = parts[0], int(parts[2])
+    if cls == "4" and 500 <= detail <= 699:
+        return "4.7.500"
+    if cls == "5" and 501 <= detail <= 503:
+        return "5.7.501"
+    if cls == "5" and 606 <= detail <= 649:
+        return "5.7.606"
+    return None
 
 
 def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, security: str = "",
@@ -354,6 +390,12 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
             return _e(
                 f"{where} offers only TLS versions older than 1.2, which mailgate refuses.",
                 "The server's administrator enables TLS 1.2 or 1.3.",
+            )
+        if "during the handshake" in lowered:
+            return _e(
+                f"{where} hung up during the TLS handshake: it offers no TLS version (mailgate needs TLS 1.2 or "
+                "newer) or cipher that mailgate accepts, or something between here and there cut it.",
+                "The server's administrator enables TLS 1.2 or 1.3; check smtp.port and smtp.security.",
             )
         return _e(f"TLS with {where} failed ({text}).", "Check smtp.security and smtp.port, and smtp.ca_file.")
     if isinstance(e, SMTPSecurityError):

@@ -204,7 +204,7 @@ class SMTPClient:
         except ssl.SSLCertVerificationError as e:
             raise _certificate_error(cfg, e) from None
         except ssl.SSLError as e:
-            raise SMTPTLSError(f"TLS with {cfg.server} failed: {e.reason or e}") from None
+            raise SMTPTLSError(f"TLS with {cfg.server} failed: {_tls_reason(e)}") from None
         except OSError as e:
             raise SMTPConnectError(f"cannot connect to {cfg.server}: {e.strerror or e}") from None
         if ctx is not None:
@@ -269,7 +269,7 @@ class SMTPClient:
         except ssl.SSLCertVerificationError as e:
             raise _certificate_error(cfg, e) from None
         except (ssl.SSLError, ConnectionError) as e:
-            raise SMTPTLSError(f"TLS with {cfg.server} failed: {getattr(e, 'reason', None) or e}") from None
+            raise SMTPTLSError(f"TLS with {cfg.server} failed: {_tls_reason(e)}") from None
         if transport is None:
             raise SMTPDisconnectedError("the server closed the connection during the TLS handshake")
         proto.transport = transport
@@ -684,6 +684,13 @@ def _dot_stuff(data: bytes) -> bytes:
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
+
+
+def _tls_reason(e: BaseException) -> str:
+    reason = getattr(e, "reason", None) or str(e)
+    if not reason or isinstance(e, ConnectionError):  # the peer hung up mid-handshake, saying nothing
+        return f"the server closed the connection during the handshake ({type(e).__name__})"
+    return str(reason)
 
 
 def _certificate_error(cfg: SMTPConfig, e: ssl.SSLCertVerificationError) -> SMTPTLSError:
