@@ -61,11 +61,9 @@ async def test_every_step_reports_what_it_found(mg: Mailgate) -> None:
     assert any(c.startswith("STARTTLS") for c in found["ehlo"]["details"]["capabilities"])
     tls = found["tls"]["details"]
     assert (
-        tls["version"] in ("TLSv1.2", "TLSv1.3")
-        and tls["verified"] is True
-        and tls["issuer"] == "commonName=mailgate test CA"
+        tls["version"] in ("TLSv1.2", "TLSv1.3") and tls["verified"] is True and tls["issuer"] == "CN=mailgate test CA"
     )
-    assert tls["expires"] and tls["subject"]
+    assert tls["expires"] and tls["subject"] and "127.0.0.1" in tls["names"]
     assert (
         sorted(found["auth"]["details"]["offered"]) == ["LOGIN", "PLAIN"]
         and found["auth"]["details"]["used"] == "PLAIN"
@@ -122,6 +120,15 @@ async def test_starttls_required_but_not_offered(mg: Mailgate) -> None:
     async with serve(ServerConfig(security="none", auth={"PLAIN"}, auth_require_tls=False)) as server:
         failed = await _report(mg, server)
     assert failed["name"] == "tls" and "does not offer STARTTLS" in failed["cause"]
+
+
+async def test_an_unverified_certificate_is_still_described(mg: Mailgate) -> None:
+    async with serve(STARTTLS_AUTH) as server:
+        await mg.servers.set("acme", doc(server, verify_certificate=False, ca_file=None))
+        report = await mg.test_server("acme", TO, dry_run=True)
+    tls = steps(report)["tls"]["details"]
+    assert report.ok and tls["verified"] == "not checked (verify_certificate is off)"
+    assert tls["issuer"] == "CN=mailgate test CA" and tls["expires"]
 
 
 async def test_untrusted_certificate(mg: Mailgate) -> None:

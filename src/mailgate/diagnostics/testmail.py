@@ -215,7 +215,7 @@ async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry
             if not client.tls_active:
                 step.details["skipped"] = "the server does not offer STARTTLS (security starttls: sent unencrypted)"
                 return
-        step.details.update(_certificate(client.tls_version, client.peer_certificate, s.verify_certificate))
+        step.details.update(_certificate(client.tls_version, client.peer_certificate_der, s.verify_certificate))
         step.details["capabilities_after_tls"] = [f"{k} {v}".strip() for k, v in client.extensions.items()]
 
     async def token(step: Step) -> None:
@@ -313,15 +313,25 @@ def _username(auth: Any) -> str | None:
     return auth.username if isinstance(auth, PasswordAuthSettings) else None
 
 
-def _certificate(version: str | None, cert: dict[str, Any] | None, verified: bool) -> dict[str, Any]:
-    def name(rdns: Any) -> str:
-        return ", ".join(f"{k}={v}" for rdn in rdns or () for k, v in rdn)
+def _certificate(version: str | None, der: bytes | None, verified: bool) -> dict[str, Any]:
+    """What the server's certificate says, read from its bytes (so also when it was not verified)."""
+    out: dict[str, Any] = {"version": version,
+                           "verified": True if verified else "not checked (verify_certificate is off)"}  # fmt: skip
+    if not der:
+        return out
+    from cryptography import x509
 
-    out: dict[str, Any] = {"version": version, "verified": verified}
-    if cert:  # empty when not verified: Python hands out the parsed certificate only after verification
-        out.update(subject=name(cert.get("subject")), issuer=name(cert.get("issuer")),
-                   expires=cert.get("notAfter"),
-                   names=[v for k, v in cert.get("subjectAltName", ()) if k == "DNS"])  # fmt: skip
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return out
+    out.update(subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
+               expires=cert.not_valid_after_utc.isoformat(timespec="seconds"))  # fmt: skip
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        out["names"] = [*names.get_values_for_type(x509.DNSName), *map(str, names.get_values_for_type(x509.IPAddress))]
+    except x509.ExtensionNotFound:
+        pass
     return out
 
 

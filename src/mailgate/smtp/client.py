@@ -106,6 +106,7 @@ class SMTPClient:
         self.esmtp = False
         self.tls_version: str | None = None
         self.peer_certificate: dict[str, object] | None = None
+        self.peer_certificate_der: bytes | None = None
         self.auth_mechanism: str | None = None
         # XOAUTH2: the token this connection authenticated with, and when to stop using the
         # connection (the token's expiry less the margin; time.time() seconds).
@@ -282,6 +283,8 @@ class SMTPClient:
         sslobj = transport.get_extra_info("ssl_object")
         self.tls_version = sslobj.version() if sslobj is not None else "TLS"
         self.peer_certificate = sslobj.getpeercert() if sslobj is not None else None
+        # The certificate itself, also when it was not verified (then the dict above is empty).
+        self.peer_certificate_der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
 
     async def authenticate(self, creds: Credentials) -> None:
         """AUTH with the best mechanism both sides have (`auth_mechanism` says which)."""
