@@ -308,14 +308,7 @@ class Servers(_Part):
         destination field (host, port, security, token URL, authority, directory id, client id,
         graph endpoint…) changed; otherwise the save is refused until the secret is given again.
         """
-        server = document if isinstance(document, MailServer) else parse_server(dict(document))
-        fields = secret_fields(server)
-        given = {path: value for path in fields if (value := secret_value(server, path)) is not None}
-        for path, value in (secrets or {}).items():
-            if path not in fields:
-                raise SettingsError([(path, _not_a_secret_here(server, path))])
-            given[path] = value
-        cleared = {path for path in fields if path not in given and secret_cleared(server, path)}
+        server, fields, given, cleared = _read_secrets(document, secrets)
 
         async with self.db.write() as s:
             await _check_scope(s, scope)
@@ -373,14 +366,7 @@ class Servers(_Part):
         """The server `document` describes, with its secrets, as `set` would save it — the stored
         secrets kept under the same rule (only when no destination field changed) — without
         saving anything: for a test e-mail of settings not saved yet."""
-        server = document if isinstance(document, MailServer) else parse_server(dict(document))
-        fields = secret_fields(server)
-        given = {path: value for path in fields if (value := secret_value(server, path)) is not None}
-        for path, value in (secrets or {}).items():
-            if path not in fields:
-                raise SettingsError([(path, _not_a_secret_here(server, path))])
-            given[path] = value
-        cleared = {path for path in fields if path not in given and secret_cleared(server, path)}
+        server, fields, given, cleared = _read_secrets(document, secrets)
         async with self.db.sessions() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope)
@@ -600,6 +586,22 @@ async def read_audit_log(db: Database, tenant_id: str | None = None, *, limit: i
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+
+def _read_secrets(
+    document: Mapping[str, Any] | MailServer, secrets: Mapping[str, str] | None
+) -> tuple[MailServer, tuple[str, ...], dict[str, str], set[str]]:
+    """The server a document describes, its secret fields, the secrets given (in the document or
+    apart, by path), and those it clears (null or {"set": false})."""
+    server = document if isinstance(document, MailServer) else parse_server(dict(document))
+    fields = secret_fields(server)
+    given = {path: value for path in fields if (value := secret_value(server, path)) is not None}
+    for path, value in (secrets or {}).items():
+        if path not in fields:
+            raise SettingsError([(path, _not_a_secret_here(server, path))])
+        given[path] = value
+    cleared = {path for path in fields if path not in given and secret_cleared(server, path)}
+    return server, fields, given, cleared
 
 
 def _kept_secrets(
