@@ -330,6 +330,9 @@ async def test_a_removed_tenants_messages_fail_with_the_reason(open_mg: Opener) 
         await drain(mg)
     detail = (await mg.queue.get(pk)).to_dict()
     assert detail["status"] == "failed" and detail["recipient_outcomes"][0]["text"] == "the tenant was removed"
+    # A new tenant with the same id would see those messages as its own: refused while they remain.
+    with pytest.raises(Conflict, match="earlier tenant 'acme'"):
+        await mg.tenants.add("acme")
 
 
 def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:

@@ -215,6 +215,12 @@ class Tenants(_Part):
         async with self.db.write() as s:
             if await s.get(Tenant, tenant_id) is not None:
                 raise Conflict([("tenant", f"a tenant {tenant_id!r} exists already")])
+            # A removed tenant's messages stay in the log until purged: a new tenant with the same id
+            # would see them as its own. Not until they are gone.
+            if await s.scalar(select(MessageRow.id).where(MessageRow.tenant_id == tenant_id).limit(1)) is not None:
+                raise Conflict([("tenant", f"messages of an earlier tenant {tenant_id!r} are still in the log (they "
+                                           "are removed MAILGATE_RETENTION_LOG after they ended); choose another "
+                                           "id")])  # fmt: skip
             row = Tenant(
                 id=tenant_id,
                 may_use_own_server=may_use_own_server,
