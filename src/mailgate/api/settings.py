@@ -2,13 +2,15 @@
 audit log. Servers are the settings document of DESIGN.md, read and written whole; secrets are
 write-only: reading shows {"set": true|false}, and a changed destination must bring them again."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route functions' annotations,
+# and those of the routes made in _server_routes name a local type (their scope's dependency).
 import html
+from collections.abc import Awaitable, Callable
+from enum import Enum
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Depends, Query, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from ..errors import NotFound
@@ -32,174 +34,87 @@ DOCUMENT = Body(
 )  # fmt: skip
 
 
-# ---- mail servers ------------------------------------------------------------------------------
+# ---- mail servers: the global one and each tenant's own, the same routes under two prefixes ----
 
 
-async def _get_server(mg: Any, scope: str) -> Json:
-    info = await mg.servers.get(scope)
-    if info is None:
-        raise NotFound([("server", f"no mail server is set for {scope}")])
-    result: Json = info.to_dict()
-    return result
-
-
-@router.get("/v1/servers/global", tags=["mail servers"])
-async def get_global_server(mg: Acting, who: Who) -> Json:
-    """The global mail server, secrets shown only as {"set": true|false}."""
+async def _global_scope(who: Who) -> str:
     who.must_manage_settings("global")
-    return await _get_server(mg, "global")
+    return "global"
 
 
-@router.put("/v1/servers/global", tags=["mail servers"])
-async def set_global_server(mg: Acting, who: Who, document: Annotated[Json, DOCUMENT]) -> Json:
-    """Save the global mail server, whole."""
-    who.must_manage_settings("global")
-    result: Json = (await mg.servers.set("global", document)).to_dict()
-    return result
-
-
-@router.delete("/v1/servers/global", status_code=204, tags=["mail servers"])
-async def delete_global_server(mg: Acting, who: Who) -> Response:
-    """Remove the global mail server: sending is then disabled for every tenant."""
-    who.must_manage_settings("global")
-    await _delete(mg, "global")
-    return Response(status_code=204)
-
-
-@router.post("/v1/servers/global/enable", tags=["mail servers"])
-async def enable_global_server(mg: Acting, who: Who) -> Json:
-    who.must_manage_settings("global")
-    result: Json = (await mg.servers.enable("global")).to_dict()
-    return result
-
-
-@router.post("/v1/servers/global/disable", tags=["mail servers"])
-async def disable_global_server(mg: Acting, who: Who) -> Json:
-    """Switch the global mail server off: no tenant can send."""
-    who.must_manage_settings("global")
-    result: Json = (await mg.servers.disable("global")).to_dict()
-    return result
-
-
-@router.get("/v1/tenants/{tenant}/server", tags=["mail servers"])
-async def get_tenant_server(tenant: str, mg: Acting, who: Who) -> Json:
-    """The tenant's own mail server, secrets shown only as {"set": true|false}."""
-    await _may_manage(mg, who, tenant)
-    return await _get_server(mg, tenant)
-
-
-@router.put("/v1/tenants/{tenant}/server", tags=["mail servers"])
-async def set_tenant_server(tenant: str, mg: Acting, who: Who, document: Annotated[Json, DOCUMENT]) -> Json:
-    """Save the tenant's own mail server, whole."""
-    await _may_manage(mg, who, tenant)
-    result: Json = (await mg.servers.set(tenant, document)).to_dict()
-    return result
-
-
-@router.delete("/v1/tenants/{tenant}/server", status_code=204, tags=["mail servers"])
-async def delete_tenant_server(tenant: str, mg: Acting, who: Who) -> Response:
-    """Remove the tenant's own mail server: it sends through the global one."""
-    await _may_manage(mg, who, tenant)
-    await _delete(mg, tenant)
-    return Response(status_code=204)
-
-
-@router.post("/v1/tenants/{tenant}/server/enable", tags=["mail servers"])
-async def enable_tenant_server(tenant: str, mg: Acting, who: Who) -> Json:
-    await _may_manage(mg, who, tenant)
-    result: Json = (await mg.servers.enable(tenant)).to_dict()
-    return result
-
-
-@router.post("/v1/tenants/{tenant}/server/disable", tags=["mail servers"])
-async def disable_tenant_server(tenant: str, mg: Acting, who: Who) -> Json:
-    await _may_manage(mg, who, tenant)
-    result: Json = (await mg.servers.disable(tenant)).to_dict()
-    return result
-
-
-async def _may_manage(mg: Any, who: Any, tenant: str) -> None:
+async def _tenant_scope(tenant: str, mg: Acting, who: Who) -> str:
     who.must_manage_settings(tenant)
     await mg.tenants.get(tenant)  # 404 for a tenant that does not exist, whoever asks
+    return tenant
 
 
-async def _delete(mg: Any, scope: str) -> None:
-    if await mg.servers.get(scope) is None:
-        raise NotFound([("server", f"no mail server is set for {scope}")])
-    await mg.servers.delete(scope)
+def _server_routes(prefix: str, scope_of: Callable[..., Awaitable[str]]) -> None:
+    """GET/PUT/DELETE, enable, disable, health, test, and the OAuth consent of the mail server at
+    `prefix`, whose scope ("global" or the tenant) and permission `scope_of` settles."""
+    Scope = Annotated[str, Depends(scope_of)]
+    servers: list[str | Enum] = ["mail servers"]
+    oauth: list[str | Enum] = ["oauth"]
+
+    @router.get(prefix, tags=servers)
+    async def get_server(scope: Scope, mg: Acting) -> Json:
+        """The mail server, secrets shown only as {"set": true|false}."""
+        info = await mg.servers.get(scope)
+        if info is None:
+            raise NotFound([("server", f"no mail server is set for {scope}")])
+        return info.to_dict()
+
+    @router.put(prefix, tags=servers)
+    async def set_server(scope: Scope, mg: Acting, document: Annotated[Json, DOCUMENT]) -> Json:
+        """Save the mail server, whole."""
+        return (await mg.servers.set(scope, document)).to_dict()
+
+    @router.delete(prefix, status_code=204, tags=servers)
+    async def delete_server(scope: Scope, mg: Acting) -> Response:
+        """Remove the mail server: a tenant then sends through the global one; without the global
+        one, sending is disabled for every tenant."""
+        if await mg.servers.get(scope) is None:
+            raise NotFound([("server", f"no mail server is set for {scope}")])
+        await mg.servers.delete(scope)
+        return Response(status_code=204)
+
+    @router.post(prefix + "/enable", tags=servers)
+    async def enable_server(scope: Scope, mg: Acting) -> Json:
+        """Switch the mail server on ("use mail server")."""
+        return (await mg.servers.enable(scope)).to_dict()
+
+    @router.post(prefix + "/disable", tags=servers)
+    async def disable_server(scope: Scope, mg: Acting) -> Json:
+        """Switch the mail server off (the global one: no tenant can send)."""
+        return (await mg.servers.disable(scope)).to_dict()
+
+    @router.get(prefix + "/health", tags=servers)
+    async def server_health(scope: Scope, mg: Acting) -> Json:
+        """Status, last successful send, last failure, token expiry, consent, coming expiries."""
+        return (await mg.servers.health(scope)).to_dict()
+
+    @router.post(prefix + "/test", tags=servers)
+    async def test_server(scope: Scope, body: TestEmailIn, mg: Acting) -> Json:
+        """Send a test e-mail through the mail server: named steps that stop at the first failure,
+        each with its duration, details, and for the failed one the cause and the fix. 200
+        whether or not a step failed (`ok` says)."""
+        return (await mg.test_server(scope, body.to, body.settings, dry_run=body.dry_run)).to_dict()
+
+    @router.post(prefix + "/oauth/connect", response_model=AuthorizeUrl, tags=oauth)
+    async def connect(scope: Scope, mg: Acting) -> Any:
+        """Start the consent of the mail server (token source `delegated`): open the URL."""
+        return {"authorize_url": await mg.begin_consent(scope)}
+
+    @router.post(prefix + "/oauth/reset", tags=oauth)
+    async def reset(scope: Scope, mg: Acting) -> Json:
+        """Forget the mail server's stored tokens (the seed's "Reset")."""
+        return (await mg.reset_consent(scope)).to_dict()
 
 
-# ---- credential health -------------------------------------------------------------------------
+_server_routes("/v1/servers/global", _global_scope)
+_server_routes("/v1/tenants/{tenant}/server", _tenant_scope)
 
 
-@router.get("/v1/servers/global/health", tags=["mail servers"])
-async def global_server_health(mg: Acting, who: Who) -> Json:
-    """Status, last successful send, last failure, token expiry, consent, coming expiries."""
-    who.must_manage_settings("global")
-    result: Json = (await mg.servers.health("global")).to_dict()
-    return result
-
-
-@router.get("/v1/tenants/{tenant}/server/health", tags=["mail servers"])
-async def tenant_server_health(tenant: str, mg: Acting, who: Who) -> Json:
-    """The tenant's own mail server: status, last successful send, last failure, token expiry."""
-    await _may_manage(mg, who, tenant)
-    result: Json = (await mg.servers.health(tenant)).to_dict()
-    return result
-
-
-# ---- the test e-mail ---------------------------------------------------------------------------
-
-
-@router.post("/v1/servers/global/test", tags=["mail servers"])
-async def test_global_server(body: TestEmailIn, mg: Acting, who: Who) -> Json:
-    """Send a test e-mail through the global mail server: named steps that stop at the first
-    failure, each with its duration, details, and for the failed one the cause and the fix.
-    200 whether or not a step failed (`ok` says)."""
-    who.must_manage_settings("global")
-    result: Json = (await mg.test_server("global", body.to, body.settings, dry_run=body.dry_run)).to_dict()
-    return result
-
-
-@router.post("/v1/tenants/{tenant}/server/test", tags=["mail servers"])
-async def test_tenant_server(tenant: str, body: TestEmailIn, mg: Acting, who: Who) -> Json:
-    """Send a test e-mail through the tenant's own mail server, as named steps (see the global one)."""
-    await _may_manage(mg, who, tenant)
-    result: Json = (await mg.test_server(tenant, body.to, body.settings, dry_run=body.dry_run)).to_dict()
-    return result
-
-
-# ---- delegated OAuth consent -------------------------------------------------------------------
-
-
-@router.post("/v1/servers/global/oauth/connect", response_model=AuthorizeUrl, tags=["oauth"])
-async def connect_global(mg: Acting, who: Who) -> Any:
-    """Start the consent of the global mail server (token source `delegated`): open the URL."""
-    who.must_manage_settings("global")
-    return {"authorize_url": await mg.begin_consent("global")}
-
-
-@router.post("/v1/servers/global/oauth/reset", tags=["oauth"])
-async def reset_global(mg: Acting, who: Who) -> Json:
-    """Forget the global mail server's stored tokens."""
-    who.must_manage_settings("global")
-    result: Json = (await mg.reset_consent("global")).to_dict()
-    return result
-
-
-@router.post("/v1/tenants/{tenant}/server/oauth/connect", response_model=AuthorizeUrl, tags=["oauth"])
-async def connect_tenant(tenant: str, mg: Acting, who: Who) -> Any:
-    """Start the consent of the tenant's mail server (token source `delegated`): open the URL."""
-    await _may_manage(mg, who, tenant)
-    return {"authorize_url": await mg.begin_consent(tenant)}
-
-
-@router.post("/v1/tenants/{tenant}/server/oauth/reset", tags=["oauth"])
-async def reset_tenant(tenant: str, mg: Acting, who: Who) -> Json:
-    """Forget the tenant's mail server's stored tokens (the seed's "Reset")."""
-    await _may_manage(mg, who, tenant)
-    result: Json = (await mg.reset_consent(tenant)).to_dict()
-    return result
+# ---- delegated OAuth consent: where the provider comes back -------------------------------------
 
 
 @router.get(CALLBACK_PATH, tags=["oauth"], status_code=303, response_class=RedirectResponse, responses={303: {}})

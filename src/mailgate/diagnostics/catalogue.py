@@ -11,6 +11,10 @@ trying again unchanged cannot help, so the server is marked broken and its messa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..settings.document import MailServer
 
 
 @dataclass(frozen=True)
@@ -299,18 +303,22 @@ def explain_smtp_reply(code: int | None, enhanced: str | None, text: str = "", *
     if code == 504 or (enhanced or "").startswith("5.5.4"):
         return SMTP["5.7.4"]
     if code == 535 or code == 534:
-        return _e(f"The server refused the credentials ({code} {enhanced or ''}).".replace(" )", ")"), _CHECK_PASSWORD)
+        return _e(f"The server refused the credentials ({_said(code, enhanced)}).", _CHECK_PASSWORD)
     if code is not None and 400 <= code < 500:
         return _e(
-            f"The server answered {code}{' ' + enhanced if enhanced else ''}: a temporary refusal.",
+            f"The server answered {_said(code, enhanced)}: a temporary refusal.",
             _RETRY,
             transient=True,
         )
     return _e(
-        f"The server refused ({code}{' ' + enhanced if enhanced else ''}).",
+        f"The server refused ({_said(code, enhanced)}).",
         "Read the server's reply in the details; its administrator can say more.",
         broken=False,
     )
+
+
+def _said(code: int | None, enhanced: str | None) -> str:
+    return " ".join(str(x) for x in (code, enhanced) if x)
 
 
 def _ranged(enhanced: str | None) -> str | None:
@@ -421,19 +429,68 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
     return _e(text or type(e).__name__, "Read the details; the protocol log shows the conversation.")
 
 
-def permission_problem(claims: dict[str, object], *, large_attachments: bool) -> Explanation | None:
-    """What a Graph access token lacks for sending (its `roles`, app-only, or `scp`, delegated)."""
+def granted_permissions(claims: dict[str, Any]) -> list[str]:
+    """What a Graph access token grants: its `roles` (app-only) and `scp` (delegated)."""
     roles = claims.get("roles") or []
-    granted = set(roles if isinstance(roles, list) else []) | set(str(claims.get("scp") or "").split())
-    needed = ["Mail.Send"] + (["Mail.ReadWrite"] if large_attachments else [])
-    missing = [p for p in needed if p not in granted]
+    return sorted(set(roles if isinstance(roles, list) else []) | set(str(claims.get("scp") or "").split()))
+
+
+def permission_problem(claims: dict[str, Any], *, large_attachments: bool) -> Explanation | None:
+    """What a Graph access token lacks for sending; None when nothing (or an opaque token)."""
     if not claims:
         return None  # an opaque token: nothing to check before sending
+    granted = granted_permissions(claims)
+    missing = [p for p in needed_permissions(large_attachments) if p not in granted]
     if missing:
         what = " and ".join(missing)
-        return _e(f"The access token does not grant {what} (it has: {', '.join(sorted(granted)) or 'nothing'}).",
+        return _e(f"The access token does not grant {what} (it has: {', '.join(granted) or 'nothing'}).",
                   f"In Entra ID → App registrations → the app → API permissions, add the Microsoft Graph application "
                   f"permission {what} and press \"Grant admin consent\"; tokens carry it a few minutes later."
                   + (" Mail.ReadWrite is needed because graph.large_attachments is on." if "Mail.ReadWrite" in missing
                      else ""))  # fmt: skip
     return None
+
+
+def needed_permissions(large_attachments: bool) -> list[str]:
+    return ["Mail.Send"] + (["Mail.ReadWrite"] if large_attachments else [])
+
+
+# ---- one entry point for whatever failed -------------------------------------------------------
+
+
+def explain_failure(failure: object, server: MailServer) -> Explanation | None:
+    """The cause and fix of a failure with `server`, in the same words wherever it shows (the test
+    e-mail, the worker's attempt log, a broken server's reason): an exception (token endpoint and
+    Graph errors carry their own explanation), an SMTP reply, or a Delivery's first refusal. None
+    when nothing is known about it."""
+    from ..delivery import Delivery, Outcome
+    from ..settings.document import OAuth2AuthSettings
+
+    auth = server.auth
+    app_only = isinstance(auth, OAuth2AuthSettings) and auth.token.grant == "client_credentials"
+    if isinstance(failure, Delivery):
+        refused = [r for r in failure.results if r.outcome is not Outcome.ACCEPTED and r.code is not None]
+        if not refused or server.kind != "smtp":
+            return None
+        return explain_smtp_reply(refused[0].code, refused[0].enhanced, refused[0].text or "", app_only=app_only)
+    known = getattr(failure, "explanation", None)
+    if isinstance(known, Explanation):
+        return known
+    if server.kind != "smtp" or server.smtp is None:
+        return None
+    if isinstance(failure, BaseException):
+        from ..errors import DeliveryError, InvalidInput
+
+        if not isinstance(failure, DeliveryError | InvalidInput):
+            return None  # cancelled, or a bug: nothing the admin could change
+        s = server.smtp
+        return explain_smtp_error(failure, host=s.host, port=s.effective_port, security=s.security, app_only=app_only)
+    code = getattr(failure, "code", None)  # an SMTP reply
+    return explain_smtp_reply(code, getattr(failure, "enhanced", None), getattr(failure, "text", ""), app_only=app_only)
+
+
+def with_explanation(text: str, explanation: Explanation | None) -> str:
+    """`text`, followed by the explanation unless it says it already."""
+    if explanation is None or explanation.cause in text:
+        return text
+    return f"{text} — {explanation}"

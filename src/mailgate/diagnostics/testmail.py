@@ -20,18 +20,23 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import DeliveryError, InvalidInput
 from ..message import Message
 from ..oauth.cache import TokenCache, graph_token_source, smtp_token_source
-from ..settings.document import MailServer, OAuth2AuthSettings, PasswordAuthSettings
-from .catalogue import Explanation, explain_smtp_error, explain_smtp_reply
+from ..settings.document import MailServer, OAuth2AuthSettings
+from .catalogue import Explanation, explain_failure
+
+if TYPE_CHECKING:
+    from ..smtp.reply import Reply
 
 Status = Literal["ok", "failed", "skipped"]
 SMTP_STEPS = ("resolve settings", "dns", "connect", "greeting", "ehlo", "tls", "token", "auth", "mail from",
               "rcpt to", "data", "queued")  # fmt: skip
 GRAPH_STEPS = ("resolve settings", "token", "permissions", "sendMail")
+# Told when a step starts (False) and when it ends (True): the admin UI shows the steps live.
+OnStep = Callable[["Step", bool], None]
 _QUEUE_ID = re.compile(r"(?:queued as|id=|Ok:?)\s*<?([A-Za-z0-9][A-Za-z0-9._@-]{3,})>?", re.IGNORECASE)
 
 
@@ -85,26 +90,35 @@ class _Failed(Exception):
 
 
 class _Run:
-    """Runs steps in order; the first failure marks the rest skipped."""
+    """Runs steps in order; the first failure marks the rest skipped. A step fails by raising: a
+    DeliveryError or InvalidInput is explained by the catalogue for `server`."""
 
-    def __init__(self, names: tuple[str, ...]) -> None:
+    def __init__(self, names: tuple[str, ...], server: MailServer, on_step: OnStep | None) -> None:
         self.steps = {n: Step(n) for n in names}
+        self.server = server
         self.stopped = False
+        self.on_step = on_step or (lambda step, done: None)
 
     async def step(self, name: str, work: Callable[[Step], Awaitable[None]]) -> None:
         step = self.steps[name]
         if self.stopped:
             return
         started = time.perf_counter()
+        self.on_step(step, False)
         try:
             await work(step)
             if step.status == "skipped" and "skipped" not in step.details:
                 step.status = "ok"
+        except (DeliveryError, InvalidInput) as e:
+            step.status, step.explanation = "failed", explain_failure(e, self.server) or _generic(e)
+            step.details["error"] = str(e)
+            self.stopped = True
         except _Failed:
             step.status = "failed"
             self.stopped = True
         finally:
             step.duration_ms = (time.perf_counter() - started) * 1000
+            self.on_step(step, True)
 
     def fail(self, step: Step, explanation: Explanation, **details: Any) -> _Failed:
         step.explanation = explanation
@@ -122,46 +136,47 @@ def probe_message(server: MailServer, to: str) -> Message:
 
 
 async def run_test(
-    scope: str, server: MailServer, to: str, *, tokens: TokenCache, dry_run: bool = False, source: str = "saved"
+    scope: str,
+    server: MailServer,
+    to: str,
+    *,
+    tokens: TokenCache,
+    dry_run: bool = False,
+    source: str = "saved",
+    on_step: OnStep | None = None,
 ) -> StepReport:
     """Try `server` (with its secrets) by sending a test e-mail to `to` (or, dry, up to RCPT TO)."""
     if server.kind == "graph":
-        steps = await _graph(scope, server, to, tokens, dry_run, source)
+        steps = await _graph(scope, server, to, tokens, dry_run, source, on_step)
         return StepReport(scope, "graph", to, dry_run, steps)
-    return StepReport(scope, "smtp", to, dry_run, await _smtp(scope, server, to, tokens, dry_run, source))
+    return StepReport(scope, "smtp", to, dry_run, await _smtp(scope, server, to, tokens, dry_run, source, on_step))
 
 
 # ---- SMTP --------------------------------------------------------------------------------------
 
 
-async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str) -> list[Step]:
-    from ..smtp import OAuth2Auth, SMTPClient
-    from ..smtp.errors import SMTPError
+async def _smtp(
+    scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str, on_step: OnStep | None
+) -> list[Step]:
+    from ..smtp import SMTPClient
     from ..transports.smtp import smtp_config
 
     assert server.smtp is not None
     s = server.smtp
-    run = _Run(SMTP_STEPS)
+    run = _Run(SMTP_STEPS, server, on_step)
     auth = server.auth
-    app_only = isinstance(auth, OAuth2AuthSettings) and auth.token.grant == "client_credentials"
     client: SMTPClient | None = None
     token_handle: Any = None
     message = probe_message(server, to)
-
-    def explain(e: BaseException) -> Explanation:
-        return explain_smtp_error(e, host=s.host, port=s.effective_port, security=s.security, app_only=app_only)
 
     async def resolve(step: Step) -> None:
         nonlocal client, token_handle
         step.details.update(scope=scope, settings=source, kind="smtp", host=s.host, port=s.effective_port,
                             security=s.security, verify_certificate=s.verify_certificate,
                             auth=getattr(auth, "method", "none"), from_address=server.from_address)  # fmt: skip
-        try:
-            if isinstance(auth, OAuth2AuthSettings):
-                token_handle = tokens.handle(smtp_token_source(server, name=f"the {scope} mail server"))
-            client = SMTPClient(smtp_config(server, token=token_handle))
-        except DeliveryError as e:  # a delegated source nobody connected yet
-            raise run.fail(step, getattr(e, "explanation", None) or explain(e), error=str(e)) from None
+        if isinstance(auth, OAuth2AuthSettings):  # a delegated source nobody connected yet fails here
+            token_handle = tokens.handle(smtp_token_source(server, name=f"the {scope} mail server"))
+        client = SMTPClient(smtp_config(server, token=token_handle))
 
     async def dns(step: Step) -> None:
         loop = asyncio.get_running_loop()
@@ -172,34 +187,24 @@ async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry
         except (OSError, TimeoutError) as e:
             from ..smtp.errors import SMTPConnectError
 
-            error = SMTPConnectError(f"cannot resolve {s.host!r}: {getattr(e, 'strerror', None) or e}")
-            raise run.fail(step, explain(error), error=str(error)) from None
+            raise SMTPConnectError(f"cannot resolve {s.host!r}: {getattr(e, 'strerror', None) or e}") from None
         step.details["addresses"] = sorted({str(i[4][0]) for i in infos})
 
     async def connect(step: Step) -> None:
         assert client is not None
-        try:
-            await client.open()
-        except SMTPError as e:
-            raise run.fail(step, explain(e), error=str(e)) from None
+        await client.open()
         step.details["server"] = client.config.server
         if s.security == "tls":
             step.details["tls"] = client.tls_version
 
     async def greeting(step: Step) -> None:
         assert client is not None
-        try:
-            reply = await client.read_greeting()
-        except SMTPError as e:
-            raise run.fail(step, explain(e), error=str(e)) from None
+        reply = await client.read_greeting()
         step.details["reply"] = str(reply)
 
     async def ehlo(step: Step) -> None:
         assert client is not None
-        try:
-            await client.ehlo()
-        except SMTPError as e:
-            raise run.fail(step, explain(e), error=str(e)) from None
+        await client.ehlo()
         step.details["capabilities"] = [f"{k} {v}".strip() for k, v in client.extensions.items()]
 
     async def tls(step: Step) -> None:
@@ -208,10 +213,7 @@ async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry
             step.details["skipped"] = "security is none: no TLS"
             return
         if s.security in ("starttls", "starttls-required"):
-            try:
-                await client.starttls()
-            except SMTPError as e:
-                raise run.fail(step, explain(e), error=str(e)) from None
+            await client.starttls()
             if not client.tls_active:
                 step.details["skipped"] = "the server does not offer STARTTLS (security starttls: sent unencrypted)"
                 return
@@ -222,11 +224,7 @@ async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry
         if token_handle is None:
             step.details["skipped"] = "auth is not oauth2"
             return
-        try:
-            access = await token_handle()
-        except DeliveryError as e:
-            explanation = getattr(e, "explanation", None) or explain(e)
-            raise run.fail(step, explanation, error=str(e)) from None
+        access = await token_handle()
         step.details.update(_token_details(access.value, access.expires_at, access.scope))
 
     async def authenticate(step: Step) -> None:
@@ -235,25 +233,20 @@ async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry
             step.details["skipped"] = "auth is none"
             return
         step.details["offered"] = client.auth_mechanisms
-        try:
-            await client.authenticate(client.config.auth)
-        except SMTPError as e:
-            raise run.fail(step, explain(e), error=str(e)) from None
+        await client.authenticate(client.config.auth)
         step.details["used"] = client.auth_mechanism
-        creds = client.config.auth
-        step.details["username"] = creds.username if isinstance(creds, OAuth2Auth) else _username(auth)
+        step.details["username"] = getattr(auth, "username", None)
 
     async def mail_from(step: Step) -> None:
         assert client is not None
         envelope = message.envelope(mail_from=server.envelope_from)
         step.details["from"] = envelope.mail_from
-        await _command(run, step, lambda: client.mail(envelope.mail_from, list(envelope.rcpt_to), _body()), explain,
-                       app_only)  # fmt: skip
+        await _command(run, step, client.mail(envelope.mail_from, list(envelope.rcpt_to), _body()))
 
     async def rcpt_to(step: Step) -> None:
         assert client is not None
         step.details["to"] = to
-        await _command(run, step, lambda: client.command(f"RCPT TO:<{to}>"), explain, app_only)
+        await _command(run, step, client.command(f"RCPT TO:<{to}>"))
 
     async def data(step: Step) -> None:
         assert client is not None
@@ -261,7 +254,7 @@ async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry
             await client.rset()
             step.details["skipped"] = "dry run: RSET instead of DATA, nothing was delivered"
             return
-        await _command(run, step, lambda: client.data(_body()), explain, app_only)
+        await _command(run, step, client.data(_body()))
 
     async def queued(step: Step) -> None:
         reply = run.steps["data"].details.get("reply", "")
@@ -294,23 +287,12 @@ async def _smtp(scope: str, server: MailServer, to: str, tokens: TokenCache, dry
     return list(run.steps.values())
 
 
-async def _command(
-    run: _Run, step: Step, send: Callable[[], Awaitable[Any]], explain: Callable[[BaseException], Explanation],
-    app_only: bool,
-) -> None:  # fmt: skip
-    from ..smtp.errors import SMTPError
-
-    try:
-        reply = await send()
-    except (SMTPError, InvalidInput) as e:
-        raise run.fail(step, explain(e), error=str(e)) from None
+async def _command(run: _Run, step: Step, command: Awaitable[Reply]) -> None:
+    """An SMTP command whose reply must be 2xx or 3xx (a session error fails the step in `_Run`)."""
+    reply = await command
     step.details["reply"] = str(reply)
     if not 200 <= reply.code < 400:
-        raise run.fail(step, explain_smtp_reply(reply.code, reply.enhanced, reply.text, app_only=app_only))
-
-
-def _username(auth: Any) -> str | None:
-    return auth.username if isinstance(auth, PasswordAuthSettings) else None
+        raise run.fail(step, explain_failure(reply, run.server) or _generic(reply))
 
 
 def _certificate(version: str | None, der: bytes | None, verified: bool) -> dict[str, Any]:
@@ -372,12 +354,14 @@ def _token_details(token: str, expires_at: float, scope: str | None) -> dict[str
 # ---- Graph -------------------------------------------------------------------------------------
 
 
-async def _graph(scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str) -> list[Step]:
-    from .catalogue import permission_problem
+async def _graph(
+    scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str, on_step: OnStep | None
+) -> list[Step]:
+    from .catalogue import granted_permissions, needed_permissions, permission_problem
 
     assert server.graph is not None
     g = server.graph
-    run = _Run(GRAPH_STEPS)
+    run = _Run(GRAPH_STEPS, server, on_step)
     handle = tokens.handle(graph_token_source(server))
     claims: dict[str, Any] = {}
 
@@ -387,18 +371,14 @@ async def _graph(scope: str, server: MailServer, to: str, tokens: TokenCache, dr
                             large_attachments=g.large_attachments)  # fmt: skip
 
     async def token(step: Step) -> None:
-        try:
-            access = await handle()
-        except DeliveryError as e:
-            raise run.fail(step, getattr(e, "explanation", None) or _generic(e), error=str(e)) from None
-        details = _token_details(access.value, access.expires_at, access.scope)
+        access = await handle()
         claims.update(jwt_claims(access.value) or {})
-        step.details.update(details)
+        step.details.update(_token_details(access.value, access.expires_at, access.scope))
 
     async def permissions(step: Step) -> None:
         problem = permission_problem(claims, large_attachments=g.large_attachments)
-        step.details["needed"] = ["Mail.Send"] + (["Mail.ReadWrite"] if g.large_attachments else [])
-        step.details["granted"] = sorted(set(claims.get("roles") or []) | set(str(claims.get("scp", "")).split()))
+        step.details["needed"] = needed_permissions(g.large_attachments)
+        step.details["granted"] = granted_permissions(claims)
         if problem is not None:
             raise run.fail(step, problem)
 
@@ -410,10 +390,7 @@ async def _graph(scope: str, server: MailServer, to: str, tokens: TokenCache, dr
             return
         message = probe_message(server, to)
         transport = GraphTransport(server, handle, tokens.http)
-        try:
-            delivery = await transport.send(message.envelope(), message)
-        except DeliveryError as e:
-            raise run.fail(step, getattr(e, "explanation", None) or _generic(e), error=str(e)) from None
+        delivery = await transport.send(message.envelope(), message)
         [result] = delivery.results
         step.details.update(status=result.code, reply=result.text, message_id=message.message_id)
         if result.outcome.value != "accepted":
@@ -426,5 +403,5 @@ async def _graph(scope: str, server: MailServer, to: str, tokens: TokenCache, dr
     return list(run.steps.values())
 
 
-def _generic(e: BaseException) -> Explanation:
-    return Explanation(str(e), "Read the details.", transient=getattr(e, "transient", False))
+def _generic(what: object) -> Explanation:
+    return Explanation(str(what), "Read the details.", transient=getattr(what, "transient", False))

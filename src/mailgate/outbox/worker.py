@@ -36,11 +36,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..config import Config
 from ..db.models import now
 from ..delivery import Delivery, Outcome
-from ..diagnostics.catalogue import Explanation, explain_smtp_error, explain_smtp_reply
+from ..diagnostics.catalogue import Explanation, explain_failure, with_explanation
 from ..errors import DeliveryError, InvalidInput, MessageError, NotFound
 from ..message import Envelope, Message
 from ..oauth.cache import TokenCache
-from ..settings.document import MailServer, OAuth2AuthSettings
+from ..settings.document import MailServer
 from ..settings.store import Resolution, Servers
 from ..smtp.errors import SMTPNotSupportedError
 from ..transports.base import Transport
@@ -535,13 +535,11 @@ class Worker:
             results = [e] * len(ready)
         for r, result in zip(ready, results, strict=True):
             outcome = self._conclude(r.c, r.finish, r.where, lane, r.pending, result)
-            explanation = explain(result, lane.server)
+            explanation = explain_failure(result, lane.server)
             if outcome is None:  # refused for good: mark the server
                 err = result
                 assert isinstance(err, DeliveryError | InvalidInput)
-                text = err.message if isinstance(err, DeliveryError) else str(err)
-                if explanation is not None and explanation.cause not in text:
-                    text = f"{text} — {explanation}"
+                text = with_explanation(err.message if isinstance(err, DeliveryError) else str(err), explanation)
                 code = {"code": err.code, "enhanced": err.enhanced} if isinstance(err, DeliveryError) else {}
                 outcome = await self._broken(r.c, r.finish, text, **code, **r.where)
             elif explanation is not None and outcome.outcome not in ("accepted", "quota"):
@@ -557,10 +555,7 @@ class Worker:
             if any(r.outcome is Outcome.ACCEPTED for r in result.results):
                 news["last_success_at"] = now()
         elif isinstance(result, DeliveryError) and not isinstance(result, QuotaWait):
-            text = result.message
-            if explanation is not None and explanation.cause not in text:
-                text = f"{text} — {explanation}"
-            news["last_failure_at"], news["last_failure"] = now(), text
+            news["last_failure_at"], news["last_failure"] = now(), with_explanation(result.message, explanation)
 
     async def _write_health(self) -> None:
         """Every few seconds: what the sends said of each server, and its access token's expiry."""
@@ -818,26 +813,6 @@ class _Recorder:
                 self.failing, pause = False, 0.2
             if self._closing:
                 return
-
-
-def explain(result: Delivery | BaseException, server: MailServer) -> Explanation | None:
-    """The catalogue's cause and fix for what went wrong in an attempt (the same words as the test
-    e-mail's), or None when nothing did, or nothing is known about it."""
-    if isinstance(result, BaseException):
-        known = getattr(result, "explanation", None)  # token endpoint and Graph errors carry theirs
-        if isinstance(known, Explanation):
-            return known
-        if server.kind != "smtp" or server.smtp is None or not isinstance(result, DeliveryError):
-            return None
-        auth = server.auth
-        app_only = isinstance(auth, OAuth2AuthSettings) and auth.token.grant == "client_credentials"
-        s = server.smtp
-        return explain_smtp_error(result, host=s.host, port=s.effective_port, security=s.security, app_only=app_only)
-    refused = [r for r in result.results if r.outcome is not Outcome.ACCEPTED and r.code is not None]
-    if not refused or server.kind != "smtp":
-        return None
-    worst = refused[0]
-    return explain_smtp_reply(worst.code, worst.enhanced, worst.text or "")
 
 
 def _first_line(e: BaseException) -> str:
