@@ -42,7 +42,9 @@ async def test_concurrent_submits_share_transactions(mg: Mailgate) -> None:
     ids = await asyncio.gather(*(mg.submit(t, Message(to=f"r{i}@example.org", subject=f"m{i}"))
                                  for i, t in enumerate(tenants)))  # fmt: skip
     assert len(set(ids)) == 100 and await stored(mg) == 100
-    assert commits[0] <= 5, f"{commits[0]} transactions for 100 concurrent submits"
+    # One per submit without grouping; a busy machine (other tests, a browser) may split the batch a
+    # few more times than an idle one, so the bound leaves room for that.
+    assert commits[0] <= 10, f"{commits[0]} transactions for 100 concurrent submits"
     for i, (pk, tenant) in enumerate(zip(ids, tenants, strict=True)):  # each id is that submit's message
         detail = await mg.queue.get(pk, tenant_id=tenant)
         assert detail.summary.subject == f"m{i}"

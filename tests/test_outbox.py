@@ -234,7 +234,9 @@ async def test_mixed_recipients_and_accepted_ones_are_never_sent_again(open_mg: 
         await setup(mg, server)
         pk = await mg.submit("acme", note(to=["ok@example.org", "gone@example.org", "busy@example.org"]))
         await mg.run_worker(until_idle=True)
-        assert await status(mg, pk) == "deferred"
+        # Deferred for busy@ — on a loaded machine the (fast) retry may already have run as well.
+        first = (await mg.queue.get(pk)).to_dict()["attempt_log"][0]
+        assert first["outcome"] == "mixed", first
         await drain(mg)
         received = await server.wait_for_messages(2)
     assert [r.rcpt_tos for r in received] == [["ok@example.org"], ["busy@example.org"]]
