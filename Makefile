@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/mailgate serve
+	$(BIN)/mailgate serve --demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

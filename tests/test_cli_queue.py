@@ -72,7 +72,7 @@ def test_queue_list_cancel_retry_and_stats(cli: CLI) -> None:
     assert "queued again: 1 failed message(s)" in cli("queue", "retry", "--failed").stdout
     assert "queued again: message" in cli("queue", "retry", str(ids[2])).stdout
     assert "there is no message 999" in cli("queue", "show", "999", check=2).stderr
-    assert "--status is one of" in cli("queue", "list", "--status", "lost", check=2).stderr
+    assert "status: is one of held, queued" in cli("queue", "list", "--status", "lost", check=2).stderr
     assert "removed 0 message bodies" in cli("queue", "purge").stdout
 
 

@@ -145,3 +145,62 @@ def _write(path: Path) -> Path:
     path.write_text(json.dumps({"from_address": "no-reply@example.com",
                                 "smtp": {"host": "127.0.0.1", "port": 9, "security": "none"}}))  # fmt: skip
     return path
+
+
+def _sign_in(client: httpx2.Client, email: str, password: str) -> httpx2.Response:
+    import re
+
+    login = client.get("/admin/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', login.text)
+    assert token is not None
+    return client.post("/admin/login", data={"email": email, "password": password, "csrf_token": token.group(1)})
+
+
+def test_demo_captures_mail_and_makes_a_demo_admin(tmp_path: Path, env: dict[str, str]) -> None:
+    import re
+
+    first = Served(tmp_path, env, ["--demo"])
+    try:
+        deadline = time.monotonic() + 30
+        while "demo admin:" not in first.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = first.output()
+        found = re.search(r"sign in at (\S+)/admin as (\S+) with the password (\S+)", out)
+        port = re.search(r"captured on 127\.0\.0\.1:(\d+)", out)
+        assert found is not None and port is not None, out
+        assert found.group(1) == first.url and found.group(2) == "demo-admin@example.com"
+        with httpx2.Client(base_url=first.url, timeout=10) as browser:
+            assert _sign_in(browser, found.group(2), found.group(3)).status_code == 303
+            # The welcome message went through the outbox and the worker to the capture server.
+            deadline = time.monotonic() + 30
+            while "Welcome to mailgate" not in (page := browser.get("/admin/captured")).text:
+                assert time.monotonic() < deadline, page.text
+                time.sleep(0.2)
+            assert "someone@example.com" in page.text
+            shown = browser.get("/admin/captured/1")
+            assert "went through mailgate&#39;s outbox" in shown.text and "<iframe" in shown.text
+            assert "Welcome to mailgate" in browser.get("/admin/messages").text
+        assert first.stop() == 0
+    finally:
+        if first.process.poll() is None:
+            first.process.kill()
+            first.process.wait()
+    # Started again: a new capture port becomes the global server's, the old password stops working.
+    second = Served(tmp_path, env, ["--demo"])
+    try:
+        deadline = time.monotonic() + 30
+        while "demo admin:" not in second.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        again = re.search(r"with the password (\S+)", second.output())
+        new_port = re.search(r"captured on 127\.0\.0\.1:(\d+)", second.output())
+        assert again is not None and new_port is not None and again.group(1) != found.group(3)
+        doc = json.loads(second.cli("servers", "show", "global", "--json"))
+        assert doc["server"]["smtp"]["port"] == int(new_port.group(1))
+        with httpx2.Client(base_url=second.url, timeout=10) as browser:
+            assert _sign_in(browser, "demo-admin@example.com", found.group(3)).status_code == 401
+            assert _sign_in(browser, "demo-admin@example.com", again.group(1)).status_code == 303
+        assert second.stop() == 0
+    finally:
+        if second.process.poll() is None:
+            second.process.kill()
+            second.process.wait()

@@ -75,6 +75,18 @@ class Principal:
         if self.role != "tenant-admin":
             raise Forbidden("a sender token may only submit and read messages")
 
+    def may_change_tenant_fields(self, tenant: str, fields: set[str], *, may_set_support_address: bool) -> None:
+        """Changing `fields` of a tenant: a system admin changes any; its tenant admin only
+        `admin_address`, and `support_address` when the tenant may set it."""
+        self.must_be("system-admin", "tenant-admin")
+        self.may_see_tenant(tenant)
+        if self.is_system_admin:
+            return
+        if others := fields - {"support_address", "admin_address"}:
+            raise Forbidden(f"only a system admin changes {', '.join(sorted(others))}")
+        if "support_address" in fields and not may_set_support_address:
+            raise Forbidden("this tenant may not set its support address (a system admin decides)")
+
     def must_be(self, *roles: Role) -> None:
         if self.role not in roles:
             raise Forbidden(f"this needs the role {' or '.join(roles)}; this token is {self.role}")
@@ -161,6 +173,10 @@ class ApiTokens:
             info = _info(row)
         self._cache.clear()
         return info
+
+    def forget_cached(self) -> None:
+        """Look every token up again (after a change that may have removed some)."""
+        self._cache.clear()
 
     async def any_system_admin(self) -> bool:
         async with self.db.sessions() as s:

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .access import ApiTokens
+from .accounts import AdminUsers
 from .config import Config
 from .db.engine import Database, connect, database_url, ensure_schema
 from .errors import MessageError, NotFound, SendingDisabled
@@ -32,7 +33,7 @@ from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
 from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenants, read_audit_log
 
 if TYPE_CHECKING:
-    from .diagnostics.testmail import StepReport
+    from .diagnostics.testmail import OnStep, StepReport
 
 CALLBACK_PATH = "/v1/oauth/callback"
 SUBMIT_RESOLVE_TTL = 1.0
@@ -63,10 +64,11 @@ class Mailgate:
         self.config = config
         self._keyring = keyring
         self._resolved: dict[str, tuple[float, Resolution]] = {}
-        self.tenants = Tenants(db, keyring, actor, self._resolved.clear)
-        self.servers = Servers(db, keyring, actor, self._resolved.clear)
-        self.queue = Outbox(db, config)
         self.api_tokens = ApiTokens(db, actor)
+        self.tenants = Tenants(db, keyring, actor, self._settings_changed)
+        self.servers = Servers(db, keyring, actor, self._settings_changed)
+        self.queue = Outbox(db, config)
+        self.users = AdminUsers(db, actor)
         self._group = GroupCommit(self.queue.store, self._store_one)
         # One token cache for every tenant's servers (and one HTTP client, made when first used).
         self.tokens = TokenCache()
@@ -77,10 +79,16 @@ class Mailgate:
         API makes one per request, named after its token."""
         view = copy.copy(self)
         view.actor = actor
-        view.tenants = Tenants(self.db, self._keyring, actor, self._resolved.clear)
-        view.servers = Servers(self.db, self._keyring, actor, self._resolved.clear)
+        view.tenants = Tenants(self.db, self._keyring, actor, self._settings_changed)
+        view.servers = Servers(self.db, self._keyring, actor, self._settings_changed)
         view._consents = Consents(self.db, self._keyring, view.servers, self.tokens, actor)
         return view
+
+    def _settings_changed(self) -> None:
+        # What this process cached of the settings is stale: where tenants send, and which API
+        # tokens are valid (a removed tenant's tokens stop at once, not within CACHE_TTL).
+        self._resolved.clear()
+        self.api_tokens.forget_cached()
 
     async def submit(self, tenant: str, message: Message, idempotency_key: str | None = None) -> int:
         """Store `message` in the outbox for `tenant` (one transaction) and return its id.
@@ -167,11 +175,13 @@ class Mailgate:
         *,
         dry_run: bool = False,
         secrets: Mapping[str, str] | None = None,
+        on_step: OnStep | None = None,
     ) -> StepReport:
         """Send a test e-mail through `scope`'s mail server ("global" or a tenant), as named steps
         that stop at the first failure, each explained (diagnostics/testmail.py). `settings`: an
         unsaved document to try instead of the saved one; its stored secrets are reused only when
-        no destination field changed. `dry_run`: stop before DATA (RSET), nothing is delivered."""
+        no destination field changed. `dry_run`: stop before DATA (RSET), nothing is delivered.
+        `on_step` is told as each step starts and ends."""
         from .diagnostics.testmail import run_test
         from .message import Address
 
@@ -191,7 +201,9 @@ class Mailgate:
                     raise NotFound([("server", f"no mail server is set for {scope}")])
                 settings = info.document
             server, source = await self.servers.unsaved(scope, settings, secrets=secrets), "unsaved"
-        return await run_test(scope, server, recipient, tokens=self.tokens, dry_run=dry_run, source=source)
+        return await run_test(
+            scope, server, recipient, tokens=self.tokens, dry_run=dry_run, source=source, on_step=on_step
+        )
 
     # ---- delegated OAuth consent ---------------------------------------------------------------
 
@@ -231,6 +243,10 @@ class Mailgate:
     async def resolve(self, tenant: str) -> Resolution:
         """The mail server `tenant` sends through, and why (DESIGN.md's resolution rules)."""
         return await self.servers.resolve(tenant)
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A key for `purpose` derived from the secret keys (the admin UI signs its cookies with it)."""
+        return self._keyring.derive(purpose)
 
     async def rotate_keys(self) -> int:
         """Re-encrypt every stored secret under the newest key; returns how many."""

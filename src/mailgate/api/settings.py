@@ -10,7 +10,7 @@ from enum import Enum
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Body, Depends, Query, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from ..errors import NotFound
@@ -119,6 +119,7 @@ _server_routes("/v1/tenants/{tenant}/server", _tenant_scope)
 
 @router.get(CALLBACK_PATH, tags=["oauth"], status_code=303, response_class=RedirectResponse, responses={303: {}})
 async def oauth_callback(
+    request: Request,
     mg: Service,
     state: Annotated[str, Query(max_length=200)] = "",
     code: Annotated[str, Query(max_length=4000)] = "",
@@ -126,16 +127,28 @@ async def oauth_callback(
     error_description: Annotated[str, Query(max_length=2000)] = "",
 ) -> RedirectResponse:
     """Where the provider sends the admin back after consent (no token: the state is the key).
-    Redirects to a page that says whether the mailbox is connected."""
+    Redirects to a page that says whether the mailbox is connected: the mail server's page of the
+    admin UI when the consent was started there, else a small page of its own."""
     from ..errors import DeliveryError, InvalidInput
+    from ..web.session import SESSION_COOKIE, flash
 
+    admin = SESSION_COOKIE in request.cookies
+    scope = None
     if error:
-        return _done(ok=False, text=f"The consent was not given: {error}. {error_description}".strip())
-    try:
-        result = await mg.complete_consent(state, code)
-    except (InvalidInput, DeliveryError) as e:
-        return _done(ok=False, text=str(e))
-    return _done(ok=True, text=f"Connected: {result.mailbox} now sends the mail of {result.scope}.")
+        ok, text = False, f"The consent was not given: {error}. {error_description}".strip()
+    else:
+        try:
+            result = await mg.complete_consent(state, code)
+        except (InvalidInput, DeliveryError) as e:
+            ok, text = False, str(e)
+        else:
+            ok, text, scope = True, f"Connected: {result.mailbox} now sends the mail of {result.scope}.", result.scope
+    if not admin:
+        return _done(ok=ok, text=text)
+    target = "/admin" if scope is None else "/admin/global" if scope == "global" else f"/admin/tenants/{scope}"
+    response = RedirectResponse(target + ("#consent" if scope else ""), status_code=303)
+    flash(response, mg, text, ok=ok, secure=request.url.scheme == "https")
+    return response
 
 
 def _done(*, ok: bool, text: str) -> RedirectResponse:
@@ -189,13 +202,8 @@ async def update_tenant(tenant: str, body: TenantPatch, mg: Acting, who: Who) ->
     who.must_be("system-admin", "tenant-admin")
     who.may_see_tenant(tenant)
     given = body.model_fields_set
-    if not who.is_system_admin:
-        from ..access import Forbidden
-
-        if others := given - {"support_address", "admin_address"}:
-            raise Forbidden(f"only a system admin changes {', '.join(sorted(others))}")
-        if "support_address" in given and not (await mg.tenants.get(tenant)).may_set_support_address:
-            raise Forbidden("this tenant may not set its support address (a system admin decides)")
+    current = await mg.tenants.get(tenant)
+    who.may_change_tenant_fields(tenant, given, may_set_support_address=current.may_set_support_address)
     return (
         await mg.tenants.update(
             tenant, name=body.name, may_use_own_server=body.may_use_own_server, support_address=body.support_address,

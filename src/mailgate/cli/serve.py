@@ -27,9 +27,18 @@ def serve(
         int | None, typer.Option(help="Listen on this port (default: $MAILGATE_LISTEN_PORT, 8000).", show_default=False)
     ] = None,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Only the API; run `mailgate worker` apart.")] = False,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo",
+            help="Also capture mail: a local SMTP server on 127.0.0.1 becomes the global mail server (if none is "
+            "set), a demo admin is made (its password printed), and /admin/captured shows what arrived.",
+        ),
+    ] = False,
 ) -> None:
-    """Run the HTTP API (docs at /docs) and a delivery worker. SIGTERM or Ctrl-C stops both
-    gracefully: requests under way are answered, sends under way finish, the rest waits."""
+    """Run the HTTP API (docs at /docs), the admin UI (/admin) and a delivery worker. SIGTERM or
+    Ctrl-C stops them gracefully: requests under way are answered, sends under way finish, the
+    rest waits."""
     import dataclasses
     import logging
 
@@ -53,7 +62,9 @@ def serve(
                 await super().startup(sockets)
                 if self.started:
                     print(
-                        f"mailgate: listening on http://{shown}:{listen_port} (API docs: /docs), {worker}", flush=True
+                        f"mailgate: listening on http://{shown}:{listen_port} (admin UI: /admin, API docs: /docs), "
+                        f"{worker}",
+                        flush=True,
                     )
 
             def handle_exit(self, sig: int, frame: Any) -> None:
@@ -62,12 +73,24 @@ def serve(
                 # process before the database is closed: the shutdown is complete, exit 0.
                 self._captured_signals.clear()
 
+        api = create_app(mg, worker=not no_worker)
+        capture = None
+        if demo:
+            from ..capture import CaptureServer
+
+            capture = CaptureServer("127.0.0.1", 0)
+            await capture.start()
+            api.state.capture = capture
+            await _demo(mg, capture.port, f"http://{shown}:{listen_port}")
         server = Server(
             uvicorn.Config(
-                create_app(mg, worker=not no_worker), host=listen_host, port=listen_port, log_level="warning",
+                api, host=listen_host, port=listen_port, log_level="warning",
                 timeout_graceful_shutdown=int(config.stop_grace), server_header=False,
             )
         )  # fmt: skip
+        if not demo and not await mg.users.any():
+            print("mailgate: no admin UI user exists yet. Make the first one with:\n"
+                  f"    {_command()} users create you@example.com --role system-admin", flush=True)  # fmt: skip
         if not await mg.api_tokens.any_system_admin():
             print("mailgate: no API token exists yet. Make the first admin token with:\n"
                   f"    {_command()} tokens create --role system-admin\n"
@@ -76,9 +99,59 @@ def serve(
             await server.serve()
         except SystemExit:  # uvicorn's way of saying it could not start (it logged why)
             fail(1, f"could not serve on {shown}:{listen_port} (the reason is above)")
+        finally:
+            if capture is not None:
+                await capture.aclose()
         print("mailgate: stopped", flush=True)
 
     with_service(ctx, work)
+
+
+DEMO_ADMIN = "demo-admin@example.com"
+DEMO_SENDER = "mailgate demo"
+
+
+async def _demo(mg: Mailgate, port: int, url: str) -> None:
+    """Demo mode: the capture server becomes the global mail server unless another one is set (a
+    demo server of an earlier run is moved to this run's port), the demo admin gets a new password,
+    and a first tenant with a welcome message shows mail flowing."""
+    import secrets
+
+    from ..errors import NotFound
+    from ..message import Message
+
+    current = await mg.servers.get("global")
+    ours = current is not None and current.document.get("from_name") == DEMO_SENDER and (
+        current.document.get("smtp") or {}).get("host") == "127.0.0.1"  # fmt: skip
+    if current is None or ours:
+        await mg.servers.set("global", {
+            "kind": "smtp", "enabled": True, "from_address": "no-reply@example.com", "from_name": DEMO_SENDER,
+            "smtp": {"host": "127.0.0.1", "port": port, "security": "none"}, "auth": {"method": "none"},
+        })  # fmt: skip
+        print(
+            f"mailgate: demo: mail is captured on 127.0.0.1:{port} (the global mail server); see {url}/admin/captured"
+        )
+    else:
+        print(f"mailgate: demo: a global mail server is already set, so it stays; the capture server on "
+              f"127.0.0.1:{port} gets only what is sent to it")  # fmt: skip
+    password = secrets.token_urlsafe(12)
+    try:
+        await mg.users.set_password(DEMO_ADMIN, password)
+    except NotFound:
+        await mg.users.create(DEMO_ADMIN, password, "system-admin")
+    print(
+        f"mailgate: demo admin: sign in at {url}/admin as {DEMO_ADMIN} with the password {password}\n"
+        "          (a new one is made at every --demo start; it is not stored or shown anywhere else)",
+        flush=True,
+    )
+    if not await mg.tenants.list():
+        await mg.tenants.add("demo", name="Demo tenant", admin_address="demo-admin@example.com")
+        await mg.submit("demo", Message(
+            to="someone@example.com", subject="Welcome to mailgate",
+            text="This message went through mailgate's outbox and its worker to the capture server.\n",
+            html="<h1>Welcome to mailgate</h1><p>This message went through mailgate's outbox and its worker "
+                 "to the capture server.</p>",
+        ))  # fmt: skip
 
 
 def _command() -> str:

@@ -188,6 +188,36 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None]
 
 
+class AdminUser(Base):
+    """A person who signs in to the admin UI: a system admin, or the admin of one tenant. Only an
+    argon2 hash of the password is kept. A tenant's admins go with the tenant."""
+
+    __tablename__ = "admin_users"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)  # lower-cased
+    password_hash: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    created_by: Mapped[str] = mapped_column(String(200))
+    last_login_at: Mapped[datetime | None]
+
+
+class AdminSession(Base):
+    """A signed-in admin UI session. The cookie carries a random token; only its SHA-256 is kept,
+    so signing out (or removing the user) ends the session everywhere at once."""
+
+    __tablename__ = "admin_sessions"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("admin_users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    last_seen_at: Mapped[datetime] = mapped_column(default=now)
+    expires_at: Mapped[datetime]
+
+
 class AuditEntry(Base):
     """Who changed what, when. `changes` lists {"field", "from", "to"} for plain fields and
     {"field", "secret": "changed" | "removed"} for secrets, never a secret's value. No foreign

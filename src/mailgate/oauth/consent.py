@@ -119,7 +119,10 @@ class Consents:
         if not reply.refresh_token:
             hint = "access_type=offline" if endpoint.provider == "google" else "the offline_access scope"
             raise SettingsError([("auth.token.scope", f"the provider granted no refresh token: ask for {hint}")])
-        if not await self.servers.store_refresh_token(loaded.id, loaded.version, reply.refresh_token, consent=True):
+        stored = await self.servers.store_refresh_token(
+            loaded.id, loaded.version, reply.refresh_token, consent=True, actor=request.actor
+        )
+        if not stored:
             raise Conflict([("state", "the mail server's settings changed during the consent: connect again")])
         auth = loaded.server.auth
         assert isinstance(auth, OAuth2AuthSettings)

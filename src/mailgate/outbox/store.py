@@ -404,8 +404,22 @@ class Outbox:
     # ---- the operator's view -----------------------------------------------------------------
 
     async def list_messages(
-        self, *, tenant_id: str | None = None, status: str | None = None, limit: int = 50, before: int | None = None
+        self,
+        *,
+        tenant_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+        recipient: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> list[MessageSummary]:
+        """Messages, newest first: of a tenant, in a status, to a recipient (the address, any
+        case), made at or after `since` and before `until`; `before` pages by id."""
+        if status is not None and status not in STATUSES:
+            from ..errors import InvalidInput
+
+            raise InvalidInput([("status", f"is one of {', '.join(STATUSES)}")])
         M = MessageRow
         query = select(M).order_by(M.id.desc()).limit(limit)
         if tenant_id is not None:
@@ -414,6 +428,15 @@ class Outbox:
             query = query.where(M.status == status)
         if before is not None:
             query = query.where(M.id < min(before, MAX_ID))
+        if recipient:
+            to = select(MessageRecipient.message_pk).where(
+                func.lower(MessageRecipient.address) == recipient.strip().lower()
+            )
+            query = query.where(M.id.in_(to))
+        if since is not None:
+            query = query.where(M.created_at >= since)
+        if until is not None:
+            query = query.where(M.created_at < until)
         async with self.db.sessions() as s:
             rows = list((await s.scalars(query)).all())
             counts = await _recipient_counts(s, [r.id for r in rows])

@@ -41,8 +41,18 @@ class Keyring:
                               "make one with `mailgate keys generate`")]
                 ) from None  # fmt: skip
         self._fernet = MultiFernet(fernets)
+        self._primary = keys[0].encode()
         self.source = source
         self.count = len(keys)
+
+    def derive(self, purpose: str) -> bytes:
+        """A 32-byte key for `purpose` (e.g. signing the admin UI's cookies), derived from the
+        primary key: every process with the same keys derives the same one, and rotating the keys
+        changes it."""
+        import hashlib
+        import hmac
+
+        return hmac.new(self._primary, b"mailgate derived key: " + purpose.encode(), hashlib.sha256).digest()
 
     @staticmethod
     def generate() -> str:

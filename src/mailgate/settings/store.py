@@ -525,10 +525,13 @@ class Servers(_Part):
 
     # ---- OAuth2 refresh tokens (delegated consent and rotation) -------------------------------
 
-    async def store_refresh_token(self, server_id: int, version: int, value: str, *, consent: bool = False) -> bool:
+    async def store_refresh_token(
+        self, server_id: int, version: int, value: str, *, consent: bool = False, actor: str | None = None
+    ) -> bool:
         """Store (encrypted) the refresh token of the server's token source, unless its settings
         changed since `version`. A rotation (the token endpoint replaced the refresh token) is
-        stored quietly; a consent is a settings change: new version, audited, the server mended."""
+        stored quietly; a consent is a settings change: new version, audited (as `actor`, the admin
+        who started it), the server mended."""
         path = "auth.token.refresh_token"
         async with self.db.write() as s:
             row = await s.get(MailServerRow, server_id, with_for_update=True)
@@ -541,12 +544,16 @@ class Servers(_Part):
             else:
                 secret.ciphertext, secret.updated_at = ciphertext, now()
             if consent:
+                who = actor or self.actor
                 row.version += 1
-                row.updated_at, row.updated_by = now(), self.actor
+                row.updated_at, row.updated_by = now(), who
                 row.consented_at = now()
                 await _mend(s, row)
-                self._audit(s, "server.consent", _tenant_of(row.scope), row.scope,
-                       [{"field": path, "secret": "changed"}])  # fmt: skip
+                _audit(
+                    s, who, "server.consent", _tenant_of(row.scope), row.scope, [{"field": path, "secret": "changed"}]
+                )
+                if self.on_change is not None:
+                    self.on_change()
             return True
 
     async def forget_refresh_token(self, scope: str) -> ServerInfo:
