@@ -194,7 +194,8 @@ async def test_removing_a_user_or_changing_the_password_ends_their_sessions(ui: 
 
 async def test_next_only_leads_inside_the_admin(ui: UI) -> None:
     for target, expected in (("/admin/messages", "/admin/messages"), ("https://evil.example/", "/admin"),
-                             ("//evil.example/admin", "/admin"), ("/v1/messages", "/admin")):  # fmt: skip
+                             ("//evil.example/admin", "/admin"), ("/v1/messages", "/admin"),
+                             ("/admin.evil/x", "/admin"), ("/admin/\\evil.example", "/admin")):  # fmt: skip
         b = ui.browser()
         await b.get("/admin/login", params={"next": target})
         reply = await b.post("/admin/login", {"email": ADMIN, "password": PASSWORD, "next": target})

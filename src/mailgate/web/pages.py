@@ -8,6 +8,7 @@ service, and render; the rules are the service's, exactly as for the API.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from .session import (
     start_session,
 )
 
+log = logging.getLogger("mailgate.web")
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.globals.update(STATUSES=STATUSES, CSRF_FIELD=CSRF_FIELD, forms=forms)
@@ -120,7 +122,8 @@ def _capture(request: Request) -> Any:
 def _safe_next(url: str) -> str:
     """Only a path of this admin UI: never another site."""
     parts = urlsplit(url)
-    if parts.scheme or parts.netloc or not url.startswith(ADMIN) or url.startswith("//") or "\\" in url:
+    inside = url == ADMIN or url.startswith((ADMIN + "/", ADMIN + "?"))
+    if parts.scheme or parts.netloc or not inside or "\\" in url:
         return ADMIN
     return url
 
@@ -297,6 +300,9 @@ async def start_test(request: Request, scope: str, user: User) -> Response:
             run.report = await mg.test_server(scope, to, on_step=run.on_step, dry_run=bool(form.get("dry_run")))
         except MailgateError as e:
             run.error = str(e)
+        except Exception as e:  # a bug: the page must still stop waiting
+            log.error("the test e-mail of %s failed inside mailgate: %s", scope, type(e).__name__)
+            run.error = "the test e-mail failed inside mailgate; the operator's log has the error type"
 
     runs = _runs(request)
     runs[run.id] = run
@@ -356,7 +362,7 @@ async def _tenant_rows(mg: Mailgate) -> list[dict[str, Any]]:
     server's health."""
     rows = []
     for tenant in await mg.tenants.list():
-        resolution = await mg.resolve(tenant.id)
+        resolution = await mg.servers.resolve(tenant.id, secrets=False)  # where, not how: no decrypting
         sender = tenant.id if resolution.source == "tenant" else "global"
         health = await mg.servers.health(sender) if resolution.source is not None else None
         rows.append({"tenant": tenant, "resolution": resolution, "health": health})
@@ -390,7 +396,7 @@ async def _tenant_context(
     mg: Mailgate, principal: Principal, tenant_id: str, form: forms.ServerForm | None = None
 ) -> dict[str, Any]:
     tenant = await mg.tenants.get(tenant_id)
-    resolution = await mg.resolve(tenant_id)
+    resolution = await mg.servers.resolve(tenant_id, secrets=False)
     context = await _server_context(mg, tenant_id, form)
     return {"tenant": tenant, "resolution": resolution, "may_edit_all": principal.is_system_admin, **context}
 
