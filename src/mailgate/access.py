@@ -118,7 +118,8 @@ class TokenInfo:
         }
 
 
-def _hash(token: str) -> str:
+def token_hash(token: str) -> str:
+    """How a random token (API token, session, consent state) is stored: its SHA-256, hex."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -149,7 +150,7 @@ class ApiTokens:
             if tenant is not None and await s.get(Tenant, tenant) is None:
                 raise NotFound([("tenant", f"there is no tenant {tenant!r}")])
             row = ApiToken(
-                token_hash=_hash(token), prefix=token[:12], role=role, tenant_id=tenant, name=name,
+                token_hash=token_hash(token), prefix=token[:12], role=role, tenant_id=tenant, name=name,
                 created_by=self.actor,
             )  # fmt: skip
             s.add(row)
@@ -187,7 +188,7 @@ class ApiTokens:
         """The principal a token stands for, or None (unknown, malformed or revoked)."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > 100:
             return None
-        key = _hash(token)
+        key = token_hash(token)
         at = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and at - cached[0] < CACHE_TTL:

@@ -9,7 +9,6 @@ user ends it at once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
-from .access import Principal, Role
+from .access import Principal, Role, token_hash
 from .db.engine import Database
 from .db.models import AdminSession, AdminUser, Tenant, now
 from .errors import Conflict, InvalidInput, NotFound
@@ -68,10 +67,6 @@ def _hasher() -> Any:
     from argon2 import PasswordHasher  # imported when needed: keeps the CLI quick to start
 
     return PasswordHasher()
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _email(value: str) -> str:
@@ -200,7 +195,7 @@ class AdminUsers:
             if hasher.check_needs_rehash(user.password_hash):
                 user.password_hash = hasher.hash(password)
             user.last_login_at = now()
-            s.add(AdminSession(token_hash=_hash(token), user_id=user.id, expires_at=now() + SESSION_MAX))
+            s.add(AdminSession(token_hash=token_hash(token), user_id=user.id, expires_at=now() + SESSION_MAX))
             # Sessions that ended on their own are cleared out as new ones begin.
             await s.execute(delete(AdminSession).where(AdminSession.expires_at < now()))
             return token, _info(user)
@@ -209,7 +204,7 @@ class AdminUsers:
         """The user a session token belongs to, or None (unknown, ended, idle too long)."""
         if not token or len(token) > 100:
             return None
-        key = _hash(token)
+        key = token_hash(token)
         at = now()
         async with self.db.sessions() as s:
             found = (
@@ -232,7 +227,7 @@ class AdminUsers:
 
     async def sign_out(self, token: str) -> None:
         async with self.db.write() as s:
-            await s.execute(delete(AdminSession).where(AdminSession.token_hash == _hash(token)))
+            await s.execute(delete(AdminSession).where(AdminSession.token_hash == token_hash(token)))
 
 
 def _info(row: AdminUser) -> UserInfo:

@@ -130,7 +130,7 @@ async def oauth_callback(
     Redirects to a page that says whether the mailbox is connected: the mail server's page of the
     admin UI when the consent was started there, else a small page of its own."""
     from ..errors import DeliveryError, InvalidInput
-    from ..web.session import SESSION_COOKIE, flash
+    from ..web.session import SESSION_COOKIE, flash, server_page
 
     admin = SESSION_COOKIE in request.cookies
     scope = None
@@ -145,8 +145,7 @@ async def oauth_callback(
             ok, text, scope = True, f"Connected: {result.mailbox} now sends the mail of {result.scope}.", result.scope
     if not admin:
         return _done(ok=ok, text=text)
-    target = "/admin" if scope is None else "/admin/global" if scope == "global" else f"/admin/tenants/{scope}"
-    response = RedirectResponse(target + ("#consent" if scope else ""), status_code=303)
+    response = RedirectResponse("/admin" if scope is None else server_page(scope) + "#consent", status_code=303)
     flash(response, mg, text, ok=ok, secure=request.url.scheme == "https")
     return response
 

@@ -145,7 +145,7 @@ async def _demo(mg: Mailgate, port: int, url: str) -> None:
         flush=True,
     )
     if not await mg.tenants.list():
-        await mg.tenants.add("demo", name="Demo tenant", admin_address="demo-admin@example.com")
+        await mg.tenants.add("demo", name="Demo tenant", admin_address=DEMO_ADMIN)
         await mg.submit("demo", Message(
             to="someone@example.com", subject="Welcome to mailgate",
             text="This message went through mailgate's outbox and its worker to the capture server.\n",

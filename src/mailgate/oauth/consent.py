@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 from sqlalchemy import delete, select
 
+from ..access import token_hash
 from ..db.engine import Database
 from ..db.models import ConsentRequest, now
 from ..errors import Conflict, NotFound, SettingsError
@@ -48,10 +49,6 @@ def challenge_of(verifier: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode("ascii")
 
 
-def _hash(state: str) -> str:
-    return hashlib.sha256(state.encode()).hexdigest()
-
-
 class Consents:
     def __init__(self, db: Database, keyring: Keyring, servers: Servers, cache: TokenCache, actor: str) -> None:
         self.db = db
@@ -70,7 +67,7 @@ class Consents:
         async with self.db.write() as s:
             await s.execute(delete(ConsentRequest).where(ConsentRequest.expires_at < now()))
             s.add(ConsentRequest(
-                state_hash=_hash(state), server_id=loaded.id, server_version=loaded.version,
+                state_hash=token_hash(state), server_id=loaded.id, server_version=loaded.version,
                 verifier=self.keyring.encrypt(scope, VERIFIER_FIELD, verifier), redirect_uri=redirect_uri,
                 actor=self.actor, expires_at=now() + CONSENT_LIFETIME,
             ))  # fmt: skip
@@ -97,7 +94,7 @@ class Consents:
         if not state or not code:
             raise SettingsError([("state" if not state else "code", "is required")])
         async with self.db.write() as s:  # used up at once, whatever happens next
-            request = await s.scalar(select(ConsentRequest).where(ConsentRequest.state_hash == _hash(state)))
+            request = await s.scalar(select(ConsentRequest).where(ConsentRequest.state_hash == token_hash(state)))
             if request is not None:
                 await s.delete(request)
         if request is None:

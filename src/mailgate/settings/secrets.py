@@ -42,6 +42,7 @@ class Keyring:
                 ) from None  # fmt: skip
         self._fernet = MultiFernet(fernets)
         self._primary = keys[0].encode()
+        self._derived: dict[str, bytes] = {}
         self.source = source
         self.count = len(keys)
 
@@ -52,7 +53,12 @@ class Keyring:
         import hashlib
         import hmac
 
-        return hmac.new(self._primary, b"mailgate derived key: " + purpose.encode(), hashlib.sha256).digest()
+        key = self._derived.get(purpose)
+        if key is None:
+            key = self._derived[purpose] = hmac.new(
+                self._primary, b"mailgate derived key: " + purpose.encode(), hashlib.sha256
+            ).digest()
+        return key
 
     @staticmethod
     def generate() -> str:

@@ -189,9 +189,15 @@ class _Part:
         self.on_change = on_change  # told of every change (caches of resolutions listen)
 
     def _audit(
-        self, s: AsyncSession, action: str, tenant_id: str | None, scope: str | None, changes: list[Any]
+        self,
+        s: AsyncSession,
+        action: str,
+        tenant_id: str | None,
+        scope: str | None,
+        changes: list[Any],
+        actor: str | None = None,
     ) -> None:
-        _audit(s, self.actor, action, tenant_id, scope, changes)
+        _audit(s, actor or self.actor, action, tenant_id, scope, changes)
         if self.on_change is not None:
             self.on_change()
 
@@ -549,11 +555,8 @@ class Servers(_Part):
                 row.updated_at, row.updated_by = now(), who
                 row.consented_at = now()
                 await _mend(s, row)
-                _audit(
-                    s, who, "server.consent", _tenant_of(row.scope), row.scope, [{"field": path, "secret": "changed"}]
-                )
-                if self.on_change is not None:
-                    self.on_change()
+                changes = [{"field": path, "secret": "changed"}]
+                self._audit(s, "server.consent", _tenant_of(row.scope), row.scope, changes, actor=who)
             return True
 
     async def forget_refresh_token(self, scope: str) -> ServerInfo:

@@ -40,6 +40,7 @@ from .session import (
     login_csrf_ok,
     login_token,
     read_flash,
+    server_page,
     session_token,
     set_login_cookie,
     start_session,
@@ -192,10 +193,6 @@ async def _server_context(mg: Mailgate, scope: str, form: forms.ServerForm | Non
     return {"scope": scope, "info": info, "health": health, "form": form, "delegated": delegated}
 
 
-def _server_url(scope: str) -> str:
-    return f"{ADMIN}/global" if scope == "global" else f"{ADMIN}/tenants/{scope}"
-
-
 async def _scope(request: Request, user: UserInfo, scope: str) -> Mailgate:
     user.principal.must_manage_settings(scope)
     mg = _mg(request, user)
@@ -223,7 +220,7 @@ async def save_server(request: Request, scope: str, user: User) -> Response:
         except InvalidInput as e:
             forms.attach_problems(shown, e.problems)
         else:
-            return _back(request, _server_url(scope) + "#server", "Mail server saved.")
+            return _back(request, server_page(scope) + "#server", "Mail server saved.")
     if scope == "global":
         context = {"tenant": None, **await _server_context(mg, scope, shown)}
     else:
@@ -243,7 +240,7 @@ async def confirm(request: Request, scope: str, action: str, user: User) -> HTML
     if action not in questions:
         raise NotFound([("action", f"there is no action {action!r}")])
     return page(request, user, "confirm.html", scope=scope, action=action, question=questions[action],
-                back=_server_url(scope))  # fmt: skip
+                back=server_page(scope))  # fmt: skip
 
 
 # ---- the test e-mail, live -----------------------------------------------------------------------
@@ -310,7 +307,7 @@ async def start_test(request: Request, scope: str, user: User) -> Response:
     if not _htmx(request):  # without JavaScript: wait, and show the whole report
         await asyncio.wait_for(asyncio.shield(run.task), timeout=300)
     return page(request, user, "test_run.html" if _htmx(request) else "test_page.html", run=run,
-                back=_server_url(scope))  # fmt: skip
+                back=server_page(scope))  # fmt: skip
 
 
 @router.get("/tests/{run_id}")
@@ -318,7 +315,7 @@ async def test_progress(request: Request, run_id: str, user: User) -> HTMLRespon
     run = _runs(request).get(run_id)
     if run is None or run.user_id != user.id:
         raise NotFound([("test", "this test run is over or unknown: send the test e-mail again")])
-    return page(request, user, "test_run.html", run=run, back=_server_url(run.scope))
+    return page(request, user, "test_run.html", run=run, back=server_page(run.scope))
 
 
 # Registered after the test e-mail's route, which it would otherwise shadow.
@@ -328,17 +325,17 @@ async def server_action(request: Request, scope: str, action: str, user: User) -
     mg = await _scope(request, user, scope)
     if action == "enable":
         await mg.servers.enable(scope)
-        return _back(request, _server_url(scope), "Mail server switched on.")
+        return _back(request, server_page(scope), "Mail server switched on.")
     if action == "disable":
         await mg.servers.disable(scope)
-        return _back(request, _server_url(scope), "Mail server switched off.")
+        return _back(request, server_page(scope), "Mail server switched off.")
     if action == "delete":
         if await mg.servers.get(scope) is not None:
             await mg.servers.delete(scope)
-        return _back(request, _server_url(scope), "Mail server removed.")
+        return _back(request, server_page(scope), "Mail server removed.")
     if action == "reset":
         await mg.reset_consent(scope)
-        return _back(request, _server_url(scope), "The stored tokens are forgotten: connect the mailbox again.")
+        return _back(request, server_page(scope), "The stored tokens are forgotten: connect the mailbox again.")
     if action == "connect":
         url = await mg.begin_consent(scope)
         if _htmx(request):

@@ -30,6 +30,11 @@ CSRF_HEADER = "x-csrf-token"
 ADMIN = "/admin"
 
 
+def server_page(scope: str) -> str:
+    """Where the admin UI shows the mail server of `scope` ("global" or a tenant)."""
+    return f"{ADMIN}/global" if scope == "global" else f"{ADMIN}/tenants/{scope}"
+
+
 class SignInNeeded(Exception):
     """No valid session: the page sends the browser to the sign-in page."""
 
