@@ -535,7 +535,8 @@ class Worker:
             results = [e] * len(ready)
         for r, result in zip(ready, results, strict=True):
             outcome = self._conclude(r.c, r.finish, r.where, lane, r.pending, result)
-            explanation = explain_failure(result, lane.server)
+            accepted = isinstance(result, Delivery) and result.all_accepted
+            explanation = None if accepted else explain_failure(result, lane.server)
             if outcome is None:  # refused for good: mark the server
                 err = result
                 assert isinstance(err, DeliveryError | InvalidInput)

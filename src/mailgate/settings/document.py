@@ -8,6 +8,7 @@ strict (no silent "587" → 587, no unknown fields) and every problem names its 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from ..errors import SettingsError
 
 if TYPE_CHECKING:
-    from ..message import Message
+    from ..message import Address, Message
 
 Security = Literal["none", "starttls", "starttls-required", "tls"]
 IMPLICIT_TLS_PORT = 465
@@ -226,10 +227,8 @@ class MailServer(_Section):
 
     def fill_in(self, message: Message) -> Message:
         """`message` with what it leaves out taken from this server: From and Reply-To."""
-        from ..message import Address
-
-        reply_to = [Address(self.reply_to)] if self.reply_to else []
-        return message.with_defaults(from_=Address(self.from_address, self.from_name), reply_to=reply_to)
+        from_, reply_to = _sender_defaults(self.from_address, self.from_name, self.reply_to)
+        return message.with_defaults(from_=from_, reply_to=reply_to)
 
     @model_validator(mode="after")
     def _sections_match_kind(self) -> MailServer:
@@ -249,6 +248,14 @@ class MailServer(_Section):
                     "graph.allow_delegate (and grant the mailbox Send As or Send on Behalf), or send from the mailbox"
                 )
         return self
+
+
+@functools.lru_cache(maxsize=1024)
+def _sender_defaults(from_address: str, from_name: str, reply_to: str | None) -> tuple[Address, tuple[Address, ...]]:
+    """A server's From and Reply-To mailboxes, made once (the worker fills in every message)."""
+    from ..message import Address
+
+    return Address(from_address, from_name), (Address(reply_to),) if reply_to else ()
 
 
 def parse_server(doc: object) -> MailServer:
