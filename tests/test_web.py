@@ -571,6 +571,30 @@ async def test_another_admin_cannot_read_a_test_run(ui: UI) -> None:
         await _until_done(b, first)
 
 
+async def test_a_running_test_run_is_never_dropped_to_make_room(ui: UI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs are kept for their pages (at most TEST_RUNS_KEPT); finished ones make room, a running
+    one never does: a new run waits its turn instead."""
+    from mailgate.web import pages
+
+    monkeypatch.setattr(pages, "TEST_RUNS_KEPT", 2)
+    async with serve(ServerConfig()) as relay:
+        await ui.mg.servers.set("global", smtp_doc(relay.port))
+        b = await ui.signed_in(ADMIN)
+        await b.get("/admin/global")
+        runs: dict[str, pages.TestRun] = {}
+        ui.app.state.test_runs = runs
+        busy = [pages.TestRun(f"busy{i}", 1, "global", "x@example.com", ()) for i in range(2)]  # still running
+        runs.update({r.id: r for r in busy})
+        refused = await b.post("/admin/servers/global/test", {"to": "x@example.com"}, headers={"HX-Request": "true"})
+        assert refused.status_code == 409 and "2 test e-mails are under way" in text_of(refused)
+        assert list(runs) == ["busy0", "busy1"]
+        busy[1].error = "finished"  # one is over: it makes room, the running one stays
+        first = await b.post("/admin/servers/global/test", {"to": "x@example.com"}, headers={"HX-Request": "true"})
+        assert first.status_code == 200
+        assert "busy0" in runs and "busy1" not in runs and len(runs) == 2
+        await _until_done(b, first)
+
+
 # ---- delegated consent ---------------------------------------------------------------------------
 
 

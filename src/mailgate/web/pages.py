@@ -276,8 +276,11 @@ def _runs(request: Request) -> dict[str, TestRun]:
     at = time.monotonic()
     for key in [k for k, r in runs.items() if at - r.started > TEST_RUN_AGE and r.done]:
         del runs[key]
-    while len(runs) >= TEST_RUNS_KEPT:
-        del runs[next(iter(runs))]
+    while len(runs) >= TEST_RUNS_KEPT:  # the oldest finished ones make room; a running one stays
+        finished = next((k for k, r in runs.items() if r.done), None)
+        if finished is None:
+            break
+        del runs[finished]
     return runs
 
 
@@ -302,6 +305,8 @@ async def start_test(request: Request, scope: str, user: User) -> Response:
             run.error = "the test e-mail failed inside mailgate; the operator's log has the error type"
 
     runs = _runs(request)
+    if len(runs) >= TEST_RUNS_KEPT:  # every one of them still running
+        raise Conflict([("test", f"{len(runs)} test e-mails are under way; send this one when one has finished")])
     runs[run.id] = run
     run.task = asyncio.create_task(work())
     if not _htmx(request):  # without JavaScript: wait, and show the whole report
