@@ -586,3 +586,32 @@ async def test_a_refused_recipient_is_explained_in_the_attempt_log(open_mg: Open
     [attempt] = (await mg.queue.get(pk)).to_dict()["attempt_log"]
     assert attempt["outcome"] == "mixed"
     assert "The recipient's address does not exist (5.1.1). Fix: Correct the recipient." in attempt["note"]
+
+
+async def test_two_outcomes_of_one_message_in_one_group_leave_it_as_the_later_one_says(open_mg: Opener) -> None:
+    """A group of outcomes may hold two attempts of one message (its lease ran out while outcomes
+    could not be written, and the same worker took it again): both attempts are kept, and the
+    message and its recipients end as the later attempt left them, on both databases."""
+    from mailgate.outbox.store import Outcome
+
+    mg = await open_mg()
+    async with serve(ServerConfig()) as server:
+        await setup(mg, server)
+        [pk] = await mg.submit_many("acme", [note(to=["a@example.org", "b@example.org"])])
+    [claimed] = await mg.queue.claim("w1", 10)
+    assert claimed.pk == pk
+    at = now()
+    first = Outcome(pk, at, 5, "transient", "451 4.3.0 busy", "deferred", at + timedelta(minutes=5),
+                    recipients={0: ("pending", 451, "4.3.0", "busy"), 1: ("pending", 451, "4.3.0", "busy")},
+                    last_error="451 4.3.0 busy")  # fmt: skip
+    second = Outcome(pk, at, 7, "accepted", "250 2.0.0 ok", "sent", None, attempts_before=1,
+                     recipients={0: ("accepted", 250, "2.0.0", "ok"), 1: ("accepted", 250, "2.0.0", "ok")})  # fmt: skip
+    await mg.queue.record("w1", [first, second])
+    detail = await mg.queue.get(pk)
+    assert detail.summary.status == "sent" and detail.summary.attempts == 2 and detail.summary.last_error is None
+    assert [r["status"] for r in detail.recipients] == ["accepted", "accepted"]
+    assert [(a["number"], a["outcome"]) for a in detail.attempts] == [(1, "transient"), (2, "accepted")]
+    assert detail.summary.due_at is None
+    # A worker whose lease is gone writes nothing.
+    await mg.queue.record("w2", [first])
+    assert (await mg.queue.get(pk)).summary.status == "sent" and len((await mg.queue.get(pk)).attempts) == 2

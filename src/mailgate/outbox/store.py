@@ -401,19 +401,23 @@ class Outbox:
             await s.execute(_ATTEMPTS.insert(), [_attempt_row(worker, o) for o in mine])
 
     async def _record_postgresql(self, s: Any, worker: str, outcomes: Sequence[Outcome], at: datetime) -> None:
-        """`record` on PostgreSQL: the messages and recipients each in one UPDATE … FROM unnest."""
+        """`record` on PostgreSQL: the messages and recipients each in one UPDATE … FROM unnest.
+        A row joined twice would take either value, so a message or recipient given twice (two
+        attempts in one group) is given once, as the later one left it — as row by row would."""
+        latest = list({o.pk: o for o in outcomes}.values())
         owned = set((await s.scalars(_PG_RECORD_MESSAGES, {
-            "ids": [o.pk for o in outcomes], "statuses": [o.status for o in outcomes],
-            "due": [o.due_at for o in outcomes],
-            "attempts": [o.attempts_before + (1 if o.count_attempt else 0) for o in outcomes],
-            "servers": [o.server_id for o in outcomes], "errors": [o.last_error for o in outcomes],
-            "sent": [at if o.status == SENT else None for o in outcomes],
-            "slots": [o.quota_slot for o in outcomes], "at": at, "worker": worker,
+            "ids": [o.pk for o in latest], "statuses": [o.status for o in latest],
+            "due": [o.due_at for o in latest],
+            "attempts": [o.attempts_before + (1 if o.count_attempt else 0) for o in latest],
+            "servers": [o.server_id for o in latest], "errors": [o.last_error for o in latest],
+            "sent": [at if o.status == SENT else None for o in latest],
+            "slots": [o.quota_slot for o in latest], "at": at, "worker": worker,
         })).all())  # fmt: skip
         mine = [o for o in outcomes if o.pk in owned]
         if not mine:
             return
-        states = [(o.pk, pos, state) for o in mine for pos, state in o.recipients.items()]
+        states = [(pk, pos, state) for (pk, pos), state in
+                  {(o.pk, pos): state for o in mine for pos, state in o.recipients.items()}.items()]  # fmt: skip
         if states:
             await s.execute(_PG_RECORD_RECIPIENTS, {
                 "pks": [pk for pk, _, _ in states], "positions": [pos for _, pos, _ in states],
