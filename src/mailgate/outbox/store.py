@@ -133,8 +133,8 @@ _INSERT_MESSAGES = _MESSAGES.insert().returning(_MESSAGES.c.id, _MESSAGES.c.mess
 _INSERT_MESSAGES_IN_ORDER = _MESSAGES.insert().returning(_MESSAGES.c.id, sort_by_parameter_order=True)
 
 
-async def _store_postgresql(s: Any, rows: list[dict[str, Any]], messages: list[Message]) -> list[int]:
-    """`Outbox.store`'s rows, bodies and recipients on PostgreSQL (Message-IDs distinct): ids in order."""
+async def _insert_messages_postgresql(s: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """`_insert_messages` on PostgreSQL, from arrays (Message-IDs distinct): ids in order."""
     columns = {name: [r[name] for r in rows] for name in rows[0]}
     returned = await s.execute(_PG_INSERT_MESSAGES, {
         "tenant": columns["tenant_id"], "status": columns["status"], "key": columns["idempotency_key"],
@@ -143,19 +143,7 @@ async def _store_postgresql(s: Any, rows: list[dict[str, Any]], messages: list[M
         "expires": columns["expires_at"], "due": columns["due_at"],
     })  # fmt: skip
     by_message_id = {mid: pk for pk, mid in returned.all()}
-    ids = [by_message_id[mid] for mid in columns["message_id"]]
-    # The bodies row by row (a pipelined executemany): as one text[] psycopg would escape every
-    # quote of every JSON body in Python.
-    await s.execute(
-        _BODIES.insert(), [{"message_pk": pk, "content": m.to_dict()} for pk, m in zip(ids, messages, strict=True)]
-    )
-    recipients = [(pk, i, a.envelope_form(False)) for pk, m in zip(ids, messages, strict=True)
-                  for i, a in enumerate(m.recipients)]  # fmt: skip
-    await s.execute(_PG_INSERT_RECIPIENTS, {
-        "pks": [r[0] for r in recipients], "positions": [r[1] for r in recipients],
-        "addresses": [r[2] for r in recipients], "statuses": [PENDING] * len(recipients),
-    })  # fmt: skip
-    return ids
+    return [by_message_id[mid] for mid in columns["message_id"]]
 
 
 async def _insert_messages(s: Any, rows: list[dict[str, Any]]) -> list[int]:
@@ -189,9 +177,8 @@ _RECORD_RECIPIENT = (
 
 
 # PostgreSQL: new messages and their recipients with one INSERT … SELECT FROM unnest each, the rows
-# as arrays. A
-# multi-row INSERT … VALUES of 500 messages is a statement of ~100 KB that psycopg splits into
-# parameters in Python every time (too long for its cache): a quarter of submitting's CPU.
+# as arrays. A multi-row INSERT … VALUES of 500 messages is a statement of ~100 KB that psycopg
+# splits into parameters in Python every time (too long for its cache): a quarter of submitting.
 _PG_INSERT_MESSAGES = text("""
 INSERT INTO messages (tenant_id, status, idempotency_key, message_id, subject, size, attempts, created_at,
                       updated_at, expires_at, due_at)
@@ -281,18 +268,24 @@ class Outbox:
         rows = [self._row(e.tenant_id, e.message, e.key, e.status, at) for e in entries]
         messages = [e.message for e in entries]
         async with self.db.write() as s:
-            if not self.db.is_sqlite and len({r["message_id"] for r in rows}) == len(rows):
-                ids = await _store_postgresql(s, rows, messages)
+            arrays = not self.db.is_sqlite and len({r["message_id"] for r in rows}) == len(rows)
+            ids = await (_insert_messages_postgresql if arrays else _insert_messages)(s, rows)
+            # The bodies row by row (on PostgreSQL a pipelined executemany): as one text[],
+            # psycopg would escape every quote of every JSON body in Python.
+            bodies = [{"message_pk": pk, "content": m.to_dict()} for pk, m in zip(ids, messages, strict=True)]
+            await s.execute(_BODIES.insert(), bodies)
+            recipients = [(pk, i, a.envelope_form(False)) for pk, m in zip(ids, messages, strict=True)
+                          for i, a in enumerate(m.recipients)]  # fmt: skip
+            if arrays:
+                await s.execute(_PG_INSERT_RECIPIENTS, {
+                    "pks": [r[0] for r in recipients], "positions": [r[1] for r in recipients],
+                    "addresses": [r[2] for r in recipients], "statuses": [PENDING] * len(recipients),
+                })  # fmt: skip
             else:
-                ids = await _insert_messages(s, rows)
-                bodies = [{"message_pk": pk, "content": m.to_dict()} for pk, m in zip(ids, messages, strict=True)]
-                await s.execute(_BODIES.insert(), bodies)
-                recipients = [
-                    {"message_pk": pk, "position": i, "address": a.envelope_form(False), "status": PENDING}
-                    for pk, m in zip(ids, messages, strict=True)
-                    for i, a in enumerate(m.recipients)
-                ]
-                await s.execute(_RECIPIENTS.insert(), recipients)
+                await s.execute(_RECIPIENTS.insert(), [
+                    {"message_pk": pk, "position": i, "address": address, "status": PENDING}
+                    for pk, i, address in recipients
+                ])  # fmt: skip
             attachments = [
                 {"message_pk": pk, "position": i, "data": bytes(a.data)}
                 for pk, m in zip(ids, messages, strict=True)
@@ -366,14 +359,15 @@ class Outbox:
         """Write what attempts learnt, in one transaction. A message whose lease this worker lost
         meanwhile (it was too slow, another worker took over) is left to its new owner.
 
-        Core executemany statements, compiled once: this runs for every group of outcomes, and
-        the ORM's bulk paths cost milliseconds per call."""
+        Core statements, compiled once: this runs for every group of outcomes, and the ORM's
+        bulk paths cost milliseconds per call. On PostgreSQL one statement per table
+        (`_record_postgresql`); SQLite runs executemany statements in-process, cheaply."""
         if not outcomes:
             return
         at = now()
         async with self.db.write() as s:
             if not self.db.is_sqlite:
-                await self._record_postgresql(s, worker, outcomes, at)
+                await _record_postgresql(s, worker, outcomes, at)
                 return
             query = select(MessageRow.id).where(
                 MessageRow.id.in_([o.pk for o in outcomes]), MessageRow.lease_owner == worker
@@ -399,32 +393,6 @@ class Outbox:
             if recipients:
                 await s.execute(_RECORD_RECIPIENT, recipients)
             await s.execute(_ATTEMPTS.insert(), [_attempt_row(worker, o) for o in mine])
-
-    async def _record_postgresql(self, s: Any, worker: str, outcomes: Sequence[Outcome], at: datetime) -> None:
-        """`record` on PostgreSQL: the messages and recipients each in one UPDATE … FROM unnest.
-        A row joined twice would take either value, so a message or recipient given twice (two
-        attempts in one group) is given once, as the later one left it — as row by row would."""
-        latest = list({o.pk: o for o in outcomes}.values())
-        owned = set((await s.scalars(_PG_RECORD_MESSAGES, {
-            "ids": [o.pk for o in latest], "statuses": [o.status for o in latest],
-            "due": [o.due_at for o in latest],
-            "attempts": [o.attempts_before + (1 if o.count_attempt else 0) for o in latest],
-            "servers": [o.server_id for o in latest], "errors": [o.last_error for o in latest],
-            "sent": [at if o.status == SENT else None for o in latest],
-            "slots": [o.quota_slot for o in latest], "at": at, "worker": worker,
-        })).all())  # fmt: skip
-        mine = [o for o in outcomes if o.pk in owned]
-        if not mine:
-            return
-        states = [(pk, pos, state) for (pk, pos), state in
-                  {(o.pk, pos): state for o in mine for pos, state in o.recipients.items()}.items()]  # fmt: skip
-        if states:
-            await s.execute(_PG_RECORD_RECIPIENTS, {
-                "pks": [pk for pk, _, _ in states], "positions": [pos for _, pos, _ in states],
-                "statuses": [st[0] for _, _, st in states], "codes": [st[1] for _, _, st in states],
-                "enhanced": [st[2] for _, _, st in states], "texts": [st[3] for _, _, st in states],
-            })  # fmt: skip
-        await s.execute(_ATTEMPTS.insert(), [_attempt_row(worker, o) for o in mine])
 
     async def release(self, worker: str, pks: Sequence[int]) -> int:
         """Give back claimed messages that were not tried (a stopping worker): due again now."""
@@ -626,6 +594,33 @@ class Outbox:
                 select(M.tenant_id, M.status, func.count()).group_by(M.tenant_id, M.status))]  # fmt: skip
             attempts = {o: n for o, n in await s.execute(select(A.outcome, func.count()).group_by(A.outcome))}
         return {"messages": by_tenant, "attempts": attempts, "queue": await self.stats()}
+
+
+async def _record_postgresql(s: Any, worker: str, outcomes: Sequence[Outcome], at: datetime) -> None:
+    """`record` on PostgreSQL: the messages and recipients each in one UPDATE … FROM unnest.
+    A row joined twice would take either value, so a message or recipient given twice (two
+    attempts in one group) is given once, as the later one left it — as row by row would."""
+    latest = list({o.pk: o for o in outcomes}.values())
+    owned = set((await s.scalars(_PG_RECORD_MESSAGES, {
+        "ids": [o.pk for o in latest], "statuses": [o.status for o in latest],
+        "due": [o.due_at for o in latest],
+        "attempts": [o.attempts_before + (1 if o.count_attempt else 0) for o in latest],
+        "servers": [o.server_id for o in latest], "errors": [o.last_error for o in latest],
+        "sent": [at if o.status == SENT else None for o in latest],
+        "slots": [o.quota_slot for o in latest], "at": at, "worker": worker,
+    })).all())  # fmt: skip
+    mine = [o for o in outcomes if o.pk in owned]
+    if not mine:
+        return
+    states = [(pk, pos, state) for (pk, pos), state in
+              {(o.pk, pos): state for o in mine for pos, state in o.recipients.items()}.items()]  # fmt: skip
+    if states:
+        await s.execute(_PG_RECORD_RECIPIENTS, {
+            "pks": [pk for pk, _, _ in states], "positions": [pos for _, pos, _ in states],
+            "statuses": [st[0] for _, _, st in states], "codes": [st[1] for _, _, st in states],
+            "enhanced": [st[2] for _, _, st in states], "texts": [st[3] for _, _, st in states],
+        })  # fmt: skip
+    await s.execute(_ATTEMPTS.insert(), [_attempt_row(worker, o) for o in mine])
 
 
 def _attempt_row(worker: str, o: Outcome) -> dict[str, Any]:
