@@ -615,3 +615,83 @@ async def test_two_outcomes_of_one_message_in_one_group_leave_it_as_the_later_on
     # A worker whose lease is gone writes nothing.
     await mg.queue.record("w2", [first])
     assert (await mg.queue.get(pk)).summary.status == "sent" and len((await mg.queue.get(pk)).attempts) == 2
+
+
+def _same_boundaries(mime: bytes) -> bytes:
+    """A composed message with its MIME boundaries (random each time) named alike."""
+    import re
+
+    for boundary in set(re.findall(rb'boundary="([^"]+)"', mime)):
+        mime = mime.replace(boundary, b"BOUNDARY")
+    return mime
+
+
+TRICKY = 'Grüße, "quoted" \\ back\\slash\ttab\r\nnew line 😀 \u2028 </script> \' $[0] %s {"a": 1}'
+ONE_LINE = TRICKY.replace("\r\n", " ").replace("\u2028", " ")
+
+
+async def test_every_character_survives_the_outbox_and_the_attempt_log(open_mg: Opener) -> None:
+    """The rows go to the database as JSON arrays (SQLite) or arrays (PostgreSQL) and come back
+    exactly: the claimed message composes to the same bytes, and what an attempt recorded —
+    texts, per-recipient results, times — reads back as written."""
+    from mailgate.outbox.store import Outcome
+
+    mg = await open_mg()
+    async with serve(ServerConfig()) as server:
+        await setup(mg, server)
+        sent = Message(from_=f'"{ONE_LINE[:20]}" <sender@example.com>', to=["Zoë <zoe@exämple.org>", "bob@example.org"],
+                       cc=["carol@example.org"], subject=ONE_LINE, text=TRICKY, html=f"<p>{TRICKY}</p>",
+                       headers={"X-Review": ONE_LINE})  # fmt: skip
+        [pk] = await mg.submit_many("acme", [sent])
+    [claimed] = await mg.queue.claim("w1", 10)
+    assert claimed.pk == pk and claimed.attempts == 0 and claimed.accepted_before == 0
+    assert claimed.pending == [(0, "zoe@xn--exmple-cua.org"), (1, "bob@example.org"), (2, "carol@example.org")]
+    assert claimed.message.to_dict() == sent.to_dict()
+    assert _same_boundaries(claimed.message.compose()) == _same_boundaries(sent.compose())
+    at = now().replace(microsecond=0)  # a whole second: written with its six zeros all the same
+    results = [{"recipient": "zoe@xn--exmple-cua.org", "outcome": "accepted", "code": 250, "text": TRICKY}]
+    outcome = Outcome(pk, at, 12, "mixed", TRICKY, "deferred", at + timedelta(hours=1), note=TRICKY,
+                      recipients={0: ("accepted", 250, "2.0.0", TRICKY), 1: ("failed", 550, "5.1.1", "no such user"),
+                                  2: ("pending", 451, None, "later")},
+                      results=results, code=451, enhanced="4.3.0", server_scope="global", server_id=1,
+                      server_version=2, server="127.0.0.1:25", last_error=TRICKY)  # fmt: skip
+    await mg.queue.record("w1", [outcome])
+    detail = await mg.queue.get(pk)
+    assert detail.summary.status == "deferred" and detail.summary.last_error == TRICKY
+    assert detail.summary.due_at == at + timedelta(hours=1) and detail.summary.attempts == 1
+    assert [(r["status"], r["code"], r["enhanced"], r["text"]) for r in detail.recipients] == [
+        ("accepted", 250, "2.0.0", TRICKY), ("failed", 550, "5.1.1", "no such user"), ("pending", 451, None, "later"),
+    ]  # fmt: skip
+    [attempt] = detail.attempts
+    assert attempt == {
+        "number": 1, "started_at": at.isoformat(), "duration_ms": 12, "worker": "w1",
+        "server": {"scope": "global", "id": 1, "version": 2, "address": "127.0.0.1:25"},
+        "outcome": "mixed", "code": 451, "enhanced": "4.3.0", "text": TRICKY, "results": results, "note": TRICKY,
+    }  # fmt: skip
+    # The deferred message is due again at its time, not before: stored times compare rightly.
+    assert await mg.queue.claim("w1", 10) == []
+
+
+async def test_sqlite_times_are_written_as_sqlalchemy_writes_them(tmp_path: Any) -> None:
+    """The JSON paths write times themselves; a claim compares them as text with the ones
+    SQLAlchemy writes, so both must be the same text for the same instant."""
+    from datetime import UTC, datetime, timezone
+
+    from sqlalchemy import text
+
+    from mailgate.outbox.store import sqlite_time
+
+    async with Mailgate.open(f"sqlite:///{tmp_path}/t.db", secret_keys=TEST_KEY, actor="tester") as mg:
+        await mg.tenants.add("acme")
+        await mg.servers.set("global", {"from_address": "a@example.com", "smtp": {"host": "127.0.0.1", "port": 25}})
+        [pk] = await mg.submit_many("acme", [note()])
+        plus_two = timezone(timedelta(hours=2))
+        for instant in (datetime(2026, 12, 3, 12, 0, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=plus_two),
+                        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)):  # fmt: skip
+            async with mg.db.write() as s:
+                await s.execute(update(MessageRow).where(MessageRow.id == pk).values(due_at=instant))
+            async with mg.db.sessions() as s:
+                stored = await s.scalar(text("SELECT due_at FROM messages WHERE id = :pk"), {"pk": pk})
+            assert stored == sqlite_time(instant)
+        with pytest.raises(ValueError, match="naive"):
+            sqlite_time(datetime(2026, 12, 3))

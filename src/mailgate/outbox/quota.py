@@ -76,12 +76,14 @@ class Quotas:
     async def reserve(self, server_id: int, quota: QuotaSettings, recipients: int) -> Reservation:
         """Take this message's place within the server's rate quotas (one transaction)."""
         wanted = rates(quota, recipients)
-        now = time.time()
         if not wanted:
-            return Reservation(now)
-        latest = Reservation(now)
+            return Reservation(time.time())
         Q = _QUOTA.c
         async with self.db.write() as s:
+            # The time once the write lock is held: reservations are made in the lock's order,
+            # and one that waited for it must not count from before the others it waited for.
+            now = time.time()
+            latest = Reservation(now)
             await s.execute(self._insert_ignore(_QUOTA, [{"server_id": server_id, "kind": k, "tat": 0.0}
                                                          for k, _, _ in wanted]))  # fmt: skip
             for kind, limit, units in wanted:
