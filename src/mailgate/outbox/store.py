@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, select, text, update
+from sqlalchemy import Table, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ..config import Config
@@ -133,20 +133,27 @@ _ATTACHMENTS = cast(Table, MessageAttachment.__table__)
 _BODIES = cast(Table, MessageBody.__table__)
 _INSERT_MESSAGES = _MESSAGES.insert().returning(_MESSAGES.c.id, _MESSAGES.c.message_id)
 _INSERT_MESSAGES_IN_ORDER = _MESSAGES.insert().returning(_MESSAGES.c.id, sort_by_parameter_order=True)
-# What a claim reads of the messages it took (:pks, a list).
-_CLAIMED_BODIES = select(_BODIES.c.message_pk, _BODIES.c.content).where(
-    _BODIES.c.message_pk.in_(bindparam("pks", expanding=True))
-)
-_CLAIMED_RECIPIENTS = (
-    select(_RECIPIENTS.c.message_pk, _RECIPIENTS.c.position, _RECIPIENTS.c.address, _RECIPIENTS.c.status)
-    .where(_RECIPIENTS.c.message_pk.in_(bindparam("pks", expanding=True)))
-    .order_by(_RECIPIENTS.c.message_pk, _RECIPIENTS.c.position)
-)
-_CLAIMED_ATTACHMENTS = (
-    select(_ATTACHMENTS.c.message_pk, _ATTACHMENTS.c.data)
-    .where(_ATTACHMENTS.c.message_pk.in_(bindparam("pks", expanding=True)))
-    .order_by(_ATTACHMENTS.c.message_pk, _ATTACHMENTS.c.position)
-)
+# What a claim reads of the messages it took, the ids as one parameter — an array on PostgreSQL,
+# a JSON array on SQLite — so that the statement is short and the same whatever their number (an
+# expanding IN is a statement of 200 parameters, too long for psycopg's cache: converted anew
+# each time: 7 % of a PostgreSQL worker's samples).
+_CLAIMED_IN = {"postgresql": "= ANY(CAST(:pks AS bigint[]))", "sqlite": "IN (SELECT value FROM json_each(:pks))"}
+_CLAIMED_BODIES = {
+    db: text(f"SELECT message_pk, content FROM message_bodies WHERE message_pk {where}").columns(
+        _BODIES.c.message_pk, _BODIES.c.content
+    )
+    for db, where in _CLAIMED_IN.items()
+}
+_CLAIMED_RECIPIENTS = {
+    db: text(f"SELECT message_pk, position, address, status FROM message_recipients WHERE message_pk {where} "
+             "ORDER BY message_pk, position")
+    for db, where in _CLAIMED_IN.items()
+}  # fmt: skip
+_CLAIMED_ATTACHMENTS = {
+    db: text(f"SELECT message_pk, data FROM message_attachments WHERE message_pk {where} "
+             "ORDER BY message_pk, position").columns(_ATTACHMENTS.c.message_pk, _ATTACHMENTS.c.data)
+    for db, where in _CLAIMED_IN.items()
+}  # fmt: skip
 
 
 async def _insert_messages_postgresql(s: Any, rows: list[dict[str, Any]]) -> list[int]:
@@ -269,6 +276,9 @@ def sqlite_time(value: datetime | None) -> str | None:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
+# What a claim reads: bodies, recipients still due, how many accepted before, attachment data.
+_Found = tuple[dict[int, Any], dict[int, list[tuple[int, str]]], dict[int, int], dict[int, list[bytes]]]
+
 MAX_ID = 2**63 - 1  # ids are 64-bit signed integers in both databases
 
 
@@ -384,43 +394,47 @@ class Outbox:
         )
         async with self.db.write() as s:
             rows = (await s.execute(stmt)).all()
+            if rows and not self.db.is_sqlite:
+                found = await self._claimed(s, [r.id for r in rows])
         if not rows:
             return []
-        # What to send is read after the claim has committed: the claim holds the leases, and
-        # nothing changes a message's body or recipients while it is being sent (retry and cancel
-        # refuse, purge takes sent ones). On SQLite this keeps the write lock to one statement.
-        pks = [r.id for r in rows]
-        try:
-            content, pending, accepted, files = await self._claimed(pks)
-        except BaseException:
-            with contextlib.suppress(SQLAlchemyError, OSError):  # else their leases run out
-                await self.release(worker, pks)
-            raise
+        if self.db.is_sqlite:
+            # What to send is read after the claim has committed, so that the write lock every
+            # submitter and worker waits for is held for the one statement: the claim holds the
+            # leases, and nothing changes a message's body or recipients while it is being sent
+            # (retry and cancel refuse, purge takes sent ones).
+            pks = [r.id for r in rows]
+            try:
+                async with self.db.sessions() as s:
+                    found = await self._claimed(s, pks)
+            except BaseException:
+                with contextlib.suppress(SQLAlchemyError, OSError):  # else their leases run out
+                    await self.release(worker, pks)
+                raise
+        content, pending, accepted, files = found
         return [
             Claimed(r.id, r.tenant_id, Message.from_dict(content[r.id], files[r.id]), pending[r.id], r.attempts,
                     r.created_at, r.expires_at, r.previous_owner, accepted[r.id], r.quota_slot)
             for r in rows
         ]  # fmt: skip
 
-    async def _claimed(
-        self, pks: list[int]
-    ) -> tuple[dict[int, Any], dict[int, list[tuple[int, str]]], dict[int, int], dict[int, list[bytes]]]:
+    async def _claimed(self, s: Any, pks: list[int]) -> _Found:
         """The claimed messages' bodies, recipients still due, recipients that accepted before,
         and attachment data."""
-        params = {"pks": pks}
-        async with self.db.sessions() as s:
-            content = {pk: c for pk, c in await s.execute(_CLAIMED_BODIES, params)}
-            pending: dict[int, list[tuple[int, str]]] = {pk: [] for pk in pks}
-            accepted: dict[int, int] = dict.fromkeys(pks, 0)
-            for pk, position, address, status in await s.execute(_CLAIMED_RECIPIENTS, params):
-                if status == PENDING:
-                    pending[pk].append((position, address))
-                elif status == ACCEPTED:
-                    accepted[pk] += 1
-            files: dict[int, list[bytes]] = {pk: [] for pk in pks}
-            if any(c["attachments"] for c in content.values()):
-                for pk, data in await s.execute(_CLAIMED_ATTACHMENTS, params):
-                    files[pk].append(data)
+        db = "sqlite" if self.db.is_sqlite else "postgresql"
+        params = {"pks": json.dumps(pks) if self.db.is_sqlite else pks}
+        content = {pk: c for pk, c in await s.execute(_CLAIMED_BODIES[db], params)}
+        pending: dict[int, list[tuple[int, str]]] = {pk: [] for pk in pks}
+        accepted: dict[int, int] = dict.fromkeys(pks, 0)
+        for pk, position, address, status in await s.execute(_CLAIMED_RECIPIENTS[db], params):
+            if status == PENDING:
+                pending[pk].append((position, address))
+            elif status == ACCEPTED:
+                accepted[pk] += 1
+        files: dict[int, list[bytes]] = {pk: [] for pk in pks}
+        if any(c["attachments"] for c in content.values()):
+            for pk, data in await s.execute(_CLAIMED_ATTACHMENTS[db], params):
+                files[pk].append(data)
         return content, pending, accepted, files
 
     async def record(self, worker: str, outcomes: Sequence[Outcome]) -> None:
