@@ -97,3 +97,14 @@ async def test_concurrent_writers_never_see_database_is_locked(database_url: str
     await asyncio.gather(*(writer(i) for i in range(8)))
     async with Mailgate.open(database_url, secret_keys=TEST_KEY) as mg:
         assert len(await mg.tenants.list()) == 8
+
+
+def test_a_sqlite_too_old_for_the_outbox_is_refused_with_the_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(SettingsError) as refused:
+        connect(parse_url("sqlite:///mailgate.db"))
+    assert refused.value.problems == [("database_url", "mailgate needs SQLite 3.35 or newer; this Python has 3.34.1 "
+                                       "(use PostgreSQL, or a Python built with a newer SQLite)")]  # fmt: skip

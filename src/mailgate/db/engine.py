@@ -98,8 +98,15 @@ class Database:
         await self.engine.dispose()
 
 
+MIN_SQLITE = (3, 35)  # UPDATE … RETURNING (claims), UPDATE … FROM and json_each (the outbox's writes)
+
+
 def connect(url: URL) -> Database:
     if url.get_backend_name() == "sqlite":
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            needed = ".".join(map(str, MIN_SQLITE))
+            why = f"mailgate needs SQLite {needed} or newer; this Python has {sqlite3.sqlite_version}"
+            raise SettingsError([("database_url", f"{why} (use PostgreSQL, or a Python built with a newer SQLite)")])
         path = sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
