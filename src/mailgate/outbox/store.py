@@ -348,27 +348,21 @@ class Outbox:
         at = now()
         rows = [self._row(e.tenant_id, e.message, e.key, e.status, at) for e in entries]
         messages = [e.message for e in entries]
-        bodies = [m.to_dict() for m in messages]
+        bodies = [json.dumps(m.to_dict()) for m in messages]
         recipients = [[(i, a.envelope_form(False)) for i, a in enumerate(m.recipients)] for m in messages]
-        distinct = len({r["message_id"] for r in rows}) == len(rows)
-        encoded = [json.dumps(b) for b in bodies]
-        if self.db.is_sqlite:
-            insert = _SQLiteInsert(rows, encoded, distinct)
-            async with self.db.write() as s:
-                ids = await insert.messages(s)
-                await insert.bodies(s, ids)
-                await insert.recipients(s, ids, recipients)
-                await _insert_attachments(s, ids, messages)
-            return ids
+        distinct = len({r["message_id"] for r in rows}) == len(rows)  # returned ids told apart by it
+        insert = _SQLiteInsert(rows, distinct) if self.db.is_sqlite else _PostgreSQLInsert(rows, distinct)
         async with self.db.write() as s:
-            ids = await (_insert_messages_postgresql if distinct else _insert_messages)(s, rows)
-            await s.execute(_PG_INSERT_BODIES, {"rows": _with_ids(ids, encoded)})
-            flat = [(pk, i, address) for pk, rs in zip(ids, recipients, strict=True) for i, address in rs]
-            await s.execute(_PG_INSERT_RECIPIENTS, {
-                "pks": [r[0] for r in flat], "positions": [r[1] for r in flat],
-                "addresses": [r[2] for r in flat], "statuses": [PENDING] * len(flat),
-            })  # fmt: skip
-            await _insert_attachments(s, ids, messages)
+            ids = await insert.messages(s)
+            await s.execute(insert.bodies, {"rows": _with_ids(ids, bodies)})
+            await insert.recipients(s, [(pk, i, a) for pk, rs in zip(ids, recipients, strict=True) for i, a in rs])
+            attachments = [
+                {"message_pk": pk, "position": i, "data": bytes(a.data)}
+                for pk, m in zip(ids, messages, strict=True)
+                for i, a in enumerate(m.attachments)
+            ]
+            if attachments:
+                await s.execute(_ATTACHMENTS.insert(), attachments)
         return ids
 
     def _row(self, tenant_id: str, m: Message, key: str | None, status: str, at: datetime) -> dict[str, Any]:
@@ -681,17 +675,36 @@ class Outbox:
         return {"messages": by_tenant, "attempts": attempts, "queue": await self.stats()}
 
 
-class _SQLiteInsert:
-    """`store`'s inserts on SQLite: the rows as JSON arrays (json_each), serialized before the
-    write lock is taken; inside it only the message ids are put in."""
+class _PostgreSQLInsert:
+    """`store`'s inserts on PostgreSQL: messages and recipients from arrays (unnest), the bodies
+    as one JSON document of rows."""
 
-    def __init__(self, rows: list[dict[str, Any]], bodies: list[str], distinct: bool) -> None:
-        self._rows = rows
-        self._distinct = distinct  # Message-IDs tell the returned ids apart
+    bodies = _PG_INSERT_BODIES
+
+    def __init__(self, rows: list[dict[str, Any]], distinct: bool) -> None:
+        self._rows, self._distinct = rows, distinct
+
+    async def messages(self, s: Any) -> list[int]:
+        return await (_insert_messages_postgresql if self._distinct else _insert_messages)(s, self._rows)
+
+    async def recipients(self, s: Any, rows: list[tuple[int, int, str]]) -> None:
+        await s.execute(_PG_INSERT_RECIPIENTS, {
+            "pks": [r[0] for r in rows], "positions": [r[1] for r in rows],
+            "addresses": [r[2] for r in rows], "statuses": [PENDING] * len(rows),
+        })  # fmt: skip
+
+
+class _SQLiteInsert:
+    """`store`'s inserts on SQLite: every table's rows as one JSON array (json_each), the
+    messages' serialized before the write lock is taken."""
+
+    bodies = _SQLITE_INSERT_BODIES
+
+    def __init__(self, rows: list[dict[str, Any]], distinct: bool) -> None:
+        self._rows, self._distinct = rows, distinct
         self._messages = json.dumps([
             [sqlite_time(r[c]) if isinstance(r[c], datetime) else r[c] for c in _MESSAGE_COLUMNS] for r in rows
         ]) if distinct else ""  # fmt: skip
-        self._bodies = bodies  # each JSON already
 
     async def messages(self, s: Any) -> list[int]:
         if not self._distinct:
@@ -699,28 +712,14 @@ class _SQLiteInsert:
         by_message_id = {mid: pk for pk, mid in await s.execute(_SQLITE_INSERT_MESSAGES, {"rows": self._messages})}
         return [by_message_id[r["message_id"]] for r in self._rows]
 
-    async def bodies(self, s: Any, ids: list[int]) -> None:
-        await s.execute(_SQLITE_INSERT_BODIES, {"rows": _with_ids(ids, self._bodies)})
-
-    async def recipients(self, s: Any, ids: list[int], recipients: list[list[tuple[int, str]]]) -> None:
-        flat = [(pk, i, address) for pk, rs in zip(ids, recipients, strict=True) for i, address in rs]
-        await s.execute(_SQLITE_INSERT_RECIPIENTS, {"rows": json.dumps(flat), "status": PENDING})
+    async def recipients(self, s: Any, rows: list[tuple[int, int, str]]) -> None:
+        await s.execute(_SQLITE_INSERT_RECIPIENTS, {"rows": json.dumps(rows), "status": PENDING})
 
 
 def _with_ids(ids: list[int], documents: list[str]) -> str:
     """A JSON array of [id, document] from documents that are JSON already: joined, not encoded
     again (json.dumps would escape each document as a string)."""
     return "[" + ",".join(f"[{pk},{doc}]" for pk, doc in zip(ids, documents, strict=True)) + "]"
-
-
-async def _insert_attachments(s: Any, ids: list[int], messages: list[Message]) -> None:
-    attachments = [
-        {"message_pk": pk, "position": i, "data": bytes(a.data)}
-        for pk, m in zip(ids, messages, strict=True)
-        for i, a in enumerate(m.attachments)
-    ]
-    if attachments:
-        await s.execute(_ATTACHMENTS.insert(), attachments)
 
 
 MessageState = tuple[int, str, datetime | None, int, int | None, str | None, datetime | None, datetime | None]
