@@ -206,8 +206,6 @@ _PG_INSERT_BODIES = text("""
 INSERT INTO message_bodies (message_pk, content)
 SELECT CAST(e ->> 0 AS bigint), e -> 1 FROM json_array_elements(CAST(:rows AS json)) AS e
 """)
-_PG_ATTEMPT_TYPES = ("bigint", "integer", "varchar", "timestamptz", "integer", "varchar", "bigint", "integer",
-                     "varchar", "varchar", "integer", "varchar", "text", None, "text")  # fmt: skip
 
 
 # PostgreSQL: a group of outcomes in one statement per table, the rows as arrays (unnest), where
@@ -269,15 +267,21 @@ _SQLITE_INSERT_RECIPIENTS = text(f"""
 INSERT INTO message_recipients (message_pk, position, address, status)
 SELECT pk, pos, address, :status FROM {_from_json_rows("pk", "pos", "address")}
 """)
-_ATTEMPT_COLUMNS = ("message_pk", "number", "worker", "started_at", "duration_ms", "server_scope", "server_id",
-                    "server_version", "server", "outcome", "code", "enhanced", "text", "results", "note")  # fmt: skip
+# An attempt's columns in order, with their PostgreSQL types (None: JSON, taken as it is).
+_ATTEMPT_TYPES = {
+    "message_pk": "bigint", "number": "integer", "worker": "varchar", "started_at": "timestamptz",
+    "duration_ms": "integer", "server_scope": "varchar", "server_id": "bigint", "server_version": "integer",
+    "server": "varchar", "outcome": "varchar", "code": "integer", "enhanced": "varchar", "text": "text",
+    "results": None, "note": "text",
+}  # fmt: skip
+_ATTEMPT_COLUMNS = tuple(_ATTEMPT_TYPES)
 _SQLITE_INSERT_ATTEMPTS = text(f"""
 INSERT INTO attempts ({", ".join(_ATTEMPT_COLUMNS)})
 SELECT {", ".join(_ATTEMPT_COLUMNS)} FROM {_from_json_rows(*_ATTEMPT_COLUMNS)}
 """)
 _PG_INSERT_ATTEMPTS = text(f"""
 INSERT INTO attempts ({", ".join(_ATTEMPT_COLUMNS)})
-SELECT {", ".join(f"CAST(e ->> {i} AS {t})" if t else f"e -> {i}" for i, t in enumerate(_PG_ATTEMPT_TYPES))}
+SELECT {", ".join(f"CAST(e ->> {i} AS {t})" if t else f"e -> {i}" for i, t in enumerate(_ATTEMPT_TYPES.values()))}
 FROM json_array_elements(CAST(:rows AS json)) AS e
 """)
 
