@@ -14,6 +14,10 @@ from cryptography.fernet import Fernet
 from mailgate import Mailgate
 
 POSTGRES_URL = os.environ.get("MAILGATE_TEST_POSTGRES_URL", "")
+# The fake mail servers and identity providers listen on 127.0.0.1, tenants' servers among them:
+# the suite lets tenants reach loopback (tests/test_hostile.py checks the default, which doesn't).
+# A test that builds its own Config says tenant_networks="loopback" where it needs it.
+os.environ.setdefault("MAILGATE_TENANT_NETWORKS", "loopback")
 SKIP_POSTGRES = "PostgreSQL variant skipped: set MAILGATE_TEST_POSTGRES_URL (.ci/run does) to run it"
 TEST_KEY = Fernet.generate_key().decode()
 

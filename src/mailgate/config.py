@@ -8,13 +8,18 @@ Every variable is listed in `ENV` with its default; the README's configuration t
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SettingsError
+
+if TYPE_CHECKING:
+    from .destinations import Destinations
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,11 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8000
     max_request_size: int = 50 * 1024 * 1024
+    # Where mail servers may make mailgate connect besides public addresses (destinations.py):
+    # tenants' own servers nowhere else by default, the global server (the operator's) also to
+    # loopback and private networks. CIDRs and the words loopback, private, link-local, any.
+    tenant_networks: str = ""
+    global_networks: str = "loopback,private"
     # The database, when neither --database-url nor $MAILGATE_DATABASE_URL names one (it may
     # hold a password: never shown).
     database_url: str = field(default="", repr=False)
@@ -75,10 +85,24 @@ class Config:
             problems.append(("public_url", str(e)))
         if not 0 < self.listen_port < 65536:
             problems.append(("listen_port", f"is a TCP port, 1-65535, not {self.listen_port}"))
+        from .destinations import parse_networks
+
+        for name in ("tenant_networks", "global_networks"):
+            try:
+                parse_networks(getattr(self, name), setting=name)
+            except SettingsError as e:
+                problems += e.problems
         if self.retention_log < self.retention_body:
             problems.append(("retention_log", "must be at least retention_body"))
         if problems:
             raise SettingsError(problems)
+
+    @functools.cached_property
+    def destinations(self) -> Destinations:
+        """The destination policy of tenants' servers and of the global server."""
+        from .destinations import Destinations
+
+        return Destinations.from_settings(self.tenant_networks, self.global_networks)
 
     @classmethod
     def load(cls, file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 Security = Literal["none", "starttls", "starttls-required", "tls"]
 IMPLICIT_TLS_PORT = 465
+MAX_CA_PEM = 256 * 1024  # characters of PEM: a bundle of a few hundred certificates
 
 
 class _Section(BaseModel):
@@ -44,7 +45,11 @@ class SMTPSettings(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] | None = None  # 465 for tls, else 587
     security: Security = "starttls-required"
     verify_certificate: bool = True
-    ca_file: str | None = None
+    # A private CA to trust instead of the public ones: its certificates as PEM text (what a
+    # tenant gives), or a file on mailgate's machine (the global server only: a path is the
+    # operator's to choose, not a tenant's).
+    ca_certificate: Annotated[str, Field(min_length=1, max_length=MAX_CA_PEM)] | None = None
+    ca_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     helo_name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")] | None = None
     # Raw UTF-8 headers (RFC 6532) when the server offers SMTPUTF8. Off by default: the next hop
     # after the submission server may not take SMTPUTF8 and bounce; encoded words always work.
@@ -55,6 +60,22 @@ class SMTPSettings(_Section):
         if self.port is not None:
             return self.port
         return IMPLICIT_TLS_PORT if self.security == "tls" else 587
+
+    @field_validator("ca_certificate")
+    @classmethod
+    def _pem_certificates(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from cryptography.x509 import load_pem_x509_certificates
+
+        try:
+            load_pem_x509_certificates(value.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise ValueError(
+                "is not PEM certificates: give the CA's certificate as text, from -----BEGIN CERTIFICATE----- "
+                "to -----END CERTIFICATE-----"
+            ) from None
+        return value
 
     @model_validator(mode="after")
     def _port_matches_security(self) -> SMTPSettings:
@@ -310,7 +331,8 @@ SECRET_FIELDS = ("auth.password", "auth.token.client_secret", "auth.token.refres
 # Where a stored secret would be sent. When any of these changes, a stored secret is not carried
 # over: it must be given again, so it can never reach a destination it was not saved for.
 DESTINATION_FIELDS = (
-    "kind", "smtp.host", "smtp.port", "smtp.security", "auth.method",
+    "kind", "smtp.host", "smtp.port", "smtp.security", "smtp.verify_certificate", "smtp.ca_certificate",
+    "smtp.ca_file", "auth.method",
     "auth.token.grant", "auth.token.provider", "auth.token.token_url", "auth.token.authority",
     "auth.token.directory_id", "auth.token.client_id", "auth.token.authorize_url",
     "graph.authority", "graph.directory_id", "graph.client_id", "graph.endpoint",
