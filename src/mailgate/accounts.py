@@ -13,13 +13,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, case, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from .access import Principal, Role, token_hash
 from .db.engine import Database
-from .db.models import AdminSession, AdminUser, Tenant, now
+from .db.models import AdminSession, AdminUser, SignInAttempt, Tenant, now
 from .errors import Conflict, InvalidInput, NotFound
 
 USER_ROLES: tuple[Role, ...] = ("system-admin", "tenant-admin")
@@ -28,8 +29,10 @@ SESSION_IDLE = timedelta(hours=2)  # signed out after this long without a reques
 SESSION_MAX = timedelta(hours=12)  # and after this long whatever happens
 SEEN_EVERY = timedelta(minutes=1)  # last_seen_at is written at most this often per session
 # Failed sign-ins: after this many for one address within the window, refuse it for the window.
+# Counted in the database (SignInAttempt), so every process of a deployment shares the count.
 FAILURES_ALLOWED = 5
 FAILURE_WINDOW = 900.0
+_ATTEMPTS = cast(Table, SignInAttempt.__table__)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,6 @@ class AdminUsers:
     def __init__(self, db: Database, actor: str) -> None:
         self.db = db
         self.actor = actor
-        self._failures: dict[str, list[float]] = {}
         # A hash to check against when the address is unknown, so that the time a refusal takes
         # does not tell whether the address exists.
         self._dummy: str | None = None
@@ -135,7 +137,8 @@ class AdminUsers:
         return _info(row)
 
     async def set_password(self, email: str, password: str) -> UserInfo:
-        """A new password; every session of the user ends."""
+        """A new password; every session of the user ends, and failed sign-ins are forgotten (they
+        were guesses at the old one: the user may sign in at once)."""
         address = _email(email)
         check_password(password)
         hashed = await asyncio.to_thread(_hasher().hash, password)
@@ -145,6 +148,7 @@ class AdminUsers:
                 raise NotFound([("email", f"there is no user {address}")])
             row.password_hash = hashed
             await s.execute(delete(AdminSession).where(AdminSession.user_id == row.id))
+            await s.execute(delete(SignInAttempt).where(SignInAttempt.address_hash == token_hash(address)))
             return _info(row)
 
     async def remove(self, email: str) -> None:
@@ -166,27 +170,23 @@ class AdminUsers:
         from argon2.exceptions import InvalidHashError, VerificationError
 
         address = email.strip().lower()[:320]
-        at = time.monotonic()
-        recent = [t for t in self._failures.get(address, []) if at - t < FAILURE_WINDOW]
-        if len(recent) >= FAILURES_ALLOWED:
+        # The attempt is counted before the password is checked, so that parallel guesses can't
+        # all pass the check while the first is still being verified; an unknown address is
+        # counted the same way, so the refusal doesn't tell whether it exists.
+        if await self._count_attempt(address) > FAILURES_ALLOWED:
             raise SignInRefused([("password", "too many failed sign-ins for this address: try again in 15 minutes")])
         async with self.db.sessions() as s:
             row = await s.scalar(select(AdminUser).where(AdminUser.email == address))
         hasher = _hasher()
         try:
             if row is None:
-                self._dummy = self._dummy or hasher.hash(secrets.token_urlsafe(16))
+                self._dummy = self._dummy or await asyncio.to_thread(hasher.hash, secrets.token_urlsafe(16))
                 await asyncio.to_thread(hasher.verify, self._dummy, password)
                 raise VerificationError()
             # argon2 takes tens of milliseconds of CPU on purpose: not on the event loop.
             await asyncio.to_thread(hasher.verify, row.password_hash, password)
         except (VerificationError, InvalidHashError):
-            recent.append(at)
-            self._failures[address] = recent
-            if len(self._failures) > 10_000:
-                self._failures.clear()
             raise SignInRefused([("password", "the address or the password is not right")]) from None
-        self._failures.pop(address, None)
         token = secrets.token_urlsafe(32)
         async with self.db.write() as s:
             user = await s.get(AdminUser, row.id)
@@ -198,7 +198,35 @@ class AdminUsers:
             s.add(AdminSession(token_hash=token_hash(token), user_id=user.id, expires_at=now() + SESSION_MAX))
             # Sessions that ended on their own are cleared out as new ones begin.
             await s.execute(delete(AdminSession).where(AdminSession.expires_at < now()))
+            await s.execute(delete(SignInAttempt).where(SignInAttempt.address_hash == token_hash(address)))
             return token, _info(user)
+
+    async def _count_attempt(self, address: str) -> int:
+        """Count a sign-in of `address` in its window: how many there have been in it, this one
+        included. One statement (insert, or add one), so every process sees every attempt."""
+        A = _ATTEMPTS.c
+        async with self.db.write() as s:
+            # Wall-clock seconds: every process and machine counts with them (not so monotonic()).
+            at = time.time()
+            # Windows that have passed are forgotten: someone trying address after address leaves
+            # at most the rows of one window behind.
+            await s.execute(delete(_ATTEMPTS).where(A.window_start <= at - FAILURE_WINDOW))
+            insert = (postgresql if not self.db.is_sqlite else sqlite).insert(_ATTEMPTS)
+            passed = A.window_start <= at - FAILURE_WINDOW
+            counted = (
+                insert.values(address_hash=token_hash(address), attempts=1, window_start=at)
+                .on_conflict_do_update(
+                    index_elements=[A.address_hash],
+                    set_={
+                        # Counted no further than one past the limit: nothing grows while refused.
+                        "attempts": case((passed, 1), (A.attempts > FAILURES_ALLOWED, A.attempts),
+                                         else_=A.attempts + 1),
+                        "window_start": case((passed, at), else_=A.window_start),
+                    },
+                )
+                .returning(A.attempts)
+            )  # fmt: skip
+            return int((await s.execute(counted)).scalar_one())
 
     async def session(self, token: str) -> UserInfo | None:
         """The user a session token belongs to, or None (unknown, ended, idle too long)."""

@@ -218,6 +218,21 @@ class AdminSession(Base):
     expires_at: Mapped[datetime]
 
 
+class SignInAttempt(Base):
+    """Sign-ins to the admin UI counted per address, shared by every process: `attempts` within the
+    window that began at `window_start` (Unix seconds). A sign-in takes its place here before the
+    password is checked, in one statement, so parallel guesses can't all pass a check made before
+    any of them failed. The key is the SHA-256 of the lower-cased address as typed: bounded, and a
+    password typed into the address field is not kept readable. Rows of windows that have passed
+    are deleted as new sign-ins come (accounts.py)."""
+
+    __tablename__ = "sign_in_attempts"
+
+    address_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempts: Mapped[int]
+    window_start: Mapped[float] = mapped_column(Float, index=True)
+
+
 class AuditEntry(Base):
     """Who changed what, when. `changes` lists {"field", "from", "to"} for plain fields and
     {"field", "secret": "changed" | "removed"} for secrets, never a secret's value. No foreign
