@@ -376,9 +376,10 @@ async def test_a_stored_secret_can_be_removed_from_the_form(ui: UI) -> None:
     page = await b.get("/admin/global")
     assert 'name="auth.token.client_secret.remove"' in page.text and "cs-VALUE-never-shown" not in page.text
     form = {"enabled": "on", "from_address": "no-reply@example.com", "kind": "smtp", "smtp.host": "127.0.0.1",
-            "smtp.port": "2525", "smtp.security": "none", "auth.method": "oauth2", "auth.username": "m@example.com",
-            "auth.token.grant": "refresh_token", "auth.token.provider": "google", "auth.token.client_id": "c",
-            "auth.token.client_auth": "form", "auth.token.client_secret.remove": "on"}  # fmt: skip
+            "smtp.port": "2525", "smtp.security": "none", "smtp.verify_certificate": "on", "auth.method": "oauth2",
+            "auth.username": "m@example.com", "auth.token.grant": "refresh_token", "auth.token.provider": "google",
+            "auth.token.client_id": "c", "auth.token.client_auth": "form",
+            "auth.token.client_secret.remove": "on"}  # fmt: skip
     assert (await b.post("/admin/servers/global", form)).status_code == 303
     info = await ui.mg.servers.get("global")
     assert info is not None and info.document["auth"]["token"]["client_secret"] == {"set": False}
