@@ -115,10 +115,14 @@ class DestinationPolicy:
         return is_public(plain) or any(plain in n or ip in n for n in self.allowed)
 
     def refusal(self, host: str, ip: Address) -> str:
-        where = host if host == str(ip) else f"{host} ({ip})"
-        server = "a tenant's mail server" if self.kind != GLOBAL else "the global mail server"
+        try:
+            ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+            where = host
+        except ValueError:
+            where = f"{host} ({ip})"
+        server = "a tenant's mail server settings" if self.kind != GLOBAL else "the global mail server's settings"
         return (
-            f"{where} is {kind_of(ip)}, which {server} may not reach: mailgate connects only to public addresses "
+            f"{where} is {kind_of(ip)}, where {server} may not point: mailgate connects only to public addresses "
             f"and to the networks the operator allows ({self.setting})"
         )
 

@@ -74,3 +74,15 @@ class DeliveryError(MailgateError):
         self.retry_after = retry_after  # seconds the server asked us to wait, if it did
         if transient is not None:
             self.transient = transient
+
+
+def foreign_text(value: str, limit: int = 300, *, secrets: tuple[str | None, ...] = ()) -> str:
+    """Text a foreign server sent (an OAuth error_description, a Graph error message), fit to show
+    an admin and to store: its first line, printable characters only, at most `limit` of them,
+    and any of our own `secrets` it echoes replaced by "[redacted]"."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            value = value.replace(secret, "[redacted]")
+    line = value.strip().split("\n", 1)[0].strip()
+    line = "".join(c if c.isprintable() else " " for c in line)
+    return line if len(line) <= limit else line[: limit - 1] + "…"

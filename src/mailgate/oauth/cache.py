@@ -29,6 +29,8 @@ from .tokens import AccessToken, TokenError, TokenReply, request_token
 if TYPE_CHECKING:
     import httpx2
 
+    from ..destinations import DestinationPolicy
+
 RefreshStore = Callable[[str], Awaitable[None]]
 Key = tuple[str, str, str | None, str | None, str]
 
@@ -52,6 +54,8 @@ class TokenSource:
     margin: float = 300.0
     timeout: tuple[float, float] = (30.0, 60.0)  # connect, read
     store_refresh_token: RefreshStore | None = field(default=None, compare=False)
+    # Where its token endpoint may be (the policy of the server's scope); None: anywhere.
+    destinations: DestinationPolicy | None = field(default=None, compare=False)
 
     def key(self, refresh_token: str | None = None) -> Key:
         e = self.endpoint
@@ -97,6 +101,7 @@ class TokenCache:
     ) -> None:
         self._http = http
         self._own_http = http is None
+        self._guarded: dict[DestinationPolicy, httpx2.AsyncClient] = {}
         self._entries: dict[Key, _Entry] = {}
         self.attempts = attempts
         self.backoff = backoff
@@ -112,6 +117,18 @@ class TokenCache:
 
             self._http = new_client()
         return self._http
+
+    def http_for(self, destinations: DestinationPolicy | None) -> httpx2.AsyncClient:
+        """The HTTP client that connects only where `destinations` allows (one per policy, shared
+        by every server of that scope); `http` when there is no policy."""
+        if destinations is None:
+            return self.http
+        client = self._guarded.get(destinations)
+        if client is None:
+            from .._http import new_client
+
+            client = self._guarded[destinations] = new_client(destinations)
+        return client
 
     async def get(self, source: TokenSource) -> AccessToken:
         entry = self._entries.setdefault(source.key(), _Entry())
@@ -145,6 +162,9 @@ class TokenCache:
         if self._own_http and self._http is not None:
             await self._http.aclose()
             self._http = None
+        guarded, self._guarded = list(self._guarded.values()), {}
+        for client in guarded:
+            await client.aclose()
 
     async def _renew(self, entry: _Entry, source: TokenSource) -> AccessToken:
         try:
@@ -154,7 +174,10 @@ class TokenCache:
                 try:
                     self.requests += 1
                     reply = await request_token(
-                        self.http, source.endpoint, source.grant_fields(refresh_token), timeout=source.timeout
+                        self.http_for(source.destinations),
+                        source.endpoint,
+                        source.grant_fields(refresh_token),
+                        timeout=source.timeout,
                     )
                     break
                 except TokenError as e:
@@ -231,16 +254,22 @@ def not_connected(server: str) -> TokenError:
 
 
 def smtp_token_source(
-    server: MailServer, *, name: str = "mail server", store_refresh_token: RefreshStore | None = None
+    server: MailServer,
+    *,
+    name: str = "mail server",
+    store_refresh_token: RefreshStore | None = None,
+    destinations: DestinationPolicy | None = None,
 ) -> TokenSource:
-    """The token source of an SMTP server with oauth2 auth."""
+    """The token source of an SMTP server with oauth2 auth; `destinations`: where its token
+    endpoint may be (the policy of the server's scope)."""
     auth = server.auth
     assert isinstance(auth, OAuth2AuthSettings)
     t = auth.token
     c = server.connection
     timeout = (c.connect_timeout, c.protocol_timeout)
     if t.grant == "client_credentials":
-        return TokenSource(smtp_endpoint(t), "client_credentials", margin=c.token_expiry_margin, timeout=timeout)
+        return TokenSource(smtp_endpoint(t), "client_credentials", margin=c.token_expiry_margin, timeout=timeout,
+                           destinations=destinations)  # fmt: skip
     refresh_token = t.refresh_token.get_secret_value() if t.refresh_token else None
     if refresh_token is None:
         raise not_connected(name)
@@ -252,10 +281,11 @@ def smtp_token_source(
         margin=c.token_expiry_margin,
         timeout=timeout,
         store_refresh_token=store_refresh_token,
+        destinations=destinations,
     )
 
 
-def graph_token_source(server: MailServer) -> TokenSource:
+def graph_token_source(server: MailServer, *, destinations: DestinationPolicy | None = None) -> TokenSource:
     """The app-only token source of a Graph server."""
     assert server.graph is not None
     c = server.connection
@@ -264,4 +294,5 @@ def graph_token_source(server: MailServer) -> TokenSource:
         "client_credentials",
         margin=c.token_expiry_margin,
         timeout=(c.connect_timeout, c.protocol_timeout),
+        destinations=destinations,
     )

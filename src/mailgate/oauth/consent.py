@@ -13,6 +13,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from sqlalchemy import delete, select
@@ -27,6 +28,9 @@ from ..settings.store import LoadedServer, ServerInfo, Servers
 from .cache import TokenCache
 from .endpoints import Endpoint, smtp_endpoint
 from .tokens import request_token
+
+if TYPE_CHECKING:
+    from ..destinations import Destinations
 
 CONSENT_LIFETIME = timedelta(minutes=10)  # authorization codes live about as long (reference §8)
 VERIFIER_FIELD = "consent.code_verifier"
@@ -50,12 +54,21 @@ def challenge_of(verifier: str) -> str:
 
 
 class Consents:
-    def __init__(self, db: Database, keyring: Keyring, servers: Servers, cache: TokenCache, actor: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        keyring: Keyring,
+        servers: Servers,
+        cache: TokenCache,
+        actor: str,
+        destinations: Destinations | None = None,
+    ) -> None:
         self.db = db
         self.keyring = keyring
         self.servers = servers
         self.cache = cache
         self.actor = actor
+        self.destinations = destinations  # where each scope's token endpoint may be; None: anywhere
 
     async def begin(self, scope: str, redirect_uri: str) -> str:
         """The URL to send the admin to; the provider comes back to `redirect_uri` with a code."""
@@ -112,7 +125,8 @@ class Consents:
         if endpoint.scope and endpoint.provider != "google":
             grant["scope"] = endpoint.scope
         c = loaded.server.connection
-        reply = await request_token(self.cache.http, endpoint, grant, timeout=(c.connect_timeout, c.protocol_timeout))
+        http = self.cache.http_for(self.destinations.for_scope(loaded.scope) if self.destinations else None)
+        reply = await request_token(http, endpoint, grant, timeout=(c.connect_timeout, c.protocol_timeout))
         if not reply.refresh_token:
             hint = "access_type=offline" if endpoint.provider == "google" else "the offline_access scope"
             raise SettingsError([("auth.token.scope", f"the provider granted no refresh token: ask for {hint}")])

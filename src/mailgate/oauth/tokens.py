@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus
 
+from .._http import MAX_REPLY, TooLarge, read_capped
 from .._http import retry_after as http_retry_after
 from ..diagnostics.catalogue import Explanation, explain_token_error
-from ..errors import DeliveryError
+from ..errors import DeliveryError, foreign_text
 from .endpoints import Endpoint
 
 if TYPE_CHECKING:
     import httpx2
 
 DEFAULT_LIFETIME = 3600.0  # when a reply leaves out expires_in (RFC 6749 only recommends it)
+_OAUTH_ERROR = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]{1,100}")  # RFC 6749 §5.2's characters, bounded
+_TRACE_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -86,15 +90,20 @@ async def request_token(
     where = endpoint.token_url
     connect, read = timeout
     try:
-        r = await http.post(
-            endpoint.token_url, data=form, headers=headers, timeout=httpx2.Timeout(read, connect=connect)
-        )
+        async with http.stream(
+            "POST", endpoint.token_url, data=form, headers=headers, timeout=httpx2.Timeout(read, connect=connect)
+        ) as r:
+            content = await read_capped(r, MAX_REPLY)
     except httpx2.TimeoutException:
         raise _unreachable(f"the token endpoint {where} did not answer within {read:g} s") from None
+    except (httpx2.ProtocolError, httpx2.DecodingError, TooLarge) as e:
+        # Never the peer's bytes (h11 quotes them): a token URL may point at any kind of server.
+        raise _unreachable(f"the token endpoint {where} did not answer as an HTTP server would "
+                           f"({type(e).__name__})") from None  # fmt: skip
     except httpx2.HTTPError as e:
         raise _unreachable(f"cannot reach the token endpoint {where}: {e or type(e).__name__}") from None
     try:
-        body = r.json()
+        body = json.loads(content)
     except ValueError:
         body = None
     if r.status_code == 200 and isinstance(body, dict) and isinstance(body.get("access_token"), str):
@@ -108,16 +117,25 @@ async def request_token(
             body.get("scope") if isinstance(body.get("scope"), str) else None,
             body.get("refresh_token") if isinstance(body.get("refresh_token"), str) else None,
         )
-    return _raise_refusal(where, r.status_code, body if isinstance(body, dict) else None, r.headers.get("Retry-After"))
+    # Never shown, even when the endpoint echoes them.
+    secrets = (endpoint.client_secret, grant.get("refresh_token"), grant.get("code"), grant.get("code_verifier"))
+    return _raise_refusal(where, r.status_code, body if isinstance(body, dict) else None, r.headers.get("Retry-After"),
+                          secrets)  # fmt: skip
 
 
-def _raise_refusal(where: str, status: int, body: dict[str, Any] | None, retry_after: str | None) -> TokenReply:
+def _raise_refusal(
+    where: str, status: int, body: dict[str, Any] | None, retry_after: str | None, secrets: tuple[str | None, ...]
+) -> TokenReply:
+    # Only what an OAuth endpoint says (RFC 6749 §5.2: error, error_description; Entra ID adds
+    # error_codes and trace_id), each bounded: a tenant's token URL may point anywhere, and its
+    # reply is shown to the tenant's admin and stored.
     error = body.get("error") if body else None
-    error = error if isinstance(error, str) else None
-    codes = [c for c in (body or {}).get("error_codes", []) if isinstance(c, int)]
+    error = error if isinstance(error, str) and _OAUTH_ERROR.fullmatch(error) else None
+    codes = [c for c in (body or {}).get("error_codes", []) if isinstance(c, int)][:10]
     description = (body or {}).get("error_description")
-    first_line = description.strip().splitlines()[0] if isinstance(description, str) and description.strip() else ""
+    first_line = foreign_text(description, secrets=secrets) if isinstance(description, str) else ""
     trace = (body or {}).get("trace_id")
+    trace = trace if isinstance(trace, str) and _TRACE_ID.fullmatch(trace) else None
     explanation = explain_token_error(error, codes, status)
     said = " ".join(x for x in (error, f"({first_line})" if first_line else "") if x) or f"HTTP {status}"
     message = f"the token endpoint {where} refused: {said}. {explanation}"
@@ -126,7 +144,7 @@ def _raise_refusal(where: str, status: int, body: dict[str, Any] | None, retry_a
         explanation=explanation,
         error=error,
         error_codes=codes,
-        trace_id=trace if isinstance(trace, str) else None,
+        trace_id=trace,
         code=status,
         reply=first_line or None,
         retry_after=http_retry_after(retry_after),

@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
+from .._http import MAX_REPLY, TooLarge, read_capped
 from .._http import retry_after as http_retry_after
 from ..delivery import Delivery, Outcome, RecipientResult
 from ..diagnostics.catalogue import Explanation, explain_graph_error
-from ..errors import DeliveryError
+from ..errors import DeliveryError, foreign_text
 from ..message import Address, Attachment, Envelope, Message
 from ..settings.document import MailServer
 from ..smtp.protocol import ProtocolLog
@@ -38,6 +40,7 @@ LARGE_MESSAGE = 3 * 1024 * 1024  # raw bytes; base64 makes ~4 MB, Graph's reques
 SMALL_ATTACHMENT = 3 * 1024 * 1024  # below: POST …/attachments; above: an upload session
 UPLOAD_CHUNK = 10 * 320 * 1024  # 3,276,800 B: under 4 MB, and a multiple of 320 KiB (reference §5.4)
 MAILBOX_CONCURRENCY = 4
+_GRAPH_CODE = re.compile(r"[A-Za-z0-9_.-]{1,100}")  # ErrorAccessDenied, MailboxNotEnabledForRESTAPI, …
 
 
 class Tokens(Protocol):
@@ -232,19 +235,24 @@ class GraphTransport:
         async with self._slots:
             timeout = httpx2.Timeout(c.protocol_timeout, connect=c.connect_timeout)
             try:
-                r = await self.http.request(method, url, headers=headers, content=content, timeout=timeout)
+                async with self.http.stream(method, url, headers=headers, content=content, timeout=timeout) as r:
+                    body = await read_capped(r, MAX_REPLY)
             except httpx2.TimeoutException:
                 raise self._lost(f"Graph did not answer within {c.protocol_timeout:g} s", final) from None
+            except (httpx2.ProtocolError, httpx2.DecodingError, TooLarge) as e:
+                # Never the peer's bytes (h11 quotes them): the endpoint is a setting, it may be anything.
+                raise self._lost(f"{where} did not answer as Graph would ({type(e).__name__})", final) from None
             except httpx2.HTTPError as e:
                 raise self._lost(f"cannot reach Graph at {where}: {e or type(e).__name__}", final) from None
         if self._log:
             self._log(f"S: {r.status_code}")
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
         if r.status_code < 300:
-            try:
-                return r.json() if r.content else None
-            except ValueError:
-                return None
-        return self._refusal(r, upload)
+            return parsed
+        return self._refusal(r.status_code, parsed, r.headers.get("Retry-After"), upload)
 
     def _lost(self, what: str, final: bool) -> GraphError:
         if final:  # the request went out: Graph may have accepted it (reference §10.6)
@@ -252,20 +260,19 @@ class GraphTransport:
                               transient=True, uncertain=True)  # fmt: skip
         return GraphError(what, transient=True)
 
-    def _refusal(self, r: httpx2.Response, upload: bool) -> Any:
-        status = r.status_code
+    def _refusal(self, status: int, body: Any, retry_after_header: str | None, upload: bool) -> Any:
+        # Only Graph's error shape ({"error": {"code", "message"}}), bounded: the endpoint is a
+        # setting, and what it says is shown to the tenant's admin and stored.
         graph_code = message = None
-        try:
-            error = r.json().get("error")
-            if isinstance(error, dict):
-                graph_code = error.get("code") if isinstance(error.get("code"), str) else None
-                message = error.get("message") if isinstance(error.get("message"), str) else None
-        except (ValueError, AttributeError):
-            pass
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            code = error.get("code")
+            graph_code = code if isinstance(code, str) and _GRAPH_CODE.fullmatch(code) else None
+            message = foreign_text(error["message"]) if isinstance(error.get("message"), str) else None
         explanation = explain_graph_error(status, graph_code)
         said = f"HTTP {status}" + (f" {graph_code}" if graph_code else "") + (f": {message}" if message else "")
         text = f"Graph refused{' the upload' if upload else ''} ({said}). {explanation}"
-        retry_after = http_retry_after(r.headers.get("Retry-After"))
+        retry_after = http_retry_after(retry_after_header)
         if explanation.transient or status == 401:
             raise GraphError(text, code=status, graph_code=graph_code, explanation=explanation, transient=True,
                              retry_after=retry_after)  # fmt: skip
