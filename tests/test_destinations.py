@@ -47,7 +47,7 @@ async def test_the_global_server_may_reach_loopback_and_private_networks_but_not
     policy = Destinations().global_
     assert await policy.resolve("localhost", 25) == ["127.0.0.1"]
     assert await policy.resolve("10.1.2.3", 25) == ["10.1.2.3"]
-    with pytest.raises(DestinationRefused, match="link-local.*MAILGATE_GLOBAL_NETWORKS"):
+    with pytest.raises(DestinationRefused, match=r"link-local.*MAILGATE_GLOBAL_NETWORKS"):
         await policy.resolve("169.254.169.254", 80)
 
 
