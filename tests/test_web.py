@@ -208,6 +208,66 @@ async def test_passwords_are_stored_as_argon2_hashes(ui: UI) -> None:
     assert hashes and all(h.startswith("$argon2id$") and PASSWORD not in h for h in hashes)
 
 
+# ---- headers on every response -------------------------------------------------------------------
+
+
+def assert_not_framed_nor_cached(reply: httpx2.Response) -> None:
+    where = f"{reply.request.method} {reply.request.url.path} → {reply.status_code}"
+    assert reply.headers.get_list("content-security-policy") == ["frame-ancestors 'none'"], where
+    assert reply.headers.get("x-frame-options") == "DENY", where
+    assert reply.headers.get("cache-control") == "no-store", where
+
+
+async def test_every_admin_response_may_not_be_framed_nor_cached(ui: UI) -> None:
+    anonymous = ui.browser()
+    assert_not_framed_nor_cached(await anonymous.get("/admin/login"))
+    assert_not_framed_nor_cached(await anonymous.get("/admin/global"))  # 303 to the sign-in page
+    assert_not_framed_nor_cached(await anonymous.post("/admin/login", {"email": ADMIN, "password": "wrong guess!"}))
+    assert_not_framed_nor_cached(await anonymous.get("/admin/nothing-here"))  # 404 of the router
+    b = ui.browser()
+    signed_in = await b.sign_in(ADMIN)
+    assert signed_in.status_code == 303
+    assert_not_framed_nor_cached(signed_in)  # the redirect that sets the session cookie
+    assert_not_framed_nor_cached(await b.get("/admin"))  # 303 to the role's home
+    for url in ("/admin/global", "/admin/tenants", "/admin/tenants/acme", "/admin/messages", "/admin/audit"):
+        page = await b.get(url)
+        assert page.status_code == 200, url
+        assert_not_framed_nor_cached(page)
+    assert_not_framed_nor_cached(await b.get("/admin/tenants/nope"))  # 404 from the service
+    assert_not_framed_nor_cached(await b.post("/admin/tenants", {"id": "x"}, csrf=False))  # 403: no CSRF token
+    acme = await ui.signed_in(ACME)
+    forbidden = await acme.get("/admin/global")
+    assert forbidden.status_code == 403
+    assert_not_framed_nor_cached(forbidden)
+    hx = await anonymous.client.get("/admin/global", headers={"HX-Request": "true"})
+    assert hx.status_code == 401
+    assert_not_framed_nor_cached(hx)
+    assert_not_framed_nor_cached(await b.post("/admin/logout"))
+    api = await anonymous.get("/healthz")  # the API is not the admin UI's business
+    assert "x-frame-options" not in api.headers and "content-security-policy" not in api.headers
+
+
+async def test_the_page_of_an_unexpected_error_may_not_be_framed_nor_cached(ui: UI) -> None:
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    ui.app.add_api_route("/admin/broken", broken)
+    client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=ui.app, raise_app_exceptions=False),
+                                base_url="http://mailgate.test")  # fmt: skip
+    ui.browsers.append(client)
+    reply = await client.get("/admin/broken")
+    assert reply.status_code == 500 and "the operator's log has the error type" in text_of(reply)
+    assert_not_framed_nor_cached(reply)
+
+
+async def test_static_files_may_be_cached_but_not_framed(ui: UI) -> None:
+    reply = await ui.browser().get("/admin/static/admin.css")
+    assert reply.status_code == 200
+    assert reply.headers["content-security-policy"] == "frame-ancestors 'none'"
+    assert reply.headers["x-frame-options"] == "DENY"
+    assert "cache-control" not in reply.headers and reply.headers["etag"]
+
+
 # ---- CSRF on every form --------------------------------------------------------------------------
 
 FORMS = [
@@ -728,7 +788,11 @@ async def test_captured_mail_is_shown_rendered_and_its_html_is_sandboxed(ui: UI)
         assert "<script>" not in one.text
         frame = await b.get("/admin/captured/1/html")
         assert "<b>words</b>" in frame.text
-        assert frame.headers["content-security-policy"].startswith("sandbox; default-src 'none'")
+        # Framed by its message's page only: the page's own frame-ancestors stays, in one policy.
+        assert frame.headers.get_list("content-security-policy") == [
+            "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'"
+        ]
+        assert frame.headers["x-frame-options"] == "SAMEORIGIN" and frame.headers["cache-control"] == "no-store"
         acme = await ui.signed_in(ACME)
         assert (await acme.get("/admin/captured")).status_code == 403  # every tenant's mail: system admins only
         assert (await b.get("/admin/captured/99")).status_code == 404

@@ -28,6 +28,7 @@ from ..errors import Conflict, InvalidInput, MailgateError, NotFound
 from ..outbox.store import MAX_ID, STATUSES
 from ..service import Mailgate
 from . import forms
+from .headers import AdminHeaders, harden
 from .session import (
     ADMIN,
     CSRF_FIELD,
@@ -575,6 +576,7 @@ async def captured_html(request: Request, message_id: int, user: User) -> HTMLRe
     return HTMLResponse(found.html, headers={
         "Content-Security-Policy": "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
                                    "frame-ancestors 'self'",
+        "X-Frame-Options": "SAMEORIGIN",  # framed by its message's page, and by nothing else
         "X-Content-Type-Options": "nosniff",
     })  # fmt: skip
 
@@ -591,6 +593,7 @@ def install(app: Any) -> None:
 
     app.include_router(router)
     app.mount(f"{ADMIN}/static", StaticFiles(directory=HERE / "static"), name="admin-static")
+    app.add_middleware(AdminHeaders)
     for kind, handler in list(app.exception_handlers.items()):
         app.exception_handlers[kind] = _as_page(handler)
 
@@ -626,7 +629,11 @@ def _as_page(handler: Any) -> Any:
 
 
 def _error(request: Request, status: int, text: str) -> HTMLResponse:
-    return templates.TemplateResponse(
+    response = templates.TemplateResponse(
         request, "error.html", {"user": None, "csrf": "", "demo": None, "notice": None, "status": status,
                                 "text": text}, status_code=status,
     )  # fmt: skip
+    # The page of an unexpected error is sent from outside every middleware (Starlette's
+    # ServerErrorMiddleware), so AdminHeaders never sees it.
+    harden(response.headers, request.url.path)
+    return response
