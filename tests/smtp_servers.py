@@ -47,20 +47,29 @@ from certs import PKI, make_pki
 __all__ = [
     "AUTH_LINE_LIMIT",
     "EXCHANGE_BAD_CREDENTIALS",
+    "EXIM_TOO_MANY_RECIPIENTS",
     "GMAIL_BAD_CREDENTIALS",
     "GMAIL_XOAUTH2_CHALLENGE",
     "GREETING_421",
+    "MTA",
+    "OPENSMTPD_TOO_MANY_RECIPIENTS",
+    "POSTFIX_NON_FQDN_HELO",
+    "POSTFIX_TOO_MANY_RECIPIENTS",
     "AuthAttempt",
     "ConnectionLog",
+    "MTAMessage",
+    "MTASession",
     "ReceivedMessage",
     "RecordingServer",
     "ScriptedConnection",
+    "ScriptedMTA",
     "ScriptedServer",
     "ServerConfig",
     "default_ca_file",
     "default_pki",
     "scripted",
     "scripted_in_thread",
+    "scripted_mta",
     "serve",
     "serve_in_thread",
     "xoauth2_payload",
@@ -929,3 +938,394 @@ def scripted_in_thread(behaviour: Behaviour) -> Iterator[ScriptedServer]:
     """`scripted(behaviour)` in a background thread with its own loop."""
     with _in_thread(lambda: scripted(behaviour), "mailgate-test-scripted-smtpd") as server:
         yield server
+
+
+# --------------------------------------------------------------------------
+# Scripted MTA: a small SMTP server written from real MTAs' documented replies
+# --------------------------------------------------------------------------
+
+POSTFIX_TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"  # smtpd(8), past smtpd_recipient_limit
+EXIM_TOO_MANY_RECIPIENTS = "452 too many recipients"  # Exim, past recipients_max (no enhanced codes)
+OPENSMTPD_TOO_MANY_RECIPIENTS = "451 4.5.3 Too many recipients: Too many recipients"  # smtpd, past max-rcpt
+POSTFIX_NON_FQDN_HELO = "504 5.5.2 <{helo}>: Helo command rejected: need fully-qualified hostname"
+
+TLSMode = Literal["none", "starttls", "implicit"]
+
+
+@dataclass(frozen=True)
+class MTA:
+    """How a `scripted_mta()` server behaves. The defaults and knobs follow Postfix 3.7's smtpd
+    (postconf(5)); the reply texts of Exim 4.96 and OpenSMTPD 6.8 are above, to pass in.
+
+    - `recipient_limit` is smtpd_recipient_limit: RCPTs past it in one transaction get
+      `too_many_recipients`. The first `overshoot_limit` of those are free
+      (smtpd_recipient_overshoot_limit); each further one counts as an error, as does every
+      other refused command, and once a session made `hard_error_limit` errors without
+      delivering mail (smtpd_hard_error_limit) it gets "421 4.7.0 … Error: too many errors" and
+      is closed. A delivered message clears the count.
+    - `reject_non_fqdn_helo` is reject_non_fqdn_helo_hostname with smtpd_delay_reject=yes (the
+      default): the refusal comes at RCPT TO, for every recipient.
+    - `drop_after_body`: read the n-th message body of a connection (1-based), then hang up
+      without a reply.
+    - `greeting(index)`: the greeting of connection `index`; a non-220 one ends the session.
+    - `auth_reply`: the reply to AUTH PLAIN; "{password}" and "{payload}" are filled in with what
+      the client sent (a server that echoes the secret). None: 235 for `password`, else 535.
+    """
+
+    hostname: str = "mx.scripted.test"
+    tls: TLSMode = "none"
+    ssl_context: ssl.SSLContext | None = None  # default: default_pki()'s
+    greeting_delay: float = 0.0
+    greeting: Callable[[int], str | None] | None = None
+    pipelining: bool = True
+    size: int | None = None
+    auth: bool = False  # offer AUTH PLAIN (only once TLS is on, unless tls is "none")
+    username: str = "user@example.com"
+    password: str = "correct horse battery staple"
+    auth_reply: str | None = None
+    recipient_limit: int | None = None
+    too_many_recipients: str = POSTFIX_TOO_MANY_RECIPIENTS
+    overshoot_limit: int = 1000
+    hard_error_limit: int = 20
+    reject_non_fqdn_helo: bool = False
+    rcpt_reply: Callable[[str], str | None] | None = None
+    drop_after_body: int | None = None
+
+
+@dataclass
+class MTAMessage:
+    mail_from: str
+    mail_params: list[str]
+    rcpt_tos: list[str]  # accepted
+    content: bytes  # as received, dot-stuffing removed, the final CRLF included
+    reply: str | None = None  # None: the server hung up instead
+
+
+@dataclass
+class MTASession:
+    """One connection, as the server saw it."""
+
+    index: int
+    commands: list[str] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    helo: str | None = None
+    tls: bool = False
+    messages: list[MTAMessage] = field(default_factory=list)
+    # How the client ended it: "close_notify" (a clean TLS shutdown), "ragged" (TLS, the TCP
+    # connection closed without close_notify), "reset", "eof" (plain TCP), or None while open.
+    ended: str | None = None
+    tls_hello: bool = False  # the first bytes were a TLS ClientHello (a client probing for TLS)
+
+    @property
+    def verbs(self) -> list[str]:
+        return [c.split(" ", 1)[0].split(":", 1)[0].upper() for c in self.commands]
+
+    @property
+    def rcpt_counts(self) -> list[int]:
+        """RCPT commands per transaction, in order."""
+        counts: list[int] = []
+        for verb in self.verbs:
+            if verb == "MAIL":
+                counts.append(0)
+            elif verb == "RCPT" and counts:
+                counts[-1] += 1
+        return counts
+
+
+class _Wire:
+    """A connection's bytes, in clear or through TLS (an ssl.SSLObject over memory BIOs, so the
+    server sees exactly how the client ends the TLS session)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: MTASession) -> None:
+        self.reader, self.writer, self.session = reader, writer, session
+        self.buffer = bytearray()
+        self.tls: ssl.SSLObject | None = None
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        self.tls = context.wrap_bio(self._in, self._out, server_side=True)
+        if self.buffer:
+            self._in.write(bytes(self.buffer))
+            self.buffer.clear()
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionResetError("EOF during the TLS handshake") from None
+                self._in.write(data)
+        self._flush()
+        self.session.tls = True
+
+    def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            self.writer.write(data)
+
+    async def _fill(self) -> bool:
+        """More bytes into `buffer`; False at the end (recorded in session.ended)."""
+        try:
+            if self.tls is None:
+                data = await self.reader.read(65536)
+                if not data:
+                    self.session.ended = "eof"
+                    return False
+                if not self.session.commands and data[:1] == b"\x16":
+                    self.session.tls_hello = True
+                self.buffer += data
+                return True
+            while True:
+                try:
+                    data = self.tls.read(65536)
+                    self.buffer += data
+                    return True
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    raw = await self.reader.read(65536)
+                    if raw:
+                        self._in.write(raw)
+                    else:
+                        self._in.write_eof()
+        except ssl.SSLZeroReturnError:
+            self.session.ended = "close_notify"
+            with contextlib.suppress(ssl.SSLError):
+                self.tls.unwrap()  # our close_notify in answer
+            self._flush()
+        except ssl.SSLError:  # SSLEOFError: "EOF occurred in violation of protocol"
+            self.session.ended = "ragged"
+        except ConnectionError:
+            self.session.ended = "reset"
+        return False
+
+    async def readline(self) -> bytes:
+        """One line with its LF, or what is left (b"" at the end)."""
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[: end + 1])
+                del self.buffer[: end + 1]
+                return line
+            if len(self.buffer) > 1 << 20 or not await self._fill():
+                line = bytes(self.buffer)
+                self.buffer.clear()
+                return line
+
+    async def send(self, *lines: str) -> None:
+        data = "".join(f"{line}\r\n" for line in lines).encode()
+        self.session.replies.extend(lines)
+        if self.tls is not None:
+            self.tls.write(data)
+            self._flush()
+        else:
+            self.writer.write(data)
+        await self.writer.drain()
+
+    async def until_end(self) -> None:
+        while await self._fill():
+            self.buffer.clear()
+
+
+class ScriptedMTA(_Recorder):
+    """What `scripted_mta()` yields: the address and every session as the server saw it."""
+
+    def __init__(self, mta: MTA) -> None:
+        super().__init__()
+        self.mta = mta
+        self.host = HOST
+        self.port = 0
+        self.sessions: list[MTASession] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def __repr__(self) -> str:
+        return f"<ScriptedMTA {self.host}:{self.port} sessions={len(self.sessions)}>"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    @property
+    def ca_file(self) -> Path:
+        return default_pki().ca_file
+
+    @property
+    def messages(self) -> list[MTAMessage]:
+        return [m for s in self.sessions for m in s.messages]
+
+    @property
+    def delivered(self) -> list[MTAMessage]:
+        return [m for m in self.messages if m.reply is not None and m.reply.startswith("250")]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._writers.add(writer)
+        session = MTASession(len(self.sessions))
+        self.sessions.append(session)
+        self._notify()
+        wire = _Wire(reader, writer, session)
+        try:
+            await asyncio.wait_for(self._play(wire), MAX_LIFETIME)
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
+            session.ended = session.ended or "closed by the server"
+            self._notify()
+
+    async def _shut_down(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            _, still_pending = await asyncio.wait(pending, timeout=SHUTDOWN_TIMEOUT)
+            for task in still_pending:
+                task.cancel()
+
+    def _context(self) -> ssl.SSLContext:
+        return self.mta.ssl_context or default_pki().server_context()
+
+    async def _play(self, wire: _Wire) -> None:
+        mta, session = self.mta, wire.session
+        if mta.tls == "implicit":
+            await wire.start_tls(self._context())
+        if mta.greeting_delay:
+            await asyncio.sleep(mta.greeting_delay)
+        greeting = mta.greeting(session.index) if mta.greeting else None
+        if greeting is not None and not greeting.startswith("220"):
+            await wire.send(greeting)
+            return
+        await wire.send(greeting or f"220 {mta.hostname} ESMTP Postfix")
+        errors = 0
+        message: MTAMessage | None = None
+        accepted = overshoot = bodies = 0
+        while True:
+            if errors >= mta.hard_error_limit:
+                await wire.send(f"421 4.7.0 {mta.hostname} Error: too many errors")
+                return
+            raw = await wire.readline()
+            self._notify()
+            if not raw.endswith(b"\n"):
+                return
+            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            session.commands.append(line)
+            verb, _, arg = line.partition(" ")
+            verb = verb.upper()
+            reply = "250 2.0.0 Ok"
+            if verb in ("EHLO", "HELO"):
+                session.helo = arg.strip()
+                message = None
+                if verb == "HELO":
+                    reply = f"250 {mta.hostname}"
+                else:
+                    extensions = ["PIPELINING"] if mta.pipelining else []
+                    extensions += [f"SIZE {mta.size}"] if mta.size else []
+                    if mta.tls == "starttls" and wire.tls is None:
+                        extensions.append("STARTTLS")
+                    if mta.auth and (wire.tls is not None or mta.tls == "none"):
+                        extensions.append("AUTH PLAIN")
+                    extensions += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+                    lines = [mta.hostname, *extensions]
+                    await wire.send(*[f"250-{x}" for x in lines[:-1]], f"250 {lines[-1]}")
+                    continue
+            elif verb == "STARTTLS" and mta.tls == "starttls" and wire.tls is None:
+                await wire.send("220 2.0.0 Ready to start TLS")
+                await wire.start_tls(self._context())
+                continue
+            elif verb == "AUTH":
+                payload = arg.partition(" ")[2]
+                try:
+                    _, user, password = base64.b64decode(payload).decode("utf-8", "replace").split("\0")
+                except (ValueError, binascii.Error):
+                    user = password = ""
+                if mta.auth_reply is not None:
+                    reply = mta.auth_reply.format(password=password, payload=payload)
+                elif (user, password) == (mta.username, mta.password):
+                    reply = "235 2.7.0 Authentication successful"
+                else:
+                    reply = "535 5.7.8 Error: authentication failed: authentication failure"
+            elif verb == "MAIL":
+                params = arg.split()[1:]
+                size = next((int(p[5:]) for p in params if p.upper().startswith("SIZE=") and p[5:].isdigit()), 0)
+                if mta.size and size > mta.size:
+                    reply = "552 5.3.4 Message size exceeds fixed limit"
+                else:
+                    address = arg.partition(":")[2].split(">")[0].lstrip(" <")
+                    message = MTAMessage(address, params, [], b"")
+                    accepted = overshoot = 0
+                    reply = "250 2.1.0 Ok"
+            elif verb == "RCPT":
+                address = arg.partition(":")[2].split(">")[0].lstrip(" <")
+                helo = session.helo or ""
+                if message is None:
+                    reply = "503 5.5.1 Error: need MAIL command"
+                elif mta.recipient_limit is not None and accepted >= mta.recipient_limit:
+                    await wire.send(mta.too_many_recipients)
+                    overshoot += 1
+                    if overshoot > mta.overshoot_limit:
+                        errors += 1
+                    continue
+                elif mta.reject_non_fqdn_helo and "." not in helo and not helo.startswith("["):
+                    reply = POSTFIX_NON_FQDN_HELO.format(helo=helo)
+                elif mta.rcpt_reply is not None and (refusal := mta.rcpt_reply(address)) is not None:
+                    reply = refusal
+                else:
+                    message.rcpt_tos.append(address)
+                    accepted += 1
+                    reply = "250 2.1.5 Ok"
+            elif verb == "DATA":
+                if message is None or not message.rcpt_tos:
+                    reply = "554 5.5.1 Error: no valid recipients" if message else "503 5.5.1 Error: need RCPT command"
+                else:
+                    await wire.send("354 End data with <CR><LF>.<CR><LF>")
+                    content = bytearray()
+                    while (data_line := await wire.readline()) != b".\r\n":
+                        if not data_line.endswith(b"\n"):
+                            return
+                        content += data_line[1:] if data_line.startswith(b".") else data_line
+                    message.content = bytes(content)
+                    session.messages.append(message)
+                    self._notify()
+                    bodies += 1
+                    if mta.drop_after_body == bodies:
+                        return
+                    message.reply = f"250 2.0.0 Ok: queued as {secrets.token_hex(5).upper()}"
+                    await wire.send(message.reply)
+                    self._notify()
+                    message, errors = None, 0
+                    continue
+            elif verb == "RSET":
+                message = None
+            elif verb == "NOOP":
+                pass
+            elif verb == "QUIT":
+                await wire.send("221 2.0.0 Bye")
+                await wire.until_end()  # how the client ends its side is what a test looks at
+                return
+            else:
+                reply = "502 5.5.2 Error: command not recognized"
+            if reply[:1] in "45":
+                errors += 1
+            await wire.send(reply)
+
+
+@asynccontextmanager
+async def scripted_mta(mta: MTA | None = None) -> AsyncIterator[ScriptedMTA]:
+    """Run a ScriptedMTA on 127.0.0.1:<ephemeral> in the running loop."""
+    server = ScriptedMTA(mta or MTA())
+    listener = await asyncio.start_server(server._handle, HOST, 0)
+    server.port = listener.sockets[0].getsockname()[1]
+    try:
+        yield server
+    finally:
+        listener.close()
+        await server._shut_down()
+        await asyncio.wait_for(listener.wait_closed(), SHUTDOWN_TIMEOUT)

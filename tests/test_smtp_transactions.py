@@ -37,6 +37,11 @@ def message(to: Any = "rcpt@example.com", **kw: Any) -> Message:
     return Message(from_=USER, to=to, **kw)
 
 
+def octets(data: bytes) -> int:
+    """What SIZE= declares (RFC 1870): the message with the final CRLF the client adds."""
+    return len(data if data.endswith(b"\r\n") else data + b"\r\n")
+
+
 def commands(server: RecordingServer) -> list[str]:
     return [c.split()[0].upper() if c else "" for c in server.commands]
 
@@ -54,7 +59,7 @@ async def test_pipelining_sends_mail_rcpts_and_data_in_one_write() -> None:
     assert delivery.all_accepted
     batch = [c for c in chunks if c.startswith(b"MAIL FROM")]
     assert batch == [
-        b"MAIL FROM:<user@example.com> SIZE=" + str(len(m.compose())).encode() + b"\r\n"
+        b"MAIL FROM:<user@example.com> SIZE=" + str(octets(m.compose())).encode() + b"\r\n"
         b"RCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
     ]
 
@@ -229,7 +234,7 @@ async def test_size_is_declared_and_an_oversize_message_is_refused_before_mail()
                 await smtp.send(big.envelope(), big.compose())
             assert smtp.is_connected
         (received,) = await server.wait_for_messages(1)
-    assert f"SIZE={len(small.compose())}" in received.mail_options
+    assert f"SIZE={octets(small.compose())}" in received.mail_options
     assert commands(server).count("MAIL") == 1
     assert not e.value.transient
 

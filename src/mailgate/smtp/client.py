@@ -351,7 +351,7 @@ class SMTPClient:
     async def mail(self, mail_from: str, recipients: list[str], data: bytes) -> Reply:
         """MAIL FROM alone, with the parameters `data` needs (SIZE, BODY, SMTPUTF8), for a test
         that reports each command; `send` is the way to send."""
-        params, _ = self._mail_parameters(mail_from, recipients, data)
+        params, _ = self._mail_parameters(mail_from, recipients, _normalize(data))
         return await self.command(f"MAIL FROM:<{mail_from}>{params}")
 
     async def data(self, data: bytes) -> Reply:
@@ -363,7 +363,7 @@ class SMTPClient:
         proto = self._proto_()
         if self._log:
             self._log(f"C: [message, {len(data):,} bytes]")
-        proto.write(_dot_stuff(data) + b".\r\n")
+        proto.write(_stuff(_normalize(data)) + b".\r\n")
         return (await proto.read(1, self.config.protocol_timeout))[0]
 
     async def send(self, envelope: Envelope, data: bytes) -> Delivery:
@@ -378,8 +378,9 @@ class SMTPClient:
         if proto.error is not None:
             raise proto.error
         recipients = list(dict.fromkeys(envelope.rcpt_to))
+        data = _normalize(data)
         params, encoding = self._mail_parameters(envelope.mail_from, recipients, data)
-        payload = _dot_stuff(data)
+        payload = _stuff(data)
         results: dict[str, RecipientResult] = {}
         pending = recipients
         body_sent: list[str] = []
@@ -450,6 +451,7 @@ class SMTPClient:
         try:
             for i, (envelope, data) in enumerate(items):
                 recipients = list(dict.fromkeys(envelope.rcpt_to))
+                data = _normalize(data)
                 try:
                     params, encoding = self._mail_parameters(envelope.mail_from, recipients, data)
                 except (SMTPNotSupportedError, MessageError) as e:
@@ -482,7 +484,7 @@ class SMTPClient:
                 if log:
                     log(f"C: [message content, {len(data):,} bytes]")
                     log("C: .")
-                buffer.append(_dot_stuff(data) + b".\r\n")
+                buffer.append(_stuff(data) + b".\r\n")
                 body_out.add(i)
                 owed.append((i, accepted))
             if buffer:
@@ -565,6 +567,8 @@ class SMTPClient:
         return accepted, retry
 
     def _mail_parameters(self, mail_from: str, recipients: list[str], data: bytes) -> tuple[str, str]:
+        """MAIL FROM's parameters for `data` (the message as `_normalize` made it) and the encoding
+        of its commands; SMTPNotSupportedError or MessageError when it can't go to this server."""
         for addr in (mail_from, *recipients):
             if _UNSAFE_IN_PATH.search(addr):
                 raise MessageError([("envelope", f"{addr!r} cannot be used in an SMTP command")])
@@ -675,18 +679,24 @@ def _result(rcpt: str, reply: Reply) -> RecipientResult:
     return RecipientResult(rcpt, reply.outcome, reply.code, reply.enhanced, reply.message)
 
 
-def _dot_stuff(data: bytes) -> bytes:
-    """CRLF line ends (Exchange refuses bare LF: 550 5.6.11), leading dots doubled (RFC 5321
-    4.5.2), and a final CRLF, so that ".\\r\\n" can follow."""
+def _normalize(data: bytes) -> bytes:
+    """The message as it goes out: CRLF line ends (Exchange refuses bare LF: 550 5.6.11) and a
+    final CRLF, so that ".\\r\\n" can follow. Its length is what SIZE= declares (RFC 1870 3: "the
+    number of octets, including CR-LF pairs, but not the SMTP DATA command's terminating dot or
+    doubled quoting dots, to be transmitted by the SMTP client after receiving reply code 354")."""
     crlf = data.count(b"\r\n")
     if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
         data = _BARE_LINE_END.sub(b"\r\n", data)
-    if data.startswith(b"."):
-        data = b"." + data
-    data = data.replace(b"\r\n.", b"\r\n..")
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
+
+
+def _stuff(data: bytes) -> bytes:
+    """Leading dots doubled (RFC 5321 4.5.2) in a normalized message."""
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..")
 
 
 def _tls_reason(e: BaseException) -> str:
