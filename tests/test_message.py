@@ -399,6 +399,123 @@ def test_headers_given_as_a_string_are_refused_clearly() -> None:
         simple(text="x", headers="X-A: 1")
 
 
+# ---- bounds and characters no mail may carry -----------------------------------------------------
+
+
+# fmt: off
+FORBIDDEN = [
+    ({"subject": "caf\ud800"}, "subject", "lone surrogate (U+D800)"),
+    ({"subject": "a\x00b"}, "subject", "control character (U+0000)"),
+    ({"subject": "ring\x07"}, "subject", "control character (U+0007)"),
+    ({"subject": "a\u2028Bcc: x@example.com"}, "subject", "line separator (U+2028)"),
+    ({"subject": "a\x85b"}, "subject", "control character (U+0085)"),
+    ({"to": "Bob\x00 <bob@example.org>"}, "to[0]", "U+0000"),
+    ({"to": [("\ud83d <bob@example.org>")]}, "to[0]", "lone surrogate (U+D83D)"),
+    ({"to": "b\ud800b@example.org"}, "to[0]", "lone surrogate (U+D800)"),
+    ({"from_": "Eve\x1b[31m <eve@example.org>"}, "from", "U+001B"),
+    ({"reply_to": "Help\x7f <help@example.org>"}, "reply_to[0]", "U+007F"),
+    ({"text": "hello\x00"}, "text", "control character (U+0000) at position 5"),
+    ({"text": "hello \udfff"}, "text", "lone surrogate (U+DFFF)"),
+    ({"html": "<p>\x1b[2J</p>"}, "html", "U+001B"),
+    ({"html": "<p>a\x0bb</p>"}, "html", "U+000B"),
+    ({"headers": {"X-Tag": "a\ud800"}}, "headers['X-Tag']", "lone surrogate"),
+    ({"headers": {"X-Tag": "a\x01"}}, "headers['X-Tag']", "U+0001"),
+    ({"headers": {"X-\ud800": "a"}}, "headers['X-\\ud800']", "printable ASCII"),
+    ({"attachments": [Attachment("r\ud800.pdf", "application/pdf", b"")]}, "attachments[0].filename", "surrogate"),
+    ({"attachments": [Attachment("r\x85.pdf", "application/pdf", b"")]}, "attachments[0].filename", "U+0085"),
+    ({"attachments": [Attachment("r.pdf", "application/pdf\ud800", b"")]}, "attachments[0].content_type", "MIME"),
+    ({"attachments": [Attachment("r.png", "image/png", b"", "\x00a")]}, "attachments[0].content_id", "visible"),
+    ({"message_id": "<a\ud800@example.org>"}, "message_id", "visible ASCII"),
+]
+FORBIDDEN_IDS = [
+    "subject-surrogate", "subject-nul", "subject-bell", "subject-line-separator", "subject-c1-nel", "name-nul",
+    "name-surrogate", "address-surrogate", "from-name-escape", "reply-to-del", "text-nul", "text-surrogate",
+    "html-escape", "html-vertical-tab", "header-value-surrogate", "header-value-control", "header-name-surrogate",
+    "filename-surrogate", "filename-c1", "content-type-surrogate", "content-id-nul", "message-id-surrogate",
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("fields", "field", "problem"), FORBIDDEN, ids=FORBIDDEN_IDS)
+def test_lone_surrogates_nul_and_control_characters_are_refused_naming_the_field(
+    fields: dict[str, object], field: str, problem: str
+) -> None:
+    with pytest.raises(MessageError) as e:
+        simple(**{"text": "x", **fields})
+    assert e.value.field == field and problem in e.value.problems[0][1], e.value.problems
+
+
+def test_bodies_keep_tabs_line_breaks_and_form_feeds_and_one_line_fields_keep_tabs() -> None:
+    m = simple(subject="a\tb", text="col1\tcol2\r\nnext page\x0c\n", html="<pre>\t\x0c</pre>\n",
+               headers={"X-Tag": "a\tb"}, to=Address("bob@example.org", "Bob\tB"))  # fmt: skip
+    p = parse(m.compose())
+    assert p["Subject"] == "a\tb" and p["X-Tag"] == "a\tb"
+    assert content(p.get_body(("plain",))) == "col1\tcol2\nnext page\x0c\n"  # type: ignore[arg-type]
+
+
+def test_forbidden_character_names_the_first_one_and_where() -> None:
+    from mailgate.message import forbidden_character
+
+    assert forbidden_character("Grüße, 世界 😀") is None and forbidden_character("a\tb\r\n\x0c", body=True) is None
+    assert forbidden_character("ab\x00\ud800") == "contains a control character (U+0000) at position 2, which no " \
+        "mail may carry"  # fmt: skip
+    assert forbidden_character("ab\ud800\x00", body=True) == "contains a lone surrogate (U+D800) at position 2, " \
+        "which no mail may carry"  # fmt: skip
+    assert forbidden_character("a\nb") is not None and forbidden_character("a\nb", body=True) is None
+
+
+def test_too_many_recipients_is_one_problem_and_none_of_them_is_parsed() -> None:
+    from mailgate.message import MAX_RECIPIENTS
+
+    # Two million addresses that are each invalid: parsed, they would make two million problems.
+    with pytest.raises(MessageError) as e:
+        simple(to=["not an address"] * 2_000_000, text="x")
+    assert e.value.problems == [("to", f"the message has 2,000,000 recipients (to, cc and bcc); at most "
+                                       f"{MAX_RECIPIENTS:,} may share one message")]  # fmt: skip
+    # To, Cc and Bcc count together; the field named is the longest list.
+    half = MAX_RECIPIENTS // 2
+    with pytest.raises(MessageError) as e:
+        simple(to=[f"t{i}@example.org" for i in range(half)], cc=[f"c{i}@example.org" for i in range(half + 1)])
+    assert e.value.field == "cc" and len(e.value.problems) == 1
+    full = simple(to=[f"t{i}@example.org" for i in range(half)], cc=[f"c{i}@example.org" for i in range(half)])
+    assert len(full.recipients) == MAX_RECIPIENTS
+
+
+def _many_headers(n: int) -> dict[str, str]:
+    return {f"X-H{i}": "v" for i in range(n)}
+
+
+# fmt: off
+BOUNDS = [
+    ({"reply_to": [f"r{i}@example.org" for i in range(101)]}, "reply_to", "at most 100"),
+    ({"subject": "s" * 1001}, "subject", "at most 1,000"),
+    ({"headers": _many_headers(101)}, "headers", "at most 100"),
+    ({"headers": {"X-" + "n" * 99: "v"}}, "headers['X-nnnnn", "at most 100 characters"),
+    ({"headers": {"X-Long": "word " * 401}}, "headers['X-Long']", "at most 2,000 characters"),
+    ({"attachments": [Attachment("a.txt", "text/plain", b"")] * 101}, "attachments", "at most 100"),
+    ({"attachments": [Attachment("a" * 256, "text/plain", b"")]}, "attachments[0].filename", "255 bytes"),
+    ({"attachments": [Attachment("ü" * 128, "text/plain", b"")]}, "attachments[0].filename", "255 bytes"),
+    ({"attachments": [Attachment("a", "text/" + "p" * 251, b"")]}, "attachments[0].content_type", "at most 255"),
+    ({"attachments": [Attachment("a", "image/png", b"", "c" * 256)]}, "attachments[0].content_id", "at most 255"),
+    ({"message_id": "<" + "m" * 242 + "@example.org>"}, "message_id", "longer than 255"),
+    ({"to": "Bob" * 400 + " <bob@example.org>"}, "to[0]", "at most 1,000 characters"),
+    ({"to": "b" * 1001}, "to[0]", "at most 1,000"),
+]
+BOUNDS_IDS = [
+    "reply-to", "subject", "header-count", "header-name", "header-value", "attachment-count", "filename",
+    "filename-bytes", "content-type", "content-id", "message-id", "address-text", "bare-address-text",
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("fields", "field", "problem"), BOUNDS, ids=BOUNDS_IDS)
+def test_every_list_and_string_is_bounded(fields: dict[str, object], field: str, problem: str) -> None:
+    with pytest.raises(MessageError) as e:
+        simple(**{"text": "x", **fields})
+    assert e.value.field.startswith(field) and problem in e.value.problems[0][1], e.value.problems
+    assert len(e.value.problems) == 1
+
+
 # ---- stored form and server defaults -----------------------------------------------------------
 
 

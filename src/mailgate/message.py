@@ -22,7 +22,25 @@ from ._mime import CRLF
 from .errors import MessageError
 
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024  # Exchange Online's default maximum message size
-MAX_NAME_LENGTH = 256
+
+# Bounds on every field, so that no submit costs more than a message's worth of work and every
+# refusal is one short problem. The HTTP API's schemas use the same numbers.
+# To, Cc and Bcc together. Exchange Online takes 500 per message and Gmail 100 over SMTP: the SMTP
+# client sends the rest in further transactions when a server answers "too many recipients"
+# (452 4.5.3); Graph takes at most 500 in one sendMail.
+MAX_RECIPIENTS = 1_000
+MAX_REPLY_TO = 100
+MAX_NAME_LENGTH = 256  # a display name
+MAX_ADDRESS_TEXT = 1_000  # an address as text, display name and all: '"Name" <address>'
+MAX_SUBJECT_LENGTH = 1_000
+MAX_HEADERS = 100
+MAX_HEADER_NAME_LENGTH = 100
+MAX_HEADER_VALUE_LENGTH = 2_000
+MAX_ATTACHMENTS = 100
+MAX_FILENAME_BYTES = 255  # UTF-8; what file systems and mail clients take
+MAX_CONTENT_TYPE_LENGTH = 255  # RFC 6838 4.2: type and subtype of at most 127 characters each
+MAX_CONTENT_ID_LENGTH = 255
+MAX_MESSAGE_ID_LENGTH = 255  # with its angle brackets; the outbox's column holds no more
 
 # Headers that the composer writes from the message's own fields, or that only servers may add.
 FORBIDDEN_HEADERS = frozenset(
@@ -54,6 +72,48 @@ _NAME_ADDR = re.compile(r"(.*?)\s*<([^<>]*)>")
 
 def _has_line_break(text: str) -> bool:
     return "\r" in text or "\n" in text
+
+
+# Characters no message may carry. A lone surrogate is not text: UTF-8 can't encode it, so the
+# database, the composer and every page showing the message would fail on it long after the
+# submit. NUL ends strings in C and PostgreSQL refuses it. Other control characters have no
+# business in a mail: a one-line field (subject, display name, header value) keeps only TAB, and
+# also refuses DEL, the C1 controls and the Unicode line and paragraph separators (some readers
+# break lines there); a text or HTML body keeps TAB, LF, CR and form feed.
+_NOT_IN_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NOT_IN_FILENAME = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NOT_IN_BODY = re.compile("[\x00-\x08\x0b\x0e-\x1f\ud800-\udfff]")
+_BODY_CONTROLS = bytes([*range(0x09), 0x0B, *range(0x0E, 0x20)])  # _NOT_IN_BODY's controls, as UTF-8 bytes
+
+
+def forbidden_character(text: str, *, body: bool = False) -> str | None:
+    """Why `text` can't be part of a message (its first character that no mail may carry), or
+    None. `body`: the rules of a text or HTML body, which may also hold line breaks."""
+    if text.isprintable():  # none of them is printable; ~5x quicker than the search
+        return None
+    if body:
+        # A body may be megabytes: its UTF-8 form (which a lone surrogate can't have) without the
+        # control bytes is ~6x quicker to check than a regular expression over the text.
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            if len(data.translate(None, _BODY_CONTROLS)) == len(data):
+                return None
+    found = (_NOT_IN_BODY if body else _NOT_IN_LINE).search(text)
+    return None if found is None else _describe(found.group(), found.start())
+
+
+def _describe(c: str, at: int) -> str:
+    code = ord(c)
+    if 0xD800 <= code <= 0xDFFF:
+        what = "a lone surrogate"
+    elif code in (0x2028, 0x2029):
+        what = "a Unicode line separator"
+    else:
+        what = "a control character"
+    return f"contains {what} (U+{code:04X}) at position {at}, which no mail may carry"
 
 
 # The everyday address — an ASCII dot-atom local part, an ASCII host name with a letters-only top
@@ -105,6 +165,9 @@ def _validated(address: str) -> tuple[str, str | None, str]:
     """`_check_address` by email-validator, for any address."""
     from email_validator import EmailNotValidError, validate_email
 
+    why = forbidden_character(address)  # the everyday pattern has none of these; email-validator may
+    if why is not None:
+        raise ValueError(f"the address {why}")
     try:
         v = validate_email(
             address,
@@ -140,6 +203,10 @@ class Address:
             raise ValueError("line breaks are not allowed in an address or display name (header injection)")
         if len(name) > MAX_NAME_LENGTH:
             raise ValueError(f"the display name is longer than {MAX_NAME_LENGTH} characters")
+        if len(address) > MAX_ADDRESS_TEXT:
+            raise ValueError(f"the address is longer than {MAX_ADDRESS_TEXT:,} characters")
+        if name and (why := forbidden_character(name)) is not None:
+            raise ValueError(f"the display name {why}")
         address = address.strip()
         if not address:
             raise ValueError("the address is empty")
@@ -153,6 +220,8 @@ class Address:
             return value
         if not isinstance(value, str):
             raise ValueError(f"expected an address as text, got {type(value).__name__}")
+        if len(value) > MAX_ADDRESS_TEXT:
+            raise ValueError(f"an address with its display name is at most {MAX_ADDRESS_TEXT:,} characters")
         if _has_line_break(value):
             raise ValueError("line breaks are not allowed in an address or display name (header injection)")
         m = _NAME_ADDR.fullmatch(value.strip())
@@ -234,7 +303,8 @@ HeadersInput = Mapping[str, str] | Sequence[tuple[str, str]] | None
 
 class Message:
     """One notification e-mail. Validated on construction; raises `MessageError` listing every
-    problem found (field and explanation).
+    problem found (field and explanation). Every field is bounded (the MAX_… numbers above), and
+    none may carry a lone surrogate, NUL or another control character (`forbidden_character`).
 
     `from_` is the From mailbox (the trailing underscore because `from` is a keyword). It may be
     left out: the mail server's sender address then fills it (`with_defaults`), and so does the
@@ -284,11 +354,7 @@ class Message:
                 problems.append((field, f"{value!r} is not a valid address: {e}"))
                 return None
 
-        def many(field: str, values: AddressesInput) -> list[Address]:
-            if values is None:
-                return []
-            if isinstance(values, (str, Address)):
-                values = [values]
+        def many(field: str, values: list[AddressInput]) -> list[Address]:
             out = []
             for i, v in enumerate(values):
                 a = one(f"{field}[{i}]", v)
@@ -297,25 +363,45 @@ class Message:
             return out
 
         sender = one("from", from_) if from_ is not None else None
-        self.to = many("to", to)
-        self.cc = many("cc", cc)
-        self.bcc = many("bcc", bcc)
-        self.reply_to = many("reply_to", reply_to)
-        if not (self.to or self.cc or self.bcc) and not any(f.startswith(("to", "cc", "bcc")) for f, _ in problems):
-            problems.append(("to", "the message has no recipient (to, cc or bcc)"))
+        # Counted before any is parsed: too many is one problem, not one per address.
+        lists = {"to": _listed(to), "cc": _listed(cc), "bcc": _listed(bcc), "reply_to": _listed(reply_to)}
+        total = len(lists["to"]) + len(lists["cc"]) + len(lists["bcc"])
+        if total > MAX_RECIPIENTS:
+            field = max(("to", "cc", "bcc"), key=lambda f: len(lists[f]))
+            problems.append((field, f"the message has {total:,} recipients (to, cc and bcc); at most "
+                                    f"{MAX_RECIPIENTS:,} may share one message"))  # fmt: skip
+            self.to, self.cc, self.bcc = [], [], []
+        else:
+            self.to, self.cc, self.bcc = many("to", lists["to"]), many("cc", lists["cc"]), many("bcc", lists["bcc"])
+            if not total:
+                problems.append(("to", "the message has no recipient (to, cc or bcc)"))
+        if len(lists["reply_to"]) > MAX_REPLY_TO:
+            problems.append(("reply_to", f"has {len(lists['reply_to']):,} addresses; at most {MAX_REPLY_TO}"))
+            self.reply_to = []
+        else:
+            self.reply_to = many("reply_to", lists["reply_to"])
 
         if not isinstance(subject, str):
             problems.append(("subject", "must be text"))
+        elif len(subject) > MAX_SUBJECT_LENGTH:
+            problems.append(("subject", f"is {len(subject):,} characters; at most {MAX_SUBJECT_LENGTH:,}"))
         elif _has_line_break(subject):
             problems.append(("subject", "line breaks are not allowed in the subject (header injection)"))
+        elif (why := forbidden_character(subject)) is not None:
+            problems.append(("subject", why))
         for field, body in (("text", text), ("html", html)):
             if body is not None and not isinstance(body, str):
                 problems.append((field, "must be text"))
+            elif body is not None and (why := forbidden_character(body, body=True)) is not None:
+                problems.append((field, why))
         self.subject, self.text, self.html = subject, text, html
 
         self.attachments = list(attachments)
-        for i, att in enumerate(self.attachments):
-            problems.extend((f"attachments[{i}].{f}", t) for f, t in _attachment_problems(att))
+        if len(self.attachments) > MAX_ATTACHMENTS:
+            problems.append(("attachments", f"has {len(self.attachments):,} files; at most {MAX_ATTACHMENTS}"))
+        else:
+            for i, att in enumerate(self.attachments):
+                problems.extend((f"attachments[{i}].{f}", t) for f, t in _attachment_problems(att))
 
         self.headers = _check_headers(headers, problems)
 
@@ -326,6 +412,8 @@ class Message:
             problems.append(("message_id", "must look like <unique-part@domain>, visible ASCII only"))
         elif not message_id.startswith("<"):
             message_id = f"<{message_id}>"
+        if isinstance(message_id, str) and len(message_id) > MAX_MESSAGE_ID_LENGTH:
+            problems.append(("message_id", f"is longer than {MAX_MESSAGE_ID_LENGTH} characters with its brackets"))
         self.message_id = message_id
 
         if date is None:
@@ -566,18 +654,39 @@ def _attachment_problems(att: object) -> list[tuple[str, str]]:
     problems = []
     if not isinstance(att.filename, str) or not att.filename.strip():
         problems.append(("filename", "is empty"))
-    elif any(ord(c) < 32 or ord(c) == 127 for c in att.filename):
-        problems.append(("filename", "control characters and line breaks are not allowed"))
-    elif len(att.filename.encode("utf-8")) > 255:
-        problems.append(("filename", "is longer than 255 bytes"))
-    if not isinstance(att.content_type, str) or not _CONTENT_TYPE.fullmatch(att.content_type):
-        problems.append(("content_type", f"{att.content_type!r} is not a MIME type like application/pdf"))
+    elif len(att.filename) > MAX_FILENAME_BYTES:  # before it is encoded: no more than that many bytes
+        problems.append(("filename", f"is longer than {MAX_FILENAME_BYTES} bytes"))
+    elif (bad := _NOT_IN_FILENAME.search(att.filename)) is not None:
+        problems.append(("filename", "control characters and line breaks are not allowed: it "
+                                     + _describe(bad.group(), bad.start())))  # fmt: skip
+    elif len(att.filename.encode("utf-8")) > MAX_FILENAME_BYTES:
+        problems.append(("filename", f"is longer than {MAX_FILENAME_BYTES} bytes"))
+    content_type = att.content_type
+    if not isinstance(content_type, str) or len(content_type) > MAX_CONTENT_TYPE_LENGTH:
+        problems.append(("content_type", f"is a MIME type like application/pdf, at most {MAX_CONTENT_TYPE_LENGTH} "
+                                         "characters"))  # fmt: skip
+    elif not _CONTENT_TYPE.fullmatch(content_type):
+        problems.append(("content_type", f"{content_type!r} is not a MIME type like application/pdf"))
     if not isinstance(att.data, (bytes, bytearray, memoryview)):
         problems.append(("data", "must be bytes"))
     cid = att.content_id
-    if cid is not None and (not isinstance(cid, str) or not _CONTENT_ID.fullmatch(cid)):
-        problems.append(("content_id", "must be visible ASCII without spaces, '<' or '>'"))
+    if cid is not None and (not isinstance(cid, str) or len(cid) > MAX_CONTENT_ID_LENGTH
+                            or not _CONTENT_ID.fullmatch(cid)):  # fmt: skip
+        problems.append(("content_id", f"must be visible ASCII without spaces, '<' or '>', at most "
+                                       f"{MAX_CONTENT_ID_LENGTH} characters"))  # fmt: skip
     return problems
+
+
+def _listed(values: AddressesInput) -> list[AddressInput]:
+    if values is None:
+        return []
+    if isinstance(values, (str, Address)):
+        return [values]
+    return list(values)
+
+
+def _shortened(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check_headers(headers: HeadersInput, problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -587,19 +696,28 @@ def _check_headers(headers: HeadersInput, problems: list[tuple[str, str]]) -> li
         problems.append(("headers", "expected a mapping or (name, value) pairs, not a single string"))
         return []
     items = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+    if len(items) > MAX_HEADERS:
+        problems.append(("headers", f"has {len(items):,} headers; at most {MAX_HEADERS}"))
+        return []
     seen: set[str] = set()
     out = []
     for item in items:
         if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-            problems.append(("headers", f"expected (name, value) text pairs, got {item!r}"))
+            problems.append(("headers", f"expected (name, value) text pairs, got {_shortened(repr(item))}"))
             continue
         name, value = item
-        field = f"headers[{name!r}]"
+        field = f"headers[{_shortened(repr(name))}]"
         lower = name.lower()
-        if not _HEADER_NAME.fullmatch(name):
+        if len(name) > MAX_HEADER_NAME_LENGTH:
+            problems.append((field, f"a header name is at most {MAX_HEADER_NAME_LENGTH} characters"))
+        elif not _HEADER_NAME.fullmatch(name):
             problems.append((field, "a header name is printable ASCII without spaces or ':' (header injection?)"))
+        elif len(value) > MAX_HEADER_VALUE_LENGTH:
+            problems.append((field, f"a header value is at most {MAX_HEADER_VALUE_LENGTH:,} characters"))
         elif _has_line_break(value) or "\x00" in value:
             problems.append((field, "line breaks are not allowed in a header value (header injection)"))
+        elif (why := forbidden_character(value)) is not None:
+            problems.append((field, why))
         elif lower in FORBIDDEN_HEADERS:
             problems.append((field, "is set by mailgate from the message's fields; use those instead"))
         elif lower in seen:
