@@ -151,3 +151,74 @@ def test_password_method_without_any_password_is_refused_when_sending() -> None:
     with pytest.raises(SettingsError, match=r"auth\.password"):
         smtp_config(server)
     assert smtp_config(server, password="from-stdin").auth is not None
+
+
+# ---- bounds: no value a tenant sends may break a protocol line, the database or a worker -------
+
+_OAUTH_SMTP = {**DESIGN_SMTP, "auth": DESIGN_OAUTH2_AUTH}
+
+
+def _with(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    doc = json.loads(json.dumps(doc))
+    *parents, name = path.split(".")
+    node = doc
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[name] = value
+    return doc
+
+
+# Every text field of the document, in a document where it belongs.
+TEXT_FIELDS = [
+    (DESIGN_SMTP, "from_name"), (DESIGN_SMTP, "smtp.host"), (DESIGN_SMTP, "smtp.helo_name"),
+    (DESIGN_SMTP, "smtp.ca_file"), (DESIGN_SMTP, "auth.username"), (DESIGN_SMTP, "auth.password"),
+    (_OAUTH_SMTP, "auth.username"), (_OAUTH_SMTP, "auth.token.directory_id"), (_OAUTH_SMTP, "auth.token.client_id"),
+    (_OAUTH_SMTP, "auth.token.client_secret"), (_OAUTH_SMTP, "auth.token.scope"),
+    (_OAUTH_SMTP, "auth.token.refresh_token"), (DESIGN_GRAPH, "graph.directory_id"),
+    (DESIGN_GRAPH, "graph.client_id"), (DESIGN_GRAPH, "graph.client_secret"), (DESIGN_GRAPH, "graph.mailbox"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "\ud800", "a\udfffb", "a\x1b[31mb", "a\rb", "a\x7fb", "a\u0085b"])
+@pytest.mark.parametrize(("doc", "field"), TEXT_FIELDS)
+def test_control_characters_and_lone_surrogates_are_refused_in_every_text_field(
+    doc: dict[str, Any], field: str, bad: str
+) -> None:
+    with pytest.raises(SettingsError) as e:
+        parse_server(_with(doc, field, bad))
+    assert [f for f, _ in e.value.problems] == [field]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("quota.max_concurrent_connections", 10**30), ("quota.max_concurrent_connections", 1001),
+        ("quota.messages_per_minute", 10**12), ("quota.recipients_per_day", 10**12),
+        ("connection.max_messages_per_connection", 10**9), ("connection.connect_timeout", 86400),
+        ("connection.protocol_timeout", 86400), ("connection.protocol_timeout", 601),
+        ("connection.max_idle", 86400), ("connection.check_idle_after", 86400),
+        ("connection.token_expiry_margin", 86400), ("auth.password", "p" * 20_000), ("auth.username", "u" * 600),
+        ("smtp.host", "h" * 300), ("smtp.host", "smtp.example.com/path"), ("smtp.host", "-smtp.example.com"),
+        ("smtp.host", "smtp example.com"), ("smtp.host", "[127.0.0.1]"), ("smtp.ca_file", "/" * 5000),
+    ],
+)  # fmt: skip
+def test_numbers_and_texts_are_bounded(field: str, value: Any) -> None:
+    with pytest.raises(SettingsError) as e:
+        parse_server(_with(DESIGN_SMTP, field, value))
+    assert [f for f, _ in e.value.problems] == [field]
+
+
+@pytest.mark.parametrize("host", ["smtp.example.com", "bücher.example", "127.0.0.1", "2001:db8::25", "mx-1.example."])
+def test_host_names_and_addresses_are_accepted(host: str) -> None:
+    assert parse_server(_with(DESIGN_SMTP, "smtp.host", host)).smtp.host == host  # type: ignore[union-attr]
+
+
+def test_a_ca_certificate_is_pem_text() -> None:
+    from certs import make_ca
+
+    server = parse_server(_with(DESIGN_SMTP, "smtp.ca_certificate", make_ca().cert_pem.decode()))
+    assert server.smtp is not None and "BEGIN CERTIFICATE" in (server.smtp.ca_certificate or "")
+    for bad in ("/etc/ssl/certs/ca-certificates.crt", "-----BEGIN CERTIFICATE-----\nnot base64\n", "x" * 300_000):
+        with pytest.raises(SettingsError) as e:
+            parse_server(_with(DESIGN_SMTP, "smtp.ca_certificate", bad))
+        assert [f for f, _ in e.value.problems] == ["smtp.ca_certificate"]

@@ -10,10 +10,20 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import SettingsError
 
@@ -23,10 +33,26 @@ if TYPE_CHECKING:
 Security = Literal["none", "starttls", "starttls-required", "tls"]
 IMPLICIT_TLS_PORT = 465
 MAX_CA_PEM = 256 * 1024  # characters of PEM: a bundle of a few hundred certificates
+MAX_SECRET = 16 * 1024  # characters: Entra ID's refresh tokens run to a few KB
+_CLEAN = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*")
+# A host name (letters of any script, digits, '-', '_', dots) or an IP address.
+_HOST = re.compile(r"[^\W_](?:[\w-]{0,62})(?:\.[\w-]{1,63})*\.?|[0-9A-Fa-f:.]+")
+Secret = Annotated[SecretStr, Field(max_length=MAX_SECRET)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _one_clean_line(cls, value: Any, info: ValidationInfo) -> Any:
+        """No setting holds a control character (NUL, line breaks, escapes) or half a UTF-16
+        surrogate pair: either would break the protocol line, the log or the database it reaches.
+        PEM text (ca_certificate) is checked as PEM instead."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and info.field_name != "ca_certificate" and not _CLEAN.fullmatch(text):
+            raise ValueError("control characters, line breaks and lone surrogates are not allowed")
+        return value
 
 
 def _address(value: str | None) -> str | None:
@@ -41,7 +67,7 @@ def _address(value: str | None) -> str | None:
 
 
 class SMTPSettings(_Section):
-    host: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s/]+$")]
+    host: Annotated[str, Field(min_length=1, max_length=253)]
     port: Annotated[int, Field(ge=1, le=65535)] | None = None  # 465 for tls, else 587
     security: Security = "starttls-required"
     verify_certificate: bool = True
@@ -60,6 +86,13 @@ class SMTPSettings(_Section):
         if self.port is not None:
             return self.port
         return IMPLICIT_TLS_PORT if self.security == "tls" else 587
+
+    @field_validator("host")
+    @classmethod
+    def _host_name(cls, value: str) -> str:
+        if not _HOST.fullmatch(value):
+            raise ValueError(f"{value!r} is not a host name or an IP address")
+        return value
 
     @field_validator("ca_certificate")
     @classmethod
@@ -93,8 +126,8 @@ class NoAuth(_Section):
 
 class PasswordAuthSettings(_Section):
     method: Literal["password"]
-    username: Annotated[str, Field(min_length=1)]
-    password: SecretStr | None = None  # may come from --password-stdin or the environment
+    username: Annotated[str, Field(min_length=1, max_length=512)]
+    password: Secret | None = None  # may come from --password-stdin or the environment
     mechanism: Literal["auto", "PLAIN", "LOGIN", "CRAM-MD5"] = "auto"
 
 
@@ -134,10 +167,10 @@ class TokenSourceSettings(_Section):
     authority: WebURL | None = None  # microsoft: https://login.microsoftonline.com (sovereign clouds differ)
     directory_id: _ID | None = None
     client_id: _ID | None = None
-    client_secret: SecretStr | None = None
+    client_secret: Secret | None = None
     token_url: WebURL | None = None
     scope: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
-    refresh_token: SecretStr | None = None
+    refresh_token: Secret | None = None
     client_auth: Literal["form", "basic"] = "form"
     authorize_url: WebURL | None = None  # delegated: where the admin grants consent
 
@@ -168,7 +201,7 @@ class TokenSourceSettings(_Section):
 
 class OAuth2AuthSettings(_Section):
     method: Literal["oauth2"]
-    username: Annotated[str, Field(min_length=1)]
+    username: Annotated[str, Field(min_length=1, max_length=512)]
     token: TokenSourceSettings
 
 
@@ -180,8 +213,8 @@ class GraphSettings(_Section):
     endpoint: WebURL = "https://graph.microsoft.com"
     directory_id: _ID
     client_id: _ID
-    client_secret: SecretStr | None = None
-    mailbox: Annotated[str, Field(min_length=1)]
+    client_secret: Secret | None = None
+    mailbox: Annotated[str, Field(min_length=1, max_length=320)]
     allow_delegate: bool = False
     # With allow_delegate, how a message from another address goes out: as that address
     # ("send as": `from` only) or on its behalf (`from`, and `sender` = the mailbox).
@@ -197,23 +230,25 @@ class GraphSettings(_Section):
         return _address(value)
 
 
-PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
+# Bounds that keep one tenant's settings from holding a worker's senders, memory or the
+# database: a wait is at most RFC 5321's longest (10 minutes, for the final dot's reply).
 
 
 class ConnectionSettings(_Section):
     pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
-    check_idle_after: PositiveSeconds = 30.0
-    max_idle: PositiveSeconds = 300.0
-    connect_timeout: PositiveSeconds = 30.0
-    protocol_timeout: PositiveSeconds = 60.0
-    token_expiry_margin: PositiveSeconds = 300.0
-    max_messages_per_connection: Annotated[int, Field(ge=1)] | None = None
+    check_idle_after: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_idle: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    connect_timeout: Annotated[float, Field(gt=0, le=120)] = 30.0
+    protocol_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    token_expiry_margin: Annotated[float, Field(gt=0, le=3000)] = 300.0
+    max_messages_per_connection: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
 
 class QuotaSettings(_Section):
-    messages_per_minute: Annotated[int, Field(ge=1)] | None = None
-    recipients_per_day: Annotated[int, Field(ge=1)] | None = None
-    max_concurrent_connections: Annotated[int, Field(ge=1)] | None = None
+    messages_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    recipients_per_day: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = None
+    # One row per slot in the database (outbox/quota.py): Exchange Online allows 3 per mailbox.
+    max_concurrent_connections: Annotated[int, Field(ge=1, le=1000)] | None = None
 
 
 class DebugSettings(_Section):
