@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -24,6 +25,8 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from ..errors import SettingsError
+
+log = logging.getLogger("mailgate.db")
 
 DEFAULT_URL = "sqlite:///mailgate.db"
 ENV_URL = "MAILGATE_DATABASE_URL"
@@ -110,12 +113,29 @@ def connect(url: URL) -> Database:
         path = sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _private_file(path)
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
     else:
         engine = create_async_engine(url, pool_pre_ping=True)
     return Database(url, engine, async_sessionmaker(engine, expire_on_commit=False))
+
+
+def _private_file(database: Path) -> None:
+    """Make a new database file 0600 before SQLite opens it: it holds message bodies and encrypted
+    secrets, and SQLite gives its -wal and -shm files the database file's mode. An existing file
+    with a looser mode is the operator's to change (a backup user may read it on purpose): a
+    warning says so, as for the key file."""
+    # It exists (another process may just have made it), or can't be made: then SQLite says why.
+    with contextlib.suppress(OSError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for path in (database, *(database.with_name(database.name + end) for end in ("-wal", "-shm"))):
+        with contextlib.suppress(OSError):
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                log.warning("the database file %s can be read by other users (mode %04o); run: chmod 600 %s",
+                            path, mode, path)  # fmt: skip
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
