@@ -10,9 +10,18 @@ from typing import Any
 
 import pytest
 
-from mailgate import Envelope
+from mailgate import Envelope, Outcome
+from mailgate.settings.document import MailServer
 from mailgate.smtp import SMTPClient, SMTPConfig, SMTPNotSupportedError
-from smtp_servers import MTA, ScriptedMTA, scripted_mta
+from mailgate.transports.pool import Pools
+from smtp_servers import (
+    EXIM_TOO_MANY_RECIPIENTS,
+    MTA,
+    OPENSMTPD_TOO_MANY_RECIPIENTS,
+    POSTFIX_TOO_MANY_RECIPIENTS,
+    ScriptedMTA,
+    scripted_mta,
+)
 
 FROM = "no-reply@example.com"
 
@@ -56,3 +65,86 @@ async def test_the_size_limit_is_checked_with_the_same_number() -> None:
             with pytest.raises(SMTPNotSupportedError, match=f"{sent:,} bytes"):
                 await smtp.send(envelope(), RAGGED)
     assert "MAIL" not in server.sessions[0].verbs
+
+
+# ---- item 9: recipients beyond the server's limit --------------------------------------------------
+
+
+def server_doc(server: ScriptedMTA, **smtp: Any) -> MailServer:
+    return MailServer.model_validate({
+        "from_address": FROM,
+        "smtp": {"host": server.host, "port": server.port, "security": "none", "helo_name": "client.example.com",
+                 **smtp},
+        "connection": {"connect_timeout": 5, "protocol_timeout": 5},
+    })  # fmt: skip
+
+
+def many(n: int, start: int = 0) -> tuple[str, ...]:
+    return tuple(f"r{i}@example.org" for i in range(start, start + n))
+
+
+BODY = b"Subject: many\r\nFrom: no-reply@example.com\r\n\r\nhello\r\n"
+
+
+async def test_postfix_past_its_limit_and_overshoot_gets_every_recipient_and_the_pool_keeps_the_limit() -> None:
+    # smtpd_recipient_limit 5; 2 RCPTs past it are free, then each counts as an error; at 5 errors
+    # the session ends with "421 4.7.0 … Error: too many errors".
+    postfix = MTA(recipient_limit=5, overshoot_limit=2, hard_error_limit=5)
+    pools = Pools()
+    async with scripted_mta(postfix) as server:
+        pool = pools.get(1, 1, server_doc(server))
+        async with pool.transport() as first:
+            delivery = await first.send(Envelope(FROM, many(35)), BODY)
+            async with pool.transport() as other:  # another connection of the same pool
+                later = await other.send(Envelope(FROM, many(12, 100)), BODY)
+        await pools.aclose()
+    assert delivery.all_accepted and later.all_accepted
+    dropped, retried, fresh = server.sessions
+    # It read 5 good RCPTs, 2 free and 5 counted past the limit, then ended the session.
+    assert dropped.rcpt_counts == [12] and dropped.replies[-1].startswith("421 4.7.0")
+    assert retried.rcpt_counts == [5] * 7 and fresh.rcpt_counts == [5, 5, 2]
+    assert not any("too many" in reply for reply in retried.replies + fresh.replies)
+    assert sorted(r for m in server.delivered for r in m.rcpt_tos) == sorted(many(35) + many(12, 100))
+
+
+@pytest.mark.parametrize("too_many", [POSTFIX_TOO_MANY_RECIPIENTS, EXIM_TOO_MANY_RECIPIENTS,
+                                      OPENSMTPD_TOO_MANY_RECIPIENTS])  # fmt: skip
+async def test_each_mtas_too_many_recipients_splits_and_teaches_the_limit(too_many: str) -> None:
+    async with scripted_mta(MTA(recipient_limit=2, too_many_recipients=too_many)) as server:
+        async with SMTPClient(config(server)) as smtp:
+            delivery = await smtp.send(Envelope(FROM, many(5)), BODY)
+            assert smtp.recipient_limit.learnt == 2
+    assert delivery.all_accepted
+    assert server.sessions[0].rcpt_counts == [5, 2, 1]
+
+
+async def test_mailbox_full_452_4_2_2_defers_that_recipient_and_splits_nothing() -> None:
+    def full(address: str) -> str | None:
+        full = address.startswith("full")
+        return f"452 4.2.2 <{address}>: Recipient address rejected: Mailbox full" if full else None
+
+    async with scripted_mta(MTA(rcpt_reply=full)) as server:
+        async with SMTPClient(config(server)) as smtp:
+            delivery = await smtp.send(Envelope(FROM, ("a@example.org", "full@example.org", "b@example.org")), BODY)
+            assert smtp.recipient_limit.learnt is None
+    by = {r.recipient: r for r in delivery.results}
+    assert (by["full@example.org"].outcome, by["full@example.org"].enhanced) == (Outcome.TRANSIENT, "4.2.2")
+    assert by["a@example.org"].accepted and by["b@example.org"].accepted
+    assert server.sessions[0].rcpt_counts == [3]
+
+
+async def test_never_more_than_100_recipients_in_a_transaction_before_a_limit_is_known() -> None:
+    async with scripted_mta(MTA()) as server:
+        async with SMTPClient(config(server)) as smtp:
+            delivery = await smtp.send(Envelope(FROM, many(250)), BODY)
+    assert delivery.all_accepted
+    assert server.sessions[0].rcpt_counts == [100, 100, 50]
+
+
+async def test_without_pipelining_no_rcpt_goes_past_the_first_too_many() -> None:
+    postfix = MTA(pipelining=False, recipient_limit=5, overshoot_limit=0, hard_error_limit=3)
+    async with scripted_mta(postfix) as server:
+        async with SMTPClient(config(server)) as smtp:
+            delivery = await smtp.send(Envelope(FROM, many(12)), BODY)
+    assert delivery.all_accepted
+    assert server.sessions[0].rcpt_counts == [6, 5, 2]

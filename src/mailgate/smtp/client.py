@@ -67,6 +67,38 @@ class SMTPConfig:
         return f"{self.host}:{self.port}"
 
 
+# RFC 5321 4.5.3.1.8: a server must take at least 100 recipients per transaction; more in one
+# transaction is never sent, even before a server said where its limit is.
+MAX_RECIPIENTS = 100
+
+
+class RecipientLimit:
+    """How many recipients one transaction to a server may carry: as many as it accepted before
+    it first answered "too many recipients" (Postfix smtpd_recipient_limit, Exim recipients_max,
+    OpenSMTPD max-rcpt), at most MAX_RECIPIENTS.
+
+    One per pool, shared by its connections: once learnt, no transaction to that server goes past
+    it again (past it, Postfix counts every further RCPT as an error and, at smtpd_hard_error_limit,
+    drops the session with "421 4.7.0 Error: too many errors")."""
+
+    def __init__(self) -> None:
+        self.learnt: int | None = None
+
+    @property
+    def per_transaction(self) -> int:
+        return min(self.learnt, MAX_RECIPIENTS) if self.learnt else MAX_RECIPIENTS
+
+    def learn(self, recipients: list[str], replies: list[Reply]) -> None:
+        """Learn from one transaction's RCPT replies (in order, possibly cut short)."""
+        accepted = 0
+        for reply in replies[: len(recipients)]:
+            if reply.too_many_recipients:
+                if accepted and (self.learnt is None or accepted < self.learnt):
+                    self.learnt = accepted
+                return
+            accepted += reply.code in (250, 251)
+
+
 @functools.lru_cache(maxsize=32)
 def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
     """A client context, TLS 1.2 or newer. With `ca_file` only that CA bundle is trusted."""
@@ -98,9 +130,16 @@ class SMTPClient:
     mail carries reset links and other secrets in its body).
     """
 
-    def __init__(self, config: SMTPConfig, *, protocol_log: ProtocolLog | None = None) -> None:
+    def __init__(
+        self,
+        config: SMTPConfig,
+        *,
+        protocol_log: ProtocolLog | None = None,
+        recipient_limit: RecipientLimit | None = None,
+    ) -> None:
         self.config = config
         self._log = protocol_log
+        self.recipient_limit = recipient_limit or RecipientLimit()
         self._proto: SMTPProtocol | None = None
         self.greeting: Reply | None = None
         self.esmtp = False
@@ -371,8 +410,9 @@ class SMTPClient:
 
         Raises SMTPNotSupportedError, before sending anything, when the message needs SMTPUTF8 or
         8BITMIME and the server lacks it, or exceeds its SIZE. Everything else the server says
-        ends up, per recipient, in the returned Delivery. Recipients refused with "too many
-        recipients" go in a further transaction on the same connection.
+        ends up, per recipient, in the returned Delivery. A transaction carries at most
+        `recipient_limit.per_transaction` recipients; those refused with "too many recipients"
+        go in a further transaction on the same connection, and the limit is learnt.
         """
         proto = self._proto_()
         if proto.error is not None:
@@ -387,14 +427,16 @@ class SMTPClient:
         try:
             while pending:
                 body_sent = []
+                batch = pending[: self.recipient_limit.per_transaction]
                 retry = await self._transaction(
-                    envelope.mail_from, params, pending, payload, encoding, results, body_sent
+                    envelope.mail_from, params, batch, payload, encoding, results, body_sent
                 )
-                if retry and len(retry) == len(pending):  # no progress: leave the rest for later
-                    for rcpt in retry:
-                        results[rcpt] = _result(rcpt, retry[rcpt])
+                if retry and len(retry) == len(batch):  # no progress: leave the rest for later
+                    reply = next(iter(retry.values()))
+                    for rcpt in pending:
+                        results[rcpt] = _result(rcpt, retry.get(rcpt, reply))
                     break
-                pending = list(retry)
+                pending = [*retry, *pending[len(batch) :]]
         except SMTPError as e:
             self.close()  # the session's state is unknown: never reuse it
             for rcpt in recipients:
@@ -444,7 +486,7 @@ class SMTPClient:
         timeout = self.config.protocol_timeout
         log = self._log
         results: list[dict[str, RecipientResult]] = [{} for _ in items]
-        retries: dict[int, dict[str, Reply]] = {}
+        retries: dict[int, list[str]] = {}  # recipients for a further transaction: "too many", or past the limit
         body_out: set[int] = set()  # messages whose content was written and whose reply is due
         buffer: list[bytes] = []  # written with the next group
         owed: list[tuple[int, list[str]] | str] = []  # replies due before the next group's: a final, "RSET" or "."
@@ -457,21 +499,30 @@ class SMTPClient:
                 except (SMTPNotSupportedError, MessageError) as e:
                     out[i] = e
                     continue
+                first = recipients[: self.recipient_limit.per_transaction]
                 mail = f"MAIL FROM:<{envelope.mail_from}>{params}\r\n".encode(encoding)
-                rcpts = [f"RCPT TO:<{r}>\r\n".encode(encoding) for r in recipients]
+                rcpts = [f"RCPT TO:<{r}>\r\n".encode(encoding) for r in first]
                 if log:
                     for line in (mail, *rcpts, b"DATA\r\n"):
                         log("C: " + line[:-2].decode(encoding))
                 proto.write(b"".join((*buffer, mail, *rcpts, b"DATA\r\n")))
                 buffer = []
-                replies = await proto.read(len(owed) + len(rcpts) + 2, timeout)
+                try:
+                    replies = await proto.read(len(owed) + len(rcpts) + 2, timeout)
+                except SMTPError:
+                    # What did arrive still counts: finals of earlier messages, and how many
+                    # recipients the server took before it gave up on the session.
+                    replies = proto.salvage()
+                    self._settle_owed(owed, replies[: len(owed)], results, body_out, partial=True)
+                    self._learn_limit(first, replies[len(owed) :])
+                    raise
                 self._settle_owed(owed, replies[: len(owed)], results, body_out)
                 replies = replies[len(owed) :]
                 owed = []
                 mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
-                accepted, retry = self._sort_replies(recipients, mail_reply, rcpt_replies, data_reply, results[i])
-                if retry:
-                    retries[i] = retry
+                accepted, retry = self._sort_replies(first, mail_reply, rcpt_replies, data_reply, results[i])
+                if retry or len(first) < len(recipients):
+                    retries[i] = [*retry, *recipients[len(first) :]]
                 if mail_reply.code != 250 or data_reply.code != 354 or not accepted:
                     if data_reply.code == 354:  # 354 with no recipient (RFC 2920 3.1 says it shouldn't)
                         buffer.append(b".\r\n")
@@ -507,9 +558,9 @@ class SMTPClient:
         except BaseException:
             self.close()
             raise
-        for i, retry in retries.items():  # "too many recipients": the rest in a further transaction
+        for i, rest in retries.items():  # "too many recipients": the rest in further transactions
             envelope, data = items[i]
-            more = await self.send(Envelope(envelope.mail_from, tuple(retry)), data)
+            more = await self.send(Envelope(envelope.mail_from, tuple(rest)), data)
             for r in more.results:
                 results[i][r.recipient] = r
         for i, (envelope, _) in enumerate(items):
@@ -523,10 +574,12 @@ class SMTPClient:
         replies: list[Reply],
         results: list[dict[str, RecipientResult]],
         body_out: set[int],
+        *,
+        partial: bool = False,  # what arrived before the connection broke: maybe fewer replies
     ) -> None:
-        for due, reply in zip(owed, replies, strict=True):
+        for due, reply in zip(owed, replies, strict=not partial):
             if due == "RSET":
-                if reply.code != 250:
+                if reply.code != 250 and not partial:
                     raise SMTPResponseError.from_reply("RSET failed", reply)
                 continue
             if isinstance(due, str):  # the dot of an empty body: its answer means nothing
@@ -536,8 +589,13 @@ class SMTPClient:
                 results[i][rcpt] = _result(rcpt, reply)
             body_out.discard(i)
 
-    @staticmethod
+    def _learn_limit(self, recipients: list[str], replies: list[Reply]) -> None:
+        """Learn the recipient limit from a transaction's replies (MAIL's first), maybe cut short."""
+        if replies and replies[0].code == 250:
+            self.recipient_limit.learn(recipients, replies[1:])
+
     def _sort_replies(
+        self,
         recipients: list[str],
         mail_reply: Reply,
         rcpt_replies: list[Reply],
@@ -550,6 +608,7 @@ class SMTPClient:
             for rcpt in recipients:
                 results[rcpt] = _result(rcpt, mail_reply)
             return [], {}
+        self.recipient_limit.learn(recipients, rcpt_replies)
         accepted: list[str] = []
         retry: dict[str, Reply] = {}
         for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
@@ -624,7 +683,11 @@ class SMTPClient:
                 for line in (mail, *rcpts, b"DATA\r\n"):
                     log("C: " + line[:-2].decode(encoding))
             proto.write(b"".join((mail, *rcpts, b"DATA\r\n")))
-            replies = await proto.read(len(rcpts) + 2, timeout)
+            try:
+                replies = await proto.read(len(rcpts) + 2, timeout)
+            except SMTPError:  # e.g. Postfix past its overshoot limit: what it took before still teaches
+                self._learn_limit(recipients, proto.salvage())
+                raise
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         else:
             mail_reply = await self._exchange(mail[:-2], mail[:-2].decode(encoding))
@@ -632,6 +695,9 @@ class SMTPClient:
             if mail_reply.code == 250:
                 for line in rcpts:
                     rcpt_replies.append(await self._exchange(line[:-2], line[:-2].decode(encoding)))
+                    if rcpt_replies[-1].too_many_recipients:  # the rest would be refused too (and counted)
+                        rcpt_replies += [rcpt_replies[-1]] * (len(rcpts) - len(rcpt_replies))
+                        break
                 if any(r.code in (250, 251) for r in rcpt_replies):
                     data_reply = await self.command("DATA")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..delivery import Outcome
 from ..errors import DeliveryError
-from .reply import Reply, classify
+from .reply import Reply
 
 
 class SMTPError(DeliveryError):
@@ -15,7 +15,7 @@ class SMTPError(DeliveryError):
 
     @classmethod
     def from_reply(cls, what: str, reply: Reply, **kw: Any) -> SMTPError:
-        transient = classify(reply.code, reply.enhanced) is Outcome.TRANSIENT
+        transient = reply.outcome is Outcome.TRANSIENT
         return cls(
             f"{what}: the server answered {reply}",
             code=reply.code,

@@ -125,6 +125,13 @@ class SMTPProtocol(asyncio.Protocol):
         replies = self._replies
         return [replies.popleft() for _ in range(n)]
 
+    def salvage(self) -> list[Reply]:
+        """The complete replies that arrived but were not read (a read failed: the connection
+        broke or timed out half-way through a pipelined group)."""
+        replies = list(self._replies)
+        self._replies.clear()
+        return replies
+
     async def drain(self, timeout: float) -> None:
         """Wait until the write buffer is below its high-water mark, failing only when no
         progress at all is made for `timeout` (a large body may take longer than that to send)."""

@@ -49,11 +49,11 @@ class Reply:
 
     @property
     def outcome(self) -> Outcome:
-        return classify(self.code, self.enhanced)
+        return classify(self.code, self.enhanced, self.lines[0] if self.lines else "")
 
     @property
     def too_many_recipients(self) -> bool:
-        return is_too_many_recipients(self.code, self.enhanced)
+        return is_too_many_recipients(self.code, self.enhanced, self.lines[0] if self.lines else "")
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}".rstrip()
@@ -62,12 +62,18 @@ class Reply:
         return f"Reply({self.code}, {self.lines!r})"
 
 
-def is_too_many_recipients(code: int, enhanced: str | None) -> bool:
+def is_too_many_recipients(code: int, enhanced: str | None, text: str = "") -> bool:
+    """Whether a reply means "too many recipients" in one transaction: by the enhanced code X.5.3 (RFC 3463), whatever
+    the basic code (Postfix 452 4.5.3, OpenSMTPD 451 4.5.3, 552 5.5.3); without one, a 452 or 552
+    that says so (Exim: "452 too many recipients"). A bare 452 is not enough: it also means
+    "insufficient storage", and 452 4.2.2 (mailbox full) is about that one recipient."""
+    if enhanced is not None:
+        return enhanced[1:] == ".5.3"
     # RFC 5321 4.5.3.1.10: the right code is 452; a client SHOULD treat 552 as temporary here.
-    return code == 452 or (code == 552 and enhanced == "5.5.3")
+    return code in (452, 552) and "too many recipients" in text.lower()
 
 
-def classify(code: int, enhanced: str | None) -> Outcome:
+def classify(code: int, enhanced: str | None, text: str = "") -> Outcome:
     """Accepted, transient or permanent, by RFC 5321 4.2.1 and RFC 3463.
 
     The enhanced code wins over the basic one when both are present; "too many recipients" is
@@ -75,7 +81,7 @@ def classify(code: int, enhanced: str | None) -> Outcome:
     """
     if 200 <= code < 400:
         return Outcome.ACCEPTED
-    if is_too_many_recipients(code, enhanced):
+    if is_too_many_recipients(code, enhanced, text):
         return Outcome.TRANSIENT
     first = enhanced[0] if enhanced else str(code)[0]
     return Outcome.TRANSIENT if first == "4" else Outcome.PERMANENT

@@ -2,7 +2,8 @@
 
 One `ServerPool` per (server id, settings version), so a settings change never reuses a connection
 made with the old settings: asking for a newer version drains the old pool (its sends finish, then
-its connections close). A pool holds up to `pool_size` transports (fewer when the server's quota
+its connections close). What a server taught one connection (its recipient limit) holds for the
+whole pool. A pool holds up to `pool_size` transports (fewer when the server's quota
 allows fewer concurrent connections); each SMTP transport is one connection, which it checks with
 a NOOP when it was idle longer than `check_idle_after`, replaces after
 `max_messages_per_connection` messages and closes before its XOAUTH2 token expires. The pool
@@ -30,6 +31,7 @@ from typing import Protocol
 from ..errors import DeliveryError
 from ..oauth.cache import TokenCache, TokenHandle, graph_token_source, smtp_token_source
 from ..settings.document import MailServer, OAuth2AuthSettings
+from ..smtp.client import RecipientLimit
 from ..smtp.protocol import ProtocolLog
 from .base import Transport
 from .graph import GraphTransport, MailboxSlots
@@ -345,8 +347,9 @@ class Pools:
             token = self.tokens.handle(source)
             self.token_handles[server_id] = token
         limit = server.quota.max_concurrent_connections
+        recipients = RecipientLimit()  # learnt by any of the pool's connections, kept by all
         return ServerPool(
-            lambda: SMTPTransport.from_server(server, token=token, protocol_log=log),
+            lambda: SMTPTransport.from_server(server, token=token, protocol_log=log, recipient_limit=recipients),
             size,
             max_idle=server.connection.max_idle,
             budget=self.budget,

@@ -14,13 +14,16 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from ..errors import MessageError, SettingsError
+from ..delivery import Outcome
+from ..errors import DeliveryError, MessageError, SettingsError
 from ..message import Envelope, Message
 from ..settings.document import MailServer, NoAuth, OAuth2AuthSettings, PasswordAuthSettings
 from ..smtp import OAuth2Auth, PasswordAuth, SMTPClient, SMTPConfig
 from ..smtp.auth import Credentials, TokenSource
+from ..smtp.client import RecipientLimit
 from ..smtp.errors import SMTPAuthError, SMTPError
 from ..smtp.protocol import ProtocolLog
+from ..smtp.reply import is_too_many_recipients
 from .base import Delivery
 
 
@@ -80,10 +83,13 @@ class SMTPTransport:
         utf8_headers: bool = False,
         protocol_log: ProtocolLog | None = None,
         reuse: Reuse = Reuse(),
+        recipient_limit: RecipientLimit | None = None,
     ) -> None:
         self.config = config
         self.utf8_headers = utf8_headers
         self.reuse = reuse
+        # Shared by the transports of a pool: what the server taught one connection, all know.
+        self.recipient_limit = recipient_limit or RecipientLimit()
         self._log = protocol_log
         self._client: SMTPClient | None = None
         self._lock = asyncio.Lock()
@@ -100,6 +106,7 @@ class SMTPTransport:
         password: str | None = None,
         token: TokenSource | None = None,
         protocol_log: ProtocolLog | None = None,
+        recipient_limit: RecipientLimit | None = None,
     ) -> SMTPTransport:
         config = smtp_config(server, password=password, token=token)
         c = server.connection
@@ -108,6 +115,7 @@ class SMTPTransport:
             utf8_headers=server.smtp.utf8_headers if server.smtp else False,
             protocol_log=protocol_log,
             reuse=Reuse(c.check_idle_after, c.max_messages_per_connection),
+            recipient_limit=recipient_limit,
         )
 
     @property
@@ -115,42 +123,65 @@ class SMTPTransport:
         return self.config.server
 
     async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery:
-        async with self._lock:
-            client = await self._connection()
-            if isinstance(message, Message):
-                utf8 = message.requires_smtputf8 or (self.utf8_headers and client.smtputf8)
-                message = message.compose(utf8=utf8)
-            try:
-                return await client.send(envelope, message)
-            finally:
-                self._messages += 1
-                self._last_used = time.monotonic()
+        [result] = await self.send_many([(envelope, message)])
+        if not isinstance(result, Delivery):
+            raise result
+        return result
 
     async def send_many(
         self, items: list[tuple[Envelope, bytes | Message]]
-    ) -> list[Delivery | SMTPError | MessageError]:
+    ) -> list[Delivery | DeliveryError | MessageError]:
         """Several messages through this connection, pipelined one after the other (see
-        SMTPClient.send_many): per item its Delivery or the error that refused it alone. Raises
-        like `send` when no connection can be had; within `max_messages` per connection."""
-        out: list[Delivery | SMTPError | MessageError] = []
+        SMTPClient.send_many), within `max_messages` per connection: per item its Delivery, or
+        the error that refused it alone.
+
+        Raises only when no connection can be had before anything was sent. Once something went
+        out, nothing is lost to an exception: a connection that can't be had for a later chunk
+        becomes that chunk's per-item error, and the Deliveries of earlier chunks stand.
+        """
+        out: list[Delivery | DeliveryError | MessageError | None] = [None] * len(items)
+        envelopes = [envelope for envelope, _ in items]
+        todo = list(range(len(items)))
+        second_chance = True
         async with self._lock:
-            while len(out) < len(items):
-                client = await self._connection()
-                room = len(items) - len(out)
+            while todo:
+                try:
+                    client = await self._connection()
+                except DeliveryError as e:
+                    if all(o is None for o in out):
+                        raise
+                    for i in todo:
+                        out[i] = out[i] or e  # a retried message keeps what its first try said
+                    break
+                room = len(todo)
                 if self.reuse.max_messages is not None:
                     room = min(room, self.reuse.max_messages - self._messages)
-                chunk = []
-                for envelope, message in items[len(out) : len(out) + room]:
-                    if isinstance(message, Message):
-                        utf8 = message.requires_smtputf8 or (self.utf8_headers and client.smtputf8)
-                        message = message.compose(utf8=utf8)
-                    chunk.append((envelope, message))
+                chunk, todo = todo[:room], todo[room:]
+                learnt = self.recipient_limit.learnt
+                batch = [(envelopes[i], self._compose(items[i][1], client)) for i in chunk]
                 try:
-                    out.extend(await client.send_many(chunk))
+                    results = await client.send_many(batch)
                 finally:
                     self._messages += len(chunk)
                     self._last_used = time.monotonic()
-        return out
+                for i, result in zip(chunk, results, strict=True):
+                    out[i] = _merge(out[i], result)
+                if second_chance and not client.is_connected and self.recipient_limit.learnt != learnt:
+                    # The server ended the session over too many recipients (Postfix, past its
+                    # overshoot limit: "421 4.7.0 Error: too many errors"). With the limit it
+                    # taught, a new connection gets them through; nothing in doubt goes again.
+                    second_chance = False
+                    again = [(i, _not_tried(out[i])) for i in chunk]
+                    for i, recipients in again:
+                        if recipients:
+                            envelopes[i] = Envelope(envelopes[i].mail_from, tuple(recipients))
+                    todo = [i for i, recipients in again if recipients] + todo
+        return [o for o in out if o is not None]
+
+    def _compose(self, message: bytes | Message, client: SMTPClient) -> bytes:
+        if isinstance(message, Message):
+            return message.compose(utf8=message.requires_smtputf8 or (self.utf8_headers and client.smtputf8))
+        return message
 
     async def _connection(self) -> SMTPClient:
         """The kept connection if it may carry another message, else a new one."""
@@ -183,7 +214,7 @@ class SMTPTransport:
         return client
 
     async def _connect(self) -> SMTPClient:
-        client = SMTPClient(self.config, protocol_log=self._log)
+        client = SMTPClient(self.config, protocol_log=self._log, recipient_limit=self.recipient_limit)
         try:
             await client.connect()
             return client
@@ -194,7 +225,7 @@ class SMTPTransport:
             if e.mechanism != "XOAUTH2" or e.enhanced == "5.7.139" or invalidate is None:
                 raise
             invalidate(client.access_token if not isinstance(client.access_token, str) else None)
-        client = SMTPClient(self.config, protocol_log=self._log)
+        client = SMTPClient(self.config, protocol_log=self._log, recipient_limit=self.recipient_limit)
         await client.connect()
         return client
 
@@ -203,3 +234,30 @@ class SMTPTransport:
             if self._client is not None:
                 await self._client.quit()
                 self._client = None
+
+
+def _merge(
+    before: Delivery | DeliveryError | MessageError | None, result: Delivery | DeliveryError | MessageError
+) -> Delivery | DeliveryError | MessageError:
+    """A message's result after a further try of some of its recipients."""
+    if not isinstance(before, Delivery):
+        return result
+    if not isinstance(result, Delivery):
+        return before
+    again = {r.recipient: r for r in result.results}
+    return Delivery(before.server, [again.get(r.recipient, r) for r in before.results], before.retry_after)
+
+
+def _not_tried(result: Delivery | DeliveryError | MessageError | None) -> list[str]:
+    """The recipients of a Delivery the server never answered for themselves: the session ended
+    first (no reply, or its 421), or they were refused as too many; none whose message may have
+    gone (uncertain)."""
+    if not isinstance(result, Delivery):
+        return []
+    return [
+        r.recipient
+        for r in result.results
+        if r.outcome is Outcome.TRANSIENT
+        and not r.uncertain
+        and (r.code in (None, 421) or is_too_many_recipients(r.code or 0, r.enhanced, r.text))
+    ]
