@@ -6,11 +6,14 @@ The servers are tests/smtp_servers.py's scripted MTA (their documented replies) 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import certs
 from mailgate import Envelope, Outcome
+from mailgate.destinations import DestinationPolicy, DestinationRefused, Destinations, parse_networks
 from mailgate.settings.document import MailServer
 from mailgate.smtp import SMTPClient, SMTPConfig, SMTPNotSupportedError
 from mailgate.transports.pool import Pools
@@ -27,11 +30,12 @@ FROM = "no-reply@example.com"
 
 
 def config(server: ScriptedMTA, **kw: Any) -> SMTPConfig:
+    kw.setdefault("host", server.host)
     kw.setdefault("security", "none")
     kw.setdefault("helo_name", "client.example.com")
     kw.setdefault("connect_timeout", 5)
     kw.setdefault("protocol_timeout", 5)
-    return SMTPConfig(server.host, server.port, **kw)
+    return SMTPConfig(port=server.port, **kw)
 
 
 def envelope(*rcpts: str) -> Envelope:
@@ -148,3 +152,43 @@ async def test_without_pipelining_no_rcpt_goes_past_the_first_too_many() -> None
             delivery = await smtp.send(Envelope(FROM, many(12)), BODY)
     assert delivery.all_accepted
     assert server.sessions[0].rcpt_counts == [6, 5, 2]
+
+
+# ---- item 1: the destination policy, before any connection ---------------------------------------
+
+LOOPBACK_FOR_TENANTS = Destinations(tenant=DestinationPolicy("tenant", parse_networks("loopback")))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "2130706433", "0x7f.1", "::ffff:127.0.0.1"])
+async def test_a_tenant_server_pointing_at_loopback_is_refused_before_any_connection(host: str) -> None:
+    pools = Pools(destinations=Destinations())
+    async with scripted_mta(MTA()) as server:
+        pool = pools.get(7, 1, server_doc(server, host=host), scope="acme")
+        with pytest.raises(DestinationRefused, match="loopback") as refused:
+            async with pool.transport() as transport:
+                await transport.send(envelope(), BODY)
+        await pools.aclose()
+    assert server.sessions == []  # not even a TCP connection
+    assert not refused.value.transient
+
+
+@pytest.mark.parametrize(("scope", "destinations"), [("acme", LOOPBACK_FOR_TENANTS), ("global", Destinations())])
+async def test_loopback_is_reached_where_the_policy_allows_it(scope: str, destinations: Destinations) -> None:
+    pools = Pools(destinations=destinations)
+    async with scripted_mta(MTA()) as server:
+        pool = pools.get(7, 1, server_doc(server, host="localhost"), scope=scope)
+        async with pool.transport() as transport:
+            delivery = await transport.send(envelope(), BODY)
+        await pools.aclose()
+    assert delivery.all_accepted and len(server.sessions) == 1
+
+
+async def test_the_certificate_is_checked_against_the_name_not_the_address_connected_to(tmp_path: Path) -> None:
+    ca = certs.make_ca("mailgate name-only CA")
+    named = ca.issue(hostnames=["localhost"], ips=[])  # no 127.0.0.1 in it
+    policy = LOOPBACK_FOR_TENANTS.tenant
+    async with scripted_mta(MTA(tls="implicit", ssl_context=named.server_context())) as server:
+        cfg = config(server, host="localhost", security="tls", ca_file=str(ca.write(tmp_path)), resolve=policy.resolve)
+        async with SMTPClient(cfg) as smtp:
+            assert (await smtp.send(envelope(), BODY)).all_accepted
+            assert smtp.tls_active

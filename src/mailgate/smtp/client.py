@@ -17,7 +17,8 @@ import functools
 import re
 import socket
 import ssl
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..delivery import Delivery, Outcome, RecipientResult
@@ -40,6 +41,7 @@ from .protocol import ProtocolLog, SMTPProtocol
 from .reply import Reply
 
 Security = Literal["none", "starttls", "starttls-required", "tls"]
+Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 SECURITY_MODES: tuple[Security, ...] = ("none", "starttls", "starttls-required", "tls")
 
 _UNSAFE_IN_PATH = re.compile(r"[\x00-\x20\x7f<>]")
@@ -50,7 +52,13 @@ _SMALL_BODY = 1 << 16  # below this, body and final dot go out in one write
 @dataclass(frozen=True)
 class SMTPConfig:
     """Where and how to connect. Timeouts are seconds; `protocol_timeout` bounds every wait for
-    a reply, `connect_timeout` the TCP connect and each TLS handshake."""
+    a reply, `connect_timeout` the TCP connect and each TLS handshake.
+
+    `resolve`, when given, turns `host` into the addresses to connect to (a destination policy:
+    `DestinationPolicy.resolve`, which checks each address and raises DestinationRefused); the
+    client then connects to those addresses only, never to the name again, and still checks the
+    certificate against `host`. None: the name is resolved by the connect itself, unchecked.
+    """
 
     host: str
     port: int = 587
@@ -61,6 +69,7 @@ class SMTPConfig:
     connect_timeout: float = 30.0
     protocol_timeout: float = 60.0
     auth: Credentials | None = None
+    resolve: Resolve | None = field(default=None, compare=False)
 
     @property
     def server(self) -> str:
@@ -232,11 +241,28 @@ class SMTPClient:
         proto = SMTPProtocol(loop, self._log)
         self._proto = proto
         ctx = tls_context(cfg.verify_certificate, cfg.ca_file) if cfg.security == "tls" else None
+
+        def connect(host: str) -> Awaitable[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
+            # Whatever address it goes to, the certificate is checked against the name.
+            return loop.create_connection(
+                lambda: proto, host, cfg.port, ssl=ctx, server_hostname=cfg.host if ctx else None
+            )
+
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                await loop.create_connection(
-                    lambda: proto, cfg.host, cfg.port, ssl=ctx, server_hostname=cfg.host if ctx else None
-                )
+                if cfg.resolve is None:
+                    await connect(cfg.host)
+                else:
+                    addresses = await cfg.resolve(cfg.host, cfg.port)
+                    for n, address in enumerate(addresses, 1):  # the first that takes the connection
+                        try:
+                            await connect(address)
+                            break
+                        except ssl.SSLError:
+                            raise
+                        except OSError:
+                            if n == len(addresses):
+                                raise
         except TimeoutError:
             raise SMTPTimeoutError(f"connecting to {cfg.server} took longer than {cfg.connect_timeout:g} s") from None
         except socket.gaierror as e:

@@ -63,10 +63,11 @@ class Reply:
 
 
 def is_too_many_recipients(code: int, enhanced: str | None, text: str = "") -> bool:
-    """Whether a reply means "too many recipients" in one transaction: by the enhanced code X.5.3 (RFC 3463), whatever
-    the basic code (Postfix 452 4.5.3, OpenSMTPD 451 4.5.3, 552 5.5.3); without one, a 452 or 552
-    that says so (Exim: "452 too many recipients"). A bare 452 is not enough: it also means
-    "insufficient storage", and 452 4.2.2 (mailbox full) is about that one recipient."""
+    """Whether a reply means "too many recipients" in one transaction: by the enhanced code X.5.3
+    (RFC 3463), whatever the basic code (Postfix 452 4.5.3, OpenSMTPD 451 4.5.3, 552 5.5.3);
+    without one, a 452 or 552 that says so (Exim: "452 too many recipients"). A bare 452 is not
+    enough: it also means "insufficient storage", and 452 4.2.2 (mailbox full) is about that one
+    recipient."""
     if enhanced is not None:
         return enhanced[1:] == ".5.3"
     # RFC 5321 4.5.3.1.10: the right code is 452; a client SHOULD treat 552 as temporary here.

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+from ..destinations import Destinations
 from ..errors import DeliveryError
 from ..oauth.cache import TokenCache, TokenHandle, graph_token_source, smtp_token_source
 from ..settings.document import MailServer, OAuth2AuthSettings
@@ -294,8 +295,10 @@ class Pools:
         store_refresh_token: RefreshTokenStore | None = None,
         max_connections: int = 100,
         admission: Admission | None = None,
+        destinations: Destinations | None = None,
     ) -> None:
         self._admission = admission
+        self._destinations = destinations
         self._pools: dict[tuple[int, int], ServerPool] = {}
         self._protocol_log = protocol_log
         self._retiring: set[asyncio.Task[None]] = set()
@@ -307,16 +310,20 @@ class Pools:
         # The token source of each server's newest pool (oauth2 and Graph), for credential health.
         self.token_handles: dict[int, TokenHandle] = {}
 
-    def get(self, server_id: int, version: int, server: MailServer) -> ServerPool:
+    def get(self, server_id: int, version: int, server: MailServer, *, scope: str | None = None) -> ServerPool:
         """The pool of this server version. Raises TokenError when the server's token source can't
-        work at all (a delegated grant with no mailbox connected)."""
+        work at all (a delegated grant with no mailbox connected).
+
+        `scope` ("global", or the tenant's) chooses the destination policy its SMTP connections
+        are checked against: the global server's, or tenants' (also for None). Without
+        `destinations` nothing is checked."""
         key = (server_id, version)
         pool = self._pools.get(key)
         if pool is None:
             log = None
             if server.debug.protocol_log and self._protocol_log is not None:
                 log = self._protocol_log(f"server {server_id} v{version}")
-            pool = self._new_pool(server_id, version, server, log)
+            pool = self._new_pool(server_id, version, server, log, scope)
             for old in [k for k in self._pools if k[0] == server_id and k[1] < version]:
                 self._retire(old)
             self._pools[key] = pool
@@ -327,7 +334,9 @@ class Pools:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def _new_pool(self, server_id: int, version: int, server: MailServer, log: ProtocolLog | None) -> ServerPool:
+    def _new_pool(
+        self, server_id: int, version: int, server: MailServer, log: ProtocolLog | None, scope: str | None
+    ) -> ServerPool:
         size = pool_size(server)
         if server.kind == "graph":
             handle = self.tokens.handle(graph_token_source(server))
@@ -348,8 +357,11 @@ class Pools:
             self.token_handles[server_id] = token
         limit = server.quota.max_concurrent_connections
         recipients = RecipientLimit()  # learnt by any of the pool's connections, kept by all
+        resolve = self._destinations.for_scope(scope).resolve if self._destinations is not None else None
         return ServerPool(
-            lambda: SMTPTransport.from_server(server, token=token, protocol_log=log, recipient_limit=recipients),
+            lambda: SMTPTransport.from_server(
+                server, token=token, protocol_log=log, recipient_limit=recipients, resolve=resolve
+            ),
             size,
             max_idle=server.connection.max_idle,
             budget=self.budget,

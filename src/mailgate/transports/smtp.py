@@ -20,18 +20,25 @@ from ..message import Envelope, Message
 from ..settings.document import MailServer, NoAuth, OAuth2AuthSettings, PasswordAuthSettings
 from ..smtp import OAuth2Auth, PasswordAuth, SMTPClient, SMTPConfig
 from ..smtp.auth import Credentials, TokenSource
-from ..smtp.client import RecipientLimit
+from ..smtp.client import RecipientLimit, Resolve
 from ..smtp.errors import SMTPAuthError, SMTPError
 from ..smtp.protocol import ProtocolLog
 from ..smtp.reply import is_too_many_recipients
 from .base import Delivery
 
 
-def smtp_config(server: MailServer, *, password: str | None = None, token: TokenSource | None = None) -> SMTPConfig:
+def smtp_config(
+    server: MailServer,
+    *,
+    password: str | None = None,
+    token: TokenSource | None = None,
+    resolve: Resolve | None = None,
+) -> SMTPConfig:
     """The client configuration for a mail server of kind smtp.
 
     `password` overrides the document's (for secrets given on stdin or in the environment);
-    `token` supplies access tokens for oauth2.
+    `token` supplies access tokens for oauth2; `resolve` is the destination policy's resolver
+    (`DestinationPolicy.resolve`) for the server's scope, None for no check.
     """
     if server.kind != "smtp" or server.smtp is None:
         raise SettingsError([("kind", "this mail server is not of kind smtp")])
@@ -59,6 +66,7 @@ def smtp_config(server: MailServer, *, password: str | None = None, token: Token
         connect_timeout=server.connection.connect_timeout,
         protocol_timeout=server.connection.protocol_timeout,
         auth=creds,
+        resolve=resolve,
     )
 
 
@@ -107,8 +115,9 @@ class SMTPTransport:
         token: TokenSource | None = None,
         protocol_log: ProtocolLog | None = None,
         recipient_limit: RecipientLimit | None = None,
+        resolve: Resolve | None = None,
     ) -> SMTPTransport:
-        config = smtp_config(server, password=password, token=token)
+        config = smtp_config(server, password=password, token=token, resolve=resolve)
         c = server.connection
         return cls(
             config,
