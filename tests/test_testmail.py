@@ -459,3 +459,23 @@ async def test_gmail_refusing_the_access_token_is_explained(mg: Mailgate, idp: F
         failed = (await mg.test_server("acme", TO)).failed
     assert failed is not None and failed.name == "auth" and failed.explanation is not None
     assert "refused the access token" in failed.explanation.cause
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("250 2.0.0 Ok: queued as 4F3kQj1xyz", "4F3kQj1xyz"),  # Postfix
+        ("250 OK id=1rAbCd-000123-4X", "1rAbCd-000123-4X"),  # Exim
+        ("250 2.0.0 9a8b7c6d Message accepted for delivery", "9a8b7c6d"),  # OpenSMTPD
+        ("250 2.0.0 3BKAbcde012345 Message accepted for delivery", "3BKAbcde012345"),  # Sendmail
+        ("250 2.6.0 <a1@ex.example> [InternalId=4123, Hostname=AM0PR01MB] Queued mail for delivery", "4123"),
+        ("250 2.0.0 OK  1701234567 a640c23a62f3a-a9f12  - gsmtp", "a640c23a62f3a-a9f12"),  # Gmail
+        ("250 OK", None),
+        ("250 Message accepted for delivery", None),
+        ("250 2.0.0 Ok", None),
+    ],
+)
+def test_the_queue_id_is_read_where_each_mta_puts_it(reply: str, expected: str | None) -> None:
+    from mailgate.diagnostics.testmail import queue_id
+
+    assert queue_id(reply) == expected

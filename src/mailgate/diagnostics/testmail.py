@@ -29,6 +29,7 @@ from ..settings.document import MailServer, OAuth2AuthSettings
 from .catalogue import Explanation, explain_failure
 
 if TYPE_CHECKING:
+    from ..destinations import DestinationPolicy
     from ..smtp.reply import Reply
 
 Status = Literal["ok", "failed", "skipped"]
@@ -37,7 +38,20 @@ SMTP_STEPS = ("resolve settings", "dns", "connect", "greeting", "ehlo", "tls", "
 GRAPH_STEPS = ("resolve settings", "token", "permissions", "sendMail")
 # Told when a step starts (False) and when it ends (True): the admin UI shows the steps live.
 OnStep = Callable[["Step", bool], None]
-_QUEUE_ID = re.compile(r"(?:queued as|id=|Ok:?)\s*<?([A-Za-z0-9][A-Za-z0-9._@-]{3,})>?", re.IGNORECASE)
+# Where each MTA puts its queue id in the reply to the final dot, most specific first.
+_QUEUE_IDS = tuple(
+    re.compile(pattern, re.IGNORECASE)
+    for pattern in (
+        r"\bqueued as\s+<?([A-Za-z0-9][\w.@-]{3,})>?",  # Postfix: 250 2.0.0 Ok: queued as 4F3kQj1xyz
+        r"\bid=<?([A-Za-z0-9][\w.@-]{3,})>?",  # Exim: 250 OK id=1rAbCd-000123-4X
+        r"\bInternalId=(\d+)",  # Exchange: 250 2.6.0 <…> [InternalId=…, Hostname=…] Queued mail for delivery
+        r"\b([A-Za-z0-9][\w.-]{5,})\s+-\s+gsmtp\b",  # Gmail: 250 2.0.0 OK  1701234567 a1-20020a…  - gsmtp
+        # Sendmail, OpenSMTPD: 250 2.0.0 3BKAbcde012345 Message accepted for delivery
+        r"^(?:\d\.\d{1,3}\.\d{1,3}:?\s+)?<?((?=[\w.@-]*\d)[A-Za-z0-9][\w.@-]{5,})>?\s+(?:message\s+)?accepted\b",
+    )
+)
+SHOWN_REPLY = 300  # characters of a server's reply line shown in a step
+SHOWN_CAPABILITIES = 30
 
 
 @dataclass
@@ -144,20 +158,24 @@ async def run_test(
     dry_run: bool = False,
     source: str = "saved",
     on_step: OnStep | None = None,
+    destinations: DestinationPolicy | None = None,
 ) -> StepReport:
-    """Try `server` (with its secrets) by sending a test e-mail to `to` (or, dry, up to RCPT TO)."""
+    """Try `server` (with its secrets) by sending a test e-mail to `to` (or, dry, up to RCPT TO).
+    `destinations`: where the server's settings may make mailgate connect (the policy of
+    `scope`); every connection of the test obeys it."""
+    args = (scope, server, to, tokens, dry_run, source, on_step, destinations)
     if server.kind == "graph":
-        steps = await _graph(scope, server, to, tokens, dry_run, source, on_step)
-        return StepReport(scope, "graph", to, dry_run, steps)
-    return StepReport(scope, "smtp", to, dry_run, await _smtp(scope, server, to, tokens, dry_run, source, on_step))
+        return StepReport(scope, "graph", to, dry_run, await _graph(*args))
+    return StepReport(scope, "smtp", to, dry_run, await _smtp(*args))
 
 
 # ---- SMTP --------------------------------------------------------------------------------------
 
 
 async def _smtp(
-    scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str, on_step: OnStep | None
-) -> list[Step]:
+    scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str, on_step: OnStep | None,
+    destinations: DestinationPolicy | None,
+) -> list[Step]:  # fmt: skip
     from ..smtp import SMTPClient
     from ..transports.smtp import smtp_config
 
@@ -175,20 +193,26 @@ async def _smtp(
                             security=s.security, verify_certificate=s.verify_certificate,
                             auth=getattr(auth, "method", "none"), from_address=server.from_address)  # fmt: skip
         if isinstance(auth, OAuth2AuthSettings):  # a delegated source nobody connected yet fails here
-            token_handle = tokens.handle(smtp_token_source(server, name=f"the {scope} mail server"))
-        client = SMTPClient(smtp_config(server, token=token_handle))
+            token_handle = tokens.handle(
+                smtp_token_source(server, name=f"the {scope} mail server", destinations=destinations)
+            )
+        resolve = destinations.resolve if destinations is not None else None
+        client = SMTPClient(smtp_config(server, token=token_handle, resolve=resolve))
 
     async def dns(step: Step) -> None:
         loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(s.host, s.effective_port, type=socket.SOCK_STREAM), server.connection.connect_timeout
-            )
+            async with asyncio.timeout(server.connection.connect_timeout):
+                if destinations is not None:  # each address checked: a refused one fails the step
+                    addresses = await destinations.resolve(s.host, s.effective_port)
+                else:
+                    infos = await loop.getaddrinfo(s.host, s.effective_port, type=socket.SOCK_STREAM)
+                    addresses = [str(i[4][0]) for i in infos]
         except (OSError, TimeoutError) as e:
             from ..smtp.errors import SMTPConnectError
 
             raise SMTPConnectError(f"cannot resolve {s.host!r}: {getattr(e, 'strerror', None) or e}") from None
-        step.details["addresses"] = sorted({str(i[4][0]) for i in infos})
+        step.details["addresses"] = sorted(set(addresses))
 
     async def connect(step: Step) -> None:
         assert client is not None
@@ -200,12 +224,12 @@ async def _smtp(
     async def greeting(step: Step) -> None:
         assert client is not None
         reply = await client.read_greeting()
-        step.details["reply"] = str(reply)
+        step.details["reply"] = _shown(reply)
 
     async def ehlo(step: Step) -> None:
         assert client is not None
         await client.ehlo()
-        step.details["capabilities"] = [f"{k} {v}".strip() for k, v in client.extensions.items()]
+        step.details["capabilities"] = _capabilities(client.extensions)
 
     async def tls(step: Step) -> None:
         assert client is not None
@@ -218,7 +242,7 @@ async def _smtp(
                 step.details["skipped"] = "the server does not offer STARTTLS (security starttls: sent unencrypted)"
                 return
         step.details.update(_certificate(client.tls_version, client.peer_certificate_der, s.verify_certificate))
-        step.details["capabilities_after_tls"] = [f"{k} {v}".strip() for k, v in client.extensions.items()]
+        step.details["capabilities_after_tls"] = _capabilities(client.extensions)
 
     async def token(step: Step) -> None:
         if token_handle is None:
@@ -261,8 +285,7 @@ async def _smtp(
         if dry_run or not reply:
             step.details["skipped"] = "dry run" if dry_run else "no reply"
             return
-        match = _QUEUE_ID.search(reply)
-        step.details["queue_id"] = match.group(1) if match else None
+        step.details["queue_id"] = queue_id(reply)
         step.details["message_id"] = message.message_id
 
     body: bytes | None = None
@@ -290,9 +313,32 @@ async def _smtp(
 async def _command(run: _Run, step: Step, command: Awaitable[Reply]) -> None:
     """An SMTP command whose reply must be 2xx or 3xx (a session error fails the step in `_Run`)."""
     reply = await command
-    step.details["reply"] = str(reply)
+    step.details["reply"] = _shown(reply)
     if not 200 <= reply.code < 400:
         raise run.fail(step, explain_failure(reply, run.server) or _generic(reply))
+
+
+def _shown(reply: Reply) -> str:
+    """A reply as a step shows it: its first line, bounded (the server is the tenant's choice)."""
+    from ..errors import foreign_text
+
+    return foreign_text(str(reply), SHOWN_REPLY)
+
+
+def _capabilities(extensions: dict[str, str]) -> list[str]:
+    from ..errors import foreign_text
+
+    return [foreign_text(f"{k} {v}".strip(), 100) for k, v in list(extensions.items())[:SHOWN_CAPABILITIES]]
+
+
+def queue_id(reply: str) -> str | None:
+    """The queue id in a server's reply to the final dot, if it gives one where MTAs do."""
+    text = reply.split(" ", 1)[1] if reply[:3].isdigit() else reply  # without the reply code
+    for pattern in _QUEUE_IDS:
+        match = pattern.search(text)
+        if match:
+            return match.group(1)
+    return None
 
 
 def _certificate(version: str | None, der: bytes | None, verified: bool) -> dict[str, Any]:
@@ -355,14 +401,15 @@ def _token_details(token: str, expires_at: float, scope: str | None) -> dict[str
 
 
 async def _graph(
-    scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str, on_step: OnStep | None
-) -> list[Step]:
+    scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str, on_step: OnStep | None,
+    destinations: DestinationPolicy | None,
+) -> list[Step]:  # fmt: skip
     from .catalogue import granted_permissions, needed_permissions, permission_problem
 
     assert server.graph is not None
     g = server.graph
     run = _Run(GRAPH_STEPS, server, on_step)
-    handle = tokens.handle(graph_token_source(server))
+    handle = tokens.handle(graph_token_source(server, destinations=destinations))
     claims: dict[str, Any] = {}
 
     async def resolve(step: Step) -> None:
@@ -389,7 +436,7 @@ async def _graph(
             step.details["skipped"] = "dry run: nothing was sent"
             return
         message = probe_message(server, to)
-        transport = GraphTransport(server, handle, tokens.http)
+        transport = GraphTransport(server, handle, tokens.http_for(destinations))
         delivery = await transport.send(message.envelope(), message)
         [result] = delivery.results
         step.details.update(status=result.code, reply=result.text, message_id=message.message_id)
