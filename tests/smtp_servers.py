@@ -967,6 +967,7 @@ class MTA:
       default): the refusal comes at RCPT TO, for every recipient.
     - `drop_after_body`: read the n-th message body of a connection (1-based), then hang up
       without a reply.
+    - `max_mail_commands` is Exim's smtp_accept_max_per_connection.
     - `greeting(index)`: the greeting of connection `index`; a non-220 one ends the session.
     - `auth_reply`: the reply to AUTH PLAIN; "{password}" and "{payload}" are filled in with what
       the client sent (a server that echoes the secret). None: 235 for `password`, else 535.
@@ -990,6 +991,9 @@ class MTA:
     reject_non_fqdn_helo: bool = False
     rcpt_reply: Callable[[str], str | None] | None = None
     drop_after_body: int | None = None
+    # Exim smtp_accept_max_per_connection (also Amazon SES): MAIL commands past it get
+    # "421 too many messages in this connection", and the connection closes.
+    max_mail_commands: int | None = None
 
 
 @dataclass
@@ -1206,7 +1210,7 @@ class ScriptedMTA(_Recorder):
         await wire.send(greeting or f"220 {mta.hostname} ESMTP Postfix")
         errors = 0
         message: MTAMessage | None = None
-        accepted = overshoot = bodies = 0
+        accepted = overshoot = bodies = mail_commands = 0
         while True:
             if errors >= mta.hard_error_limit:
                 await wire.send(f"421 4.7.0 {mta.hostname} Error: too many errors")
@@ -1253,6 +1257,10 @@ class ScriptedMTA(_Recorder):
                 else:
                     reply = "535 5.7.8 Error: authentication failed: authentication failure"
             elif verb == "MAIL":
+                mail_commands += 1
+                if mta.max_mail_commands is not None and mail_commands > mta.max_mail_commands:
+                    await wire.send("421 too many messages in this connection")
+                    return
                 params = arg.split()[1:]
                 size = next((int(p[5:]) for p in params if p.upper().startswith("SIZE=") and p[5:].isdigit()), 0)
                 if mta.size and size > mta.size:

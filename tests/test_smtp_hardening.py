@@ -13,10 +13,12 @@ import pytest
 
 import certs
 from mailgate import Envelope, Outcome
+from mailgate.delivery import Delivery
 from mailgate.destinations import DestinationPolicy, DestinationRefused, Destinations, parse_networks
 from mailgate.settings.document import MailServer
-from mailgate.smtp import SMTPClient, SMTPConfig, SMTPNotSupportedError
+from mailgate.smtp import SMTPClient, SMTPConfig, SMTPConnectError, SMTPNotSupportedError
 from mailgate.transports.pool import Pools
+from mailgate.transports.smtp import Reuse, SMTPTransport
 from smtp_servers import (
     EXIM_TOO_MANY_RECIPIENTS,
     MTA,
@@ -192,3 +194,61 @@ async def test_the_certificate_is_checked_against_the_name_not_the_address_conne
         async with SMTPClient(cfg) as smtp:
             assert (await smtp.send(envelope(), BODY)).all_accepted
             assert smtp.tls_active
+
+
+# ---- item 10: a connection dropped in the middle of a batch ---------------------------------------
+
+
+def batch(n: int, **rcpts: tuple[str, ...]) -> list[tuple[Envelope, bytes]]:
+    """n messages; message i goes to rcpts[f"m{i}"] or to one recipient of its own."""
+    return [(Envelope(FROM, rcpts.get(f"m{i}", (f"to{i}@example.org",))), BODY) for i in range(n)]
+
+
+def outcomes(result: object) -> list[tuple[Outcome, bool]]:
+    assert isinstance(result, Delivery), result
+    return [(r.outcome, r.uncertain) for r in result.results]
+
+
+ACCEPTED, IN_DOUBT, LATER = (Outcome.ACCEPTED, False), (Outcome.TRANSIENT, True), (Outcome.TRANSIENT, False)
+
+
+async def test_messages_answered_before_the_drop_keep_their_250_and_only_the_one_in_flight_is_in_doubt() -> None:
+    # max_messages_per_connection 3: messages 1-3 on one connection, which the server drops after
+    # reading message 3's body; message 4 needs a new connection, which the server refuses.
+    too_many = "421 4.7.0 mx.scripted.test Error: too many connections from 127.0.0.1"
+    mta = MTA(drop_after_body=3, greeting=lambda i: None if i == 0 else too_many)
+    async with scripted_mta(mta) as server:
+        transport = SMTPTransport(config(server), reuse=Reuse(max_messages=3))
+        results = await transport.send_many(list(batch(4)))
+        await transport.aclose()
+    assert [outcomes(r) for r in results[:3]] == [[ACCEPTED], [ACCEPTED], [IN_DOUBT]]
+    assert isinstance(results[3], SMTPConnectError) and results[3].transient and results[3].code == 421
+    assert [m.rcpt_tos for m in server.delivered] == [["to0@example.org"], ["to1@example.org"]]
+
+
+async def test_a_250_that_arrived_just_before_the_server_hung_up_still_counts() -> None:
+    # Exim (and SES) answer the message, then "421 too many messages in this connection" to the
+    # next MAIL of the same pipelined group, and close.
+    async with scripted_mta(MTA(max_mail_commands=2)) as server:
+        async with SMTPClient(config(server)) as smtp:
+            results = await smtp.send_many(batch(4))
+    assert [outcomes(r) for r in results] == [[ACCEPTED], [ACCEPTED], [LATER], [LATER]]
+    assert len(server.delivered) == 2
+
+
+async def test_the_too_many_recipients_pass_after_a_drop_leaves_the_rest_transient() -> None:
+    # One recipient per transaction; the server drops after the 4th body: the first of the later
+    # transactions for the recipients refused as too many.
+    mta = MTA(recipient_limit=1, drop_after_body=4)
+    two = ("a@example.org", "b@example.org")
+    async with scripted_mta(mta) as server:
+        async with SMTPClient(config(server)) as smtp:
+            results = await smtp.send_many(batch(3, m0=two, m1=two))
+    assert [outcomes(r) for r in results] == [[ACCEPTED, IN_DOUBT], [ACCEPTED, LATER], [ACCEPTED]]
+
+
+async def test_without_pipelining_a_drop_leaves_the_later_messages_transient() -> None:
+    async with scripted_mta(MTA(pipelining=False, drop_after_body=2)) as server:
+        async with SMTPClient(config(server)) as smtp:
+            results = await smtp.send_many(batch(3))
+    assert [outcomes(r) for r in results] == [[ACCEPTED], [IN_DOUBT], [LATER]]

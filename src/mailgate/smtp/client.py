@@ -467,18 +467,7 @@ class SMTPClient:
             self.close()  # the session's state is unknown: never reuse it
             for rcpt in recipients:
                 if rcpt not in results:
-                    results[rcpt] = RecipientResult(
-                        rcpt,
-                        Outcome.TRANSIENT,
-                        e.code,
-                        e.enhanced,
-                        (
-                            f"{e.message}; the message was sent and may have been accepted"
-                            if rcpt in body_sent
-                            else e.message
-                        ),
-                        uncertain=rcpt in body_sent,
-                    )
+                    results[rcpt] = _cut_off(rcpt, e, uncertain=rcpt in body_sent)
         except BaseException:
             # Cancelled (a worker stopping) or worse, half-way through a transaction: replies
             # still due would be read as answers to the next one. Drop the connection.
@@ -492,23 +481,28 @@ class SMTPClient:
         "command" of a group): one round trip per message instead of two.
 
         Returns, per item, its Delivery, or the error that refused that message alone before
-        anything was sent (SMTPNotSupportedError, MessageError). Without PIPELINING, or for one
-        message, this is `send` in a loop. Recipients refused as "too many recipients" go in a
-        further transaction after the others, as with `send`. A session error (the connection
-        dropped, a timeout) ends the batch: messages whose content went out are reported as
-        uncertain, the others as transient, and the connection is closed.
+        anything was sent (SMTPNotSupportedError, MessageError); it never raises an SMTPError.
+        Without PIPELINING, or for one message, this is `send` in a loop. Recipients refused as
+        "too many recipients" go in a further transaction after the others, as with `send`. A
+        session error (the connection dropped, a timeout) ends the batch: a message the server
+        answered keeps its answer (also one that arrived just before the end), the one whose
+        content went out unanswered is uncertain (it may have been delivered), the others are
+        transient, and the connection is closed.
         """
         out: list[Delivery | SMTPError | MessageError | None] = [None] * len(items)
+        proto = self._proto_()
         if not self._pipelining or len(items) < 2:
             for i, (envelope, data) in enumerate(items):
+                if proto.error is not None:  # an earlier message broke the session: this one waits
+                    out[i] = self._cut_off(envelope, proto.error)
+                    continue
                 try:
                     out[i] = await self.send(envelope, data)
                 except (SMTPNotSupportedError, MessageError) as e:
                     out[i] = e
             return [o for o in out if o is not None]
-        proto = self._proto_()
         if proto.error is not None:
-            raise proto.error
+            return [self._cut_off(envelope, proto.error) for envelope, _ in items]
         timeout = self.config.protocol_timeout
         log = self._log
         results: list[dict[str, RecipientResult]] = [{} for _ in items]
@@ -570,29 +564,31 @@ class SMTPClient:
         except SMTPError as e:
             self.close()  # the session's state is unknown: never reuse it
             for i, (envelope, _) in enumerate(items):
-                if out[i] is not None:
-                    continue
-                for rcpt in dict.fromkeys(envelope.rcpt_to):
-                    if rcpt not in results[i]:
-                        uncertain = i in body_out
-                        text = (
-                            f"{e.message}; the message was sent and may have been accepted" if uncertain else e.message
-                        )
-                        results[i][rcpt] = RecipientResult(rcpt, Outcome.TRANSIENT, e.code, e.enhanced, text,
-                                                           uncertain=uncertain)  # fmt: skip
+                if out[i] is None:
+                    for rcpt in dict.fromkeys(envelope.rcpt_to):
+                        if rcpt not in results[i]:
+                            results[i][rcpt] = _cut_off(rcpt, e, uncertain=i in body_out)
             retries = {}
         except BaseException:
             self.close()
             raise
         for i, rest in retries.items():  # "too many recipients": the rest in further transactions
             envelope, data = items[i]
-            more = await self.send(Envelope(envelope.mail_from, tuple(rest)), data)
+            rest_of = Envelope(envelope.mail_from, tuple(rest))
+            try:
+                more = self._cut_off(rest_of, proto.error) if proto.error else await self.send(rest_of, data)
+            except (SMTPError, MessageError) as e:  # not for a message that went once already
+                more = self._cut_off(rest_of, e)
             for r in more.results:
                 results[i][r.recipient] = r
         for i, (envelope, _) in enumerate(items):
             if out[i] is None:
                 out[i] = Delivery(self.config.server, [results[i][r] for r in dict.fromkeys(envelope.rcpt_to)])
         return [o for o in out if o is not None]
+
+    def _cut_off(self, envelope: Envelope, error: SMTPError | MessageError) -> Delivery:
+        """A message not tried because the session ended before its turn."""
+        return Delivery(self.config.server, [_cut_off(r, error) for r in dict.fromkeys(envelope.rcpt_to)])
 
     @staticmethod
     def _settle_owed(
@@ -769,6 +765,16 @@ class SMTPClient:
 
 def _result(rcpt: str, reply: Reply) -> RecipientResult:
     return RecipientResult(rcpt, reply.outcome, reply.code, reply.enhanced, reply.message)
+
+
+def _cut_off(rcpt: str, e: SMTPError | MessageError, *, uncertain: bool = False) -> RecipientResult:
+    """A recipient whose answer the session's end took away: transient; `uncertain` when the
+    message itself went out and only its final reply is missing (it may have been accepted)."""
+    text = e.message if isinstance(e, SMTPError) else str(e)
+    if uncertain:
+        text += "; the message was sent and may have been accepted"
+    code, enhanced = (e.code, e.enhanced) if isinstance(e, SMTPError) else (None, None)
+    return RecipientResult(rcpt, Outcome.TRANSIENT, code, enhanced, text, uncertain=uncertain)
 
 
 def _normalize(data: bytes) -> bytes:
