@@ -1085,6 +1085,8 @@ class _Wire:
             while True:
                 try:
                     data = self.tls.read(65536)
+                    if not data:  # the client's close_notify (the ssl module says b"", not SSLZeroReturnError)
+                        raise ssl.SSLZeroReturnError
                     self.buffer += data
                     return True
                 except ssl.SSLWantReadError:

@@ -16,7 +16,15 @@ from mailgate import Envelope, Outcome
 from mailgate.delivery import Delivery
 from mailgate.destinations import DestinationPolicy, DestinationRefused, Destinations, parse_networks
 from mailgate.settings.document import MailServer
-from mailgate.smtp import SMTPClient, SMTPConfig, SMTPConnectError, SMTPNotSupportedError
+from mailgate.smtp import (
+    PasswordAuth,
+    SMTPAuthError,
+    SMTPClient,
+    SMTPConfig,
+    SMTPConnectError,
+    SMTPNotSupportedError,
+    SMTPSecurityError,
+)
 from mailgate.transports.pool import Pools
 from mailgate.transports.smtp import Reuse, SMTPTransport
 from smtp_servers import (
@@ -252,3 +260,39 @@ async def test_without_pipelining_a_drop_leaves_the_later_messages_transient() -
         async with SMTPClient(config(server)) as smtp:
             results = await smtp.send_many(batch(3))
     assert [outcomes(r) for r in results] == [[ACCEPTED], [IN_DOUBT], [LATER]]
+
+
+# ---- item 11: a refused set-up ends with QUIT and a TLS close_notify ------------------------------
+
+WRONG = PasswordAuth("user@example.com", "not the password")
+
+
+async def test_a_refused_password_over_tls_ends_with_quit_and_close_notify() -> None:
+    async with scripted_mta(MTA(tls="implicit", auth=True)) as server:
+        with pytest.raises(SMTPAuthError, match=r"535 5\.7\.8"):
+            await SMTPClient(config(server, security="tls", ca_file=str(server.ca_file), auth=WRONG)).connect()
+        await server.wait_until(lambda: server.sessions[0].ended is not None)
+    [session] = server.sessions
+    assert session.verbs == ["EHLO", "AUTH", "QUIT"]
+    assert session.ended == "close_notify"
+
+
+async def test_no_auth_in_common_after_starttls_ends_with_quit_and_close_notify() -> None:
+    async with scripted_mta(MTA(tls="starttls", auth=False)) as server:
+        cfg = config(server, security="starttls-required", ca_file=str(server.ca_file), auth=WRONG)
+        with pytest.raises(SMTPAuthError, match="does not offer authentication"):
+            await SMTPClient(cfg).connect()
+        await server.wait_until(lambda: server.sessions[0].ended is not None)
+    [session] = server.sessions
+    assert session.verbs == ["EHLO", "STARTTLS", "EHLO", "QUIT"]
+    assert session.ended == "close_notify"
+
+
+async def test_starttls_required_but_not_offered_ends_with_quit() -> None:
+    async with scripted_mta(MTA(tls="none")) as server:
+        with pytest.raises(SMTPSecurityError, match="does not offer STARTTLS"):
+            await SMTPClient(config(server, security="starttls-required")).connect()
+        await server.wait_until(lambda: server.sessions[0].ended is not None)
+    [session] = server.sessions
+    assert session.verbs == ["EHLO", "QUIT"]
+    assert session.ended == "eof"

@@ -27,6 +27,7 @@ from ..message import Envelope
 from . import auth as _auth
 from .auth import Credentials
 from .errors import (
+    SMTPAuthError,
     SMTPConnectError,
     SMTPDisconnectedError,
     SMTPError,
@@ -47,6 +48,7 @@ SECURITY_MODES: tuple[Security, ...] = ("none", "starttls", "starttls-required",
 _UNSAFE_IN_PATH = re.compile(r"[\x00-\x20\x7f<>]")
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
 _SMALL_BODY = 1 << 16  # below this, body and final dot go out in one write
+QUIT_TIMEOUT = 5.0  # seconds for QUIT's reply, and then for the server to end its side
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,14 @@ class SMTPClient:
                 await self.starttls()
             if cfg.auth is not None:
                 await self.authenticate(cfg.auth)
-        except BaseException:
+        except (SMTPAuthError, SMTPSecurityError, SMTPResponseError, SMTPConnectError) as e:
+            # Refused, but the session itself still works (a reply came, in step): end it the
+            # way the server expects, with QUIT and, over TLS, a close_notify.
+            if e.code is not None or not isinstance(e, SMTPConnectError):
+                await self.quit()
+            self.close()
+            raise
+        except BaseException:  # a timeout, a broken session, a cancellation: drop it
             self.close()
             raise
 
@@ -396,13 +405,18 @@ class SMTPClient:
         return reply
 
     async def quit(self) -> None:
-        """QUIT politely if the connection still works; close it in any case."""
-        if self.is_connected:
+        """QUIT politely if the connection still works, then close it gracefully (a TLS session
+        ends with close_notify), each step within QUIT_TIMEOUT; dropped in any case."""
+        proto = self._proto
+        if proto is not None and self.is_connected:
+            wait = min(self.config.protocol_timeout, QUIT_TIMEOUT)
             with contextlib.suppress(SMTPError, TimeoutError):
-                await asyncio.wait_for(self.command("QUIT"), min(self.config.protocol_timeout, 5.0))
+                await asyncio.wait_for(self.command("QUIT"), wait)
+            await proto.close(wait)
         self.close()
 
     def close(self) -> None:
+        """Drop the connection at once (no QUIT, no TLS close_notify): for a broken session."""
         if self._proto is not None:
             self._proto.abort()
 

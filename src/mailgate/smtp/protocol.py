@@ -32,6 +32,7 @@ class SMTPProtocol(asyncio.Protocol):
         self._error: SMTPError | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
+        self._lost: asyncio.Future[None] = loop.create_future()
         # One timer per connection, not one per wait: waits are short and many, and a timer
         # created and cancelled per round trip costs more than the rest of the round trip.
         self._timer: asyncio.TimerHandle | None = None
@@ -82,6 +83,8 @@ class SMTPProtocol(asyncio.Protocol):
             self._fail(err)
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        if not self._lost.done():
+            self._lost.set_result(None)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -148,6 +151,17 @@ class SMTPProtocol(asyncio.Protocol):
                 self._drain = None
         if self._error is not None:
             raise self._error
+
+    async def close(self, timeout: float) -> None:
+        """Close gracefully: what is written goes out, then the end of the stream (over TLS a
+        close_notify, which asyncio's SSL transport sends on close(), not on abort()); wait up
+        to `timeout` for the connection to end, then drop it."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+        except TimeoutError:
+            self.abort()
 
     def abort(self) -> None:
         if self._error is None:
