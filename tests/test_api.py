@@ -4,6 +4,7 @@ real server process (`mailgate serve`) in test_serve.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -336,6 +337,23 @@ async def test_metrics_count_messages_by_tenant_and_status(api: Api) -> None:
     assert 'mailgate_messages{status="queued",tenant="acme"} 1.0' in lines
     assert 'mailgate_attempts{outcome="accepted"} 3.0' in lines
     assert "mailgate_queue_due 1.0" in lines
+
+
+async def test_metrics_of_a_process_that_runs_its_worker_count_the_pools_connections(api: Api) -> None:
+    # `mailgate serve` runs the worker in the API's process: /metrics then also reads its pools.
+    app = create_app(api.mg, worker=True)
+    async with serve(ServerConfig()) as smtp, app.router.lifespan_context(app):
+        await api.mg.servers.set("global", smtp_doc(smtp.host, smtp.port))
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://mailgate.test") as c:
+            location = (await api.submit({"to": ["bob@example.org"], "subject": "s", "text": "t"})).headers["location"]
+            for _ in range(200):  # the worker polls every 0.05 s
+                if (await c.get(location, headers=api.admin)).json()["status"] == "sent":
+                    break
+                await asyncio.sleep(0.05)
+            reply = await c.get("/metrics", headers=api.admin)
+    assert reply.status_code == 200, reply.text
+    [gauge] = [line for line in reply.text.splitlines() if line.startswith("mailgate_pool_connections ")]
+    assert float(gauge.split()[1]) >= 1  # the connection that sent it stays pooled
 
 
 async def test_health_and_readiness(api: Api) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,6 +14,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .deps import Service, Who
+
+if TYPE_CHECKING:
+    from ..outbox.worker import Worker
 
 router = APIRouter(tags=["health"])
 READY_TIMEOUT = 5.0
@@ -84,9 +87,9 @@ async def metrics(request: Request, mg: Service, who: Who) -> Response:
     """Prometheus metrics, for a system-admin token (they name every tenant): in Prometheus,
     `authorization: {credentials: mgt_…}` in the scrape config."""
     who.must_be("system-admin")
-    worker = getattr(request.app.state, "worker", None)
+    worker: Worker | None = getattr(request.app.state, "worker", None)
     registry = CollectorRegistry(auto_describe=False)
-    snapshot = _Snapshot(await mg.queue.counts(), worker.pools.open_connections() if worker else None,
+    snapshot = _Snapshot(await mg.queue.counts(), worker.pools.open_connections if worker else None,
                          mg.tokens.requests)  # fmt: skip
     registry.register(snapshot)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
