@@ -1328,10 +1328,11 @@ class ScriptedMTA(_Recorder):
 
 
 @asynccontextmanager
-async def scripted_mta(mta: MTA | None = None) -> AsyncIterator[ScriptedMTA]:
-    """Run a ScriptedMTA on 127.0.0.1:<ephemeral> in the running loop."""
+async def scripted_mta(mta: MTA | None = None, host: str = HOST) -> AsyncIterator[ScriptedMTA]:
+    """Run a ScriptedMTA on `host` (127.0.0.1, or ::1):<ephemeral> in the running loop."""
     server = ScriptedMTA(mta or MTA())
-    listener = await asyncio.start_server(server._handle, HOST, 0)
+    listener = await asyncio.start_server(server._handle, host, 0)
+    server.host = host
     server.port = listener.sockets[0].getsockname()[1]
     try:
         yield server

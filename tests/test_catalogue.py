@@ -1,7 +1,8 @@
 """Every entry of the error catalogue's token-endpoint and Graph tables, provoked against the fake
 identity provider and the fake Graph (real HTTP on 127.0.0.1, the services' documented replies),
-and the explanation that comes back checked. The SMTP table is covered by test_testmail.py; a test
-here makes sure no entry of any table is left without its case."""
+and the SMTP session's against scripted SMTP servers, and the explanation that comes back checked.
+The SMTP reply table is covered by test_testmail.py; a test here makes sure no entry of any table
+is left without its case."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import pytest
 from fakes.graph import FakeGraph
 from fakes.identity import FakeIdentityProvider
 from mailgate import Message
-from mailgate.diagnostics.catalogue import AADSTS, GRAPH, OAUTH
+from mailgate.diagnostics.catalogue import AADSTS, GRAPH, OAUTH, SESSION, explain_failure
 from mailgate.oauth.cache import TokenCache, graph_token_source
 from mailgate.oauth.tokens import TokenError
 from mailgate.settings.document import TokenSourceSettings, parse_server
 from mailgate.transports.graph import GraphError, GraphTransport
+from mailgate.transports.smtp import SMTPTransport
+from smtp_servers import MTA, ScriptedMTA, scripted_mta
 
 TENANT_ID = "7f0c2b9e-0000-4000-8000-00000000c0de"
 APP = "22222222-3333-4444-5555-666666666666"
@@ -136,6 +139,39 @@ async def test_each_graph_error_is_explained(
         assert result.code == status and explanation.cause in result.text
 
 
+# Each SESSION entry: the server that provokes it, and settings of the mail server's smtp section.
+SESSION_CASES: dict[str, tuple[MTA, dict[str, Any]]] = {
+    "helo": (MTA(reject_non_fqdn_helo=True), {"helo_name": "buildbox"}),
+}
+
+
+@pytest.mark.parametrize("entry", list(SESSION_CASES))
+async def test_each_smtp_session_failure_is_explained(entry: str) -> None:
+    mta, smtp = SESSION_CASES[entry]
+    async with scripted_mta(mta) as server:
+        doc = _smtp_server(server, **smtp)
+        transport = SMTPTransport.from_server(doc)
+        try:
+            await transport.send(Message(from_=MAILBOX, to="alice@example.org", subject="s", text="t").envelope(),
+                                 b"Subject: s\r\n\r\nt\r\n")  # fmt: skip
+        except Exception as e:
+            failure: object = e
+        else:
+            raise AssertionError("the server accepted the message")
+        finally:
+            await transport.aclose()
+    explanation = explain_failure(failure, doc)
+    assert explanation is SESSION[entry], explanation
+    assert not explanation.transient and explanation.broken  # the settings must change
+
+
+def _smtp_server(server: ScriptedMTA, **smtp: Any) -> Any:
+    return parse_server({"kind": "smtp", "from_address": MAILBOX,
+                         "smtp": {"host": server.host, "port": server.port, "security": "none", **smtp},
+                         "connection": {"connect_timeout": 2, "protocol_timeout": 5}})  # fmt: skip
+
+
 def test_no_catalogue_entry_is_without_its_case() -> None:
     assert set(AADSTS) == set(AADSTS_CASES)
     assert set(GRAPH) == set(GRAPH_CASES)
+    assert set(SESSION) == set(SESSION_CASES)

@@ -6,6 +6,7 @@ The servers are tests/smtp_servers.py's scripted MTA (their documented replies) 
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import certs
 from mailgate import Envelope, Outcome
 from mailgate.delivery import Delivery
 from mailgate.destinations import DestinationPolicy, DestinationRefused, Destinations, parse_networks
+from mailgate.diagnostics.catalogue import SESSION, explain_smtp_error
 from mailgate.settings.document import MailServer
 from mailgate.smtp import (
     PasswordAuth,
@@ -23,6 +25,7 @@ from mailgate.smtp import (
     SMTPConfig,
     SMTPConnectError,
     SMTPNotSupportedError,
+    SMTPResponseError,
     SMTPSecurityError,
 )
 from mailgate.transports.pool import Pools
@@ -35,6 +38,10 @@ from smtp_servers import (
     ScriptedMTA,
     scripted_mta,
 )
+from test_outbox import Opener, note, open_mg
+from test_outbox import server_doc as server_doc_dict
+
+__all__ = ["open_mg"]  # the fixture
 
 FROM = "no-reply@example.com"
 
@@ -296,3 +303,59 @@ async def test_starttls_required_but_not_offered_ends_with_quit() -> None:
     [session] = server.sessions
     assert session.verbs == ["EHLO", "QUIT"]
     assert session.ended == "eof"
+
+
+# ---- item 12: the HELO name -------------------------------------------------------------------------
+
+POSTFIX_FQDN_HELO = MTA(reject_non_fqdn_helo=True)  # reject_non_fqdn_helo_hostname, smtpd_delay_reject=yes
+
+
+async def test_a_refused_helo_name_is_the_servers_refusal_of_mailgate_not_of_the_recipients() -> None:
+    async with scripted_mta(POSTFIX_FQDN_HELO) as server:
+        async with SMTPClient(config(server, helo_name="buildbox")) as smtp:
+            with pytest.raises(SMTPResponseError, match="Helo command rejected") as refused:
+                await smtp.send(envelope("a@example.org", "b@example.org"), BODY)
+            assert smtp.is_connected  # the session is fine: it is the settings that are not
+        transport = SMTPTransport(config(server, helo_name="buildbox"))
+        results = await transport.send_many(batch(2))
+        await transport.aclose()
+    e = refused.value
+    assert (e.code, e.enhanced, e.transient) == (504, "5.5.2", False)
+    assert "buildbox" in e.message
+    assert all(isinstance(r, SMTPResponseError) and not r.transient for r in results)
+    explanation = explain_smtp_error(e)
+    assert explanation is SESSION["helo"] and explanation.broken and "smtp.helo_name" in explanation.fix
+    assert server.delivered == []
+
+
+async def test_the_worker_marks_a_server_that_refuses_the_helo_name_broken(open_mg: Opener) -> None:
+    mg = await open_mg()
+    async with scripted_mta(POSTFIX_FQDN_HELO) as server:
+        await mg.tenants.add("acme")
+        await mg.servers.set(
+            "global",
+            server_doc_dict(
+                server, smtp={"host": server.host, "port": server.port, "security": "none", "helo_name": "buildbox"}
+            ),
+        )
+        pk = await mg.submit("acme", note())
+        await mg.run_worker(until_idle=True)
+        resolution = await mg.resolve("acme")
+    assert resolution.broken_reason is not None and "Set smtp.helo_name" in resolution.broken_reason
+    detail = (await mg.queue.get(pk)).to_dict()
+    assert detail["status"] == "deferred" and "refused us for good" in detail["last_error"]
+
+
+@pytest.mark.parametrize(("hostname", "listen", "greeted"), [
+    ("buildbox", "127.0.0.1", "[127.0.0.1]"),
+    ("buildbox", "::1", "[IPv6:::1]"),
+    ("mailer.example.com", "127.0.0.1", "mailer.example.com"),
+])  # fmt: skip
+async def test_the_default_helo_name_is_fully_qualified_or_our_address_literal(
+    monkeypatch: pytest.MonkeyPatch, hostname: str, listen: str, greeted: str
+) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+    async with scripted_mta(POSTFIX_FQDN_HELO, host=listen) as server:
+        async with SMTPClient(config(server, helo_name=None)) as smtp:
+            assert (await smtp.send(envelope(), BODY)).all_accepted
+    assert server.sessions[0].helo == greeted

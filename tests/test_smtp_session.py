@@ -173,7 +173,7 @@ async def test_starttls_required_refuses_a_server_without_starttls_before_auth()
     async with serve(ServerConfig(security="none", auth=frozenset({"PLAIN"}), auth_require_tls=False)) as server:
         with pytest.raises(SMTPSecurityError, match="does not offer STARTTLS"):
             await send_one(server, security="starttls-required", auth=PasswordAuth(USER, PASSWORD))
-        assert [c.split()[0].upper() for c in server.commands] == ["EHLO"]
+        assert [c.split()[0].upper() for c in server.commands] == ["EHLO", "QUIT"]  # no AUTH, a polite end
 
 
 async def test_optional_starttls_never_sends_a_password_in_clear() -> None:

@@ -263,10 +263,27 @@ SMTP: dict[str, Explanation] = {
 }  # fmt: skip
 
 
+# What the SMTP session itself ran into, found by what mailgate saw rather than by an enhanced
+# code; tests/test_catalogue.py provokes each one against a real server.
+SESSION: dict[str, Explanation] = {
+    "helo": _e("The server refused the name mailgate greeted it with (EHLO): it wants the fully qualified host "
+               "name of the machine mailgate runs on (Postfix's reject_non_fqdn_helo_hostname answers "
+               "\"504 5.5.2 … Helo command rejected: need fully-qualified hostname\", at RCPT TO).",
+               "Set smtp.helo_name to this machine's fully qualified host name (e.g. mailer.example.com, one "
+               "that resolves in DNS if the server checks that), or have the server's administrator accept "
+               "this client."),
+}  # fmt: skip
+
+
 def explain_smtp_reply(code: int | None, enhanced: str | None, text: str = "", *, app_only: bool = False,
                        mechanism: str | None = None) -> Explanation:  # fmt: skip
     """What an SMTP refusal means, by its enhanced code (and, for a few, its text)."""
     lowered = text.lower()
+    if "helo command rejected" in lowered or "need fully-qualified hostname" in lowered:
+        # Before the codes: 504 would read as "mechanism not supported" (5.7.4) below.
+        helo = SESSION["helo"]
+        temporary = code is not None and 400 <= code < 500  # e.g. "450 4.7.1 … Host not found"
+        return _e(helo.cause, helo.fix, transient=True) if temporary else helo
     if enhanced == "5.7.139" and "security defaults" in lowered:
         return _e(
             "Security defaults block this sign-in (535 5.7.139).",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import re
 import socket
 import ssl
@@ -46,6 +47,8 @@ Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
 SECURITY_MODES: tuple[Security, ...] = ("none", "starttls", "starttls-required", "tls")
 
 _UNSAFE_IN_PATH = re.compile(r"[\x00-\x20\x7f<>]")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_FQDN = re.compile(rf"(?=.{{4,253}}$){_LABEL}(?:\.{_LABEL})*\.[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]")
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
 _SMALL_BODY = 1 << 16  # below this, body and final dot go out in one write
 QUIT_TIMEOUT = 5.0  # seconds for QUIT's reply, and then for the server to end its side
@@ -126,11 +129,23 @@ def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
-@functools.lru_cache(maxsize=1)
-def default_helo_name() -> str:
-    # Not socket.getfqdn(): it may wait seconds on DNS. Servers that insist on a fully qualified
-    # name say so in their reply, and `helo_name` sets one.
-    return socket.gethostname() or "localhost"
+def default_helo_name(local_address: str | None) -> str:
+    """The name to greet with when the settings give none: this machine's host name when it is
+    fully qualified, else the address literal of our side of the connection (RFC 5321 4.1.3:
+    "[192.0.2.5]", "[IPv6:2001:db8::1]"), never a bare single label, which Postfix's
+    reject_non_fqdn_helo_hostname refuses ("504 5.5.2 … need fully-qualified hostname").
+
+    Not socket.getfqdn(): it may wait seconds on DNS, on the event loop."""
+    host = socket.gethostname().rstrip(".")
+    if _FQDN.fullmatch(host):
+        return host
+    try:
+        ip = ipaddress.ip_address((local_address or "").split("%", 1)[0])
+    except ValueError:
+        return "[127.0.0.1]"  # no address to tell (a transport that does not say): a literal all the same
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return f"[{ip}]" if ip.version == 4 else f"[IPv6:{ip}]"
 
 
 class SMTPClient:
@@ -151,6 +166,7 @@ class SMTPClient:
         self.config = config
         self._log = protocol_log
         self.recipient_limit = recipient_limit or RecipientLimit()
+        self._refusal: Reply | None = None  # a refusal of our HELO name in the transaction under way
         self._proto: SMTPProtocol | None = None
         self.greeting: Reply | None = None
         self.esmtp = False
@@ -197,6 +213,15 @@ class SMTPClient:
     @property
     def smtputf8(self) -> bool:
         return self._smtputf8
+
+    @property
+    def helo_name(self) -> str:
+        """What the client greets the server with (EHLO/HELO)."""
+        if self.config.helo_name:
+            return self.config.helo_name
+        transport = self._proto.transport if self._proto is not None else None
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        return default_helo_name(local[0] if local else None)
 
     @property
     def auth_mechanisms(self) -> list[str]:
@@ -289,7 +314,7 @@ class SMTPClient:
 
     async def ehlo(self) -> None:
         """EHLO (HELO for a server from before ESMTP); the extensions go to `extensions`."""
-        name = self.config.helo_name or default_helo_name()
+        name = self.helo_name
         reply = await self.command(f"EHLO {name}")
         self._learn({})
         if reply.code == 250:
@@ -462,6 +487,7 @@ class SMTPClient:
         params, encoding = self._mail_parameters(envelope.mail_from, recipients, data)
         payload = _stuff(data)
         results: dict[str, RecipientResult] = {}
+        self._refusal = None
         pending = recipients
         body_sent: list[str] = []
         try:
@@ -487,7 +513,17 @@ class SMTPClient:
             # still due would be read as answers to the next one. Drop the connection.
             self.close()
             raise
-        return Delivery(self.config.server, [results[r] for r in recipients])
+        delivery = Delivery(self.config.server, [results[r] for r in recipients])
+        if self._refusal is not None and not delivery.accepted:
+            raise self._refused_helo(self._refusal)
+        return delivery
+
+    def _refused_helo(self, reply: Reply) -> SMTPError:
+        """The server refuses mailgate itself (its HELO name), not the message or a recipient: an
+        error of the server's settings, which marks it broken when permanent."""
+        return SMTPResponseError.from_reply(
+            f"{self.config.server} refused the name mailgate greeted it with ({self.helo_name})", reply
+        )
 
     async def send_many(self, items: list[tuple[Envelope, bytes]]) -> list[Delivery | SMTPError | MessageError]:
         """Send several messages in a row, each message's body and final dot in the same write as
@@ -512,7 +548,7 @@ class SMTPClient:
                     continue
                 try:
                     out[i] = await self.send(envelope, data)
-                except (SMTPNotSupportedError, MessageError) as e:
+                except (SMTPError, MessageError) as e:  # refused before anything went: this message only
                     out[i] = e
             return [o for o in out if o is not None]
         if proto.error is not None:
@@ -522,6 +558,7 @@ class SMTPClient:
         results: list[dict[str, RecipientResult]] = [{} for _ in items]
         retries: dict[int, list[str]] = {}  # recipients for a further transaction: "too many", or past the limit
         body_out: set[int] = set()  # messages whose content was written and whose reply is due
+        refusals: dict[int, Reply] = {}  # messages whose transaction refused our HELO name
         buffer: list[bytes] = []  # written with the next group
         owed: list[tuple[int, list[str]] | str] = []  # replies due before the next group's: a final, "RSET" or "."
         try:
@@ -554,7 +591,10 @@ class SMTPClient:
                 replies = replies[len(owed) :]
                 owed = []
                 mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+                self._refusal = None
                 accepted, retry = self._sort_replies(first, mail_reply, rcpt_replies, data_reply, results[i])
+                if self._refusal is not None:
+                    refusals[i] = self._refusal
                 if retry or len(first) < len(recipients):
                     retries[i] = [*retry, *recipients[len(first) :]]
                 if mail_reply.code != 250 or data_reply.code != 354 or not accepted:
@@ -598,6 +638,8 @@ class SMTPClient:
         for i, (envelope, _) in enumerate(items):
             if out[i] is None:
                 out[i] = Delivery(self.config.server, [results[i][r] for r in dict.fromkeys(envelope.rcpt_to)])
+                if i in refusals and not any(r.accepted for r in results[i].values()):
+                    out[i] = self._refused_helo(refusals[i])
         return [o for o in out if o is not None]
 
     def _cut_off(self, envelope: Envelope, error: SMTPError | MessageError) -> Delivery:
@@ -640,6 +682,8 @@ class SMTPClient:
     ) -> tuple[list[str], dict[str, Reply]]:
         """Recipients accepted for the content, and those to retry ("too many recipients");
         every other recipient gets its final result."""
+        refusal = next((r for r in (mail_reply, *rcpt_replies) if r.refuses_helo), None)
+        self._refusal = self._refusal or refusal
         if mail_reply.code != 250:
             for rcpt in recipients:
                 results[rcpt] = _result(rcpt, mail_reply)
@@ -778,7 +822,9 @@ class SMTPClient:
 
 
 def _result(rcpt: str, reply: Reply) -> RecipientResult:
-    return RecipientResult(rcpt, reply.outcome, reply.code, reply.enhanced, reply.message)
+    # A refused HELO name is not the recipient's fault: never refuse the recipient for good over it.
+    outcome = Outcome.TRANSIENT if reply.refuses_helo else reply.outcome
+    return RecipientResult(rcpt, outcome, reply.code, reply.enhanced, reply.message)
 
 
 def _cut_off(rcpt: str, e: SMTPError | MessageError, *, uncertain: bool = False) -> RecipientResult:

@@ -55,6 +55,17 @@ class Reply:
     def too_many_recipients(self) -> bool:
         return is_too_many_recipients(self.code, self.enhanced, self.lines[0] if self.lines else "")
 
+    @property
+    def refuses_helo(self) -> bool:
+        """The server refuses the name the client greeted it with, whatever the command it says
+        so at (Postfix's HELO restrictions, e.g. reject_non_fqdn_helo_hostname, answer at RCPT
+        TO by default: "504 5.5.2 <name>: Helo command rejected: need fully-qualified hostname").
+        The recipient is not at fault: the server refuses mailgate."""
+        if self.code < 400:
+            return False
+        text = self.text.lower()
+        return "helo command rejected" in text or "need fully-qualified hostname" in text
+
     def __str__(self) -> str:
         return f"{self.code} {self.text}".rstrip()
 
