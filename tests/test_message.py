@@ -450,7 +450,7 @@ def test_bodies_keep_tabs_line_breaks_and_form_feeds_and_one_line_fields_keep_ta
                headers={"X-Tag": "a\tb"}, to=Address("bob@example.org", "Bob\tB"))  # fmt: skip
     p = parse(m.compose())
     assert p["Subject"] == "a\tb" and p["X-Tag"] == "a\tb"
-    assert content(p.get_body(("plain",))) == "col1\tcol2\nnext page\x0c\n"  # type: ignore[arg-type]
+    assert content(p.get_body(("plain",))) == "col1\tcol2\nnext page\x0c\n"
 
 
 def test_forbidden_character_names_the_first_one_and_where() -> None:

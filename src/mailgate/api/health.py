@@ -14,12 +14,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .deps import Service, Who
+from .errors import database_trouble, unavailable
 
 if TYPE_CHECKING:
     from ..outbox.worker import Worker
 
 router = APIRouter(tags=["health"])
 READY_TIMEOUT = 5.0
+# A route that found the database unavailable keeps /readyz failing this long: a full disk fails
+# writes while the read /readyz makes itself still works.
+TROUBLE_MEMORY = 30.0
 
 
 def worker_alive(request: Request) -> bool | None:
@@ -38,15 +42,21 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "not ready: the database or the worker"}})
+@router.get("/readyz", responses={503: {"description": "Not ready: the database or the worker; `checks` says why."}})
 async def readyz(request: Request, mg: Service) -> JSONResponse:
-    """Ready: the database answers (within 5 s) and this process's worker, if it runs one, is alive."""
+    """Ready: the database answers (within 5 s), no request found it unavailable in the last 30 s
+    (a full disk, a lost connection), and this process's worker, if it runs one, is alive. A check
+    that failed says why in a few words, never with the driver's text (it may quote a URL)."""
     checks: dict[str, str] = {}
     try:
         await asyncio.wait_for(mg.ping(), READY_TIMEOUT)
-        checks["database"] = "ok"
-    except Exception as e:  # any failure means not ready; the type says which
-        checks["database"] = f"failed: {type(e).__name__}"
+    except TimeoutError:
+        checks["database"] = f"failed: no answer within {READY_TIMEOUT:g} s"
+    except Exception as e:  # any failure means not ready
+        checks["database"] = f"failed: {unavailable(e) or 'error'} ({type(e).__name__})"
+    else:
+        trouble = database_trouble(request.app, TROUBLE_MEMORY)
+        checks["database"] = "ok" if trouble is None else f"failed: {trouble[0]} ({trouble[1]}, in a recent request)"
     alive = worker_alive(request)
     checks["worker"] = {None: "not in this process", True: "ok", False: "stopped"}[alive]
     ready = checks["database"] == "ok" and alive is not False

@@ -11,11 +11,12 @@ from ..access import Principal
 from ..outbox.store import MAX_ID, STATUSES
 from .deps import Service, Who
 from .errors import ErrorReply
-from .schemas import Json, MessageIn, Submitted
+from .schemas import Json, MessageIn, Submitted, TenantQuery
 
 MessageId = Annotated[int, Path(ge=1, le=MAX_ID)]
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses={
     401: {"model": ErrorReply}, 403: {"model": ErrorReply}, 404: {"model": ErrorReply}, 422: {"model": ErrorReply},
+    503: {"model": ErrorReply, "description": "The database can't be used just now: try again after Retry-After."},
 })  # fmt: skip
 
 
@@ -46,8 +47,8 @@ async def submit(
 async def list_messages(
     mg: Service,
     who: Who,
-    tenant: str | None = None,
-    status: Annotated[str | None, Query(description=f"One of {', '.join(STATUSES)}.")] = None,
+    tenant: TenantQuery = None,
+    status: Annotated[str | None, Query(max_length=16, description=f"One of {', '.join(STATUSES)}.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     before: Annotated[
         int | None, Query(ge=1, le=MAX_ID, description="Only messages with a smaller id (next page).")

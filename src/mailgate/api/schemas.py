@@ -1,15 +1,57 @@
 """The shapes the API reads and answers, as pydantic models (they make the OpenAPI document).
-Input models forbid unknown fields: a misspelt field is an error, not silently ignored."""
+Input models forbid unknown fields: a misspelt field is an error, not silently ignored. Every
+string and list is bounded, with the numbers message.py holds the library's messages to: pydantic
+refuses a list over its length before it looks at any item."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Path, Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..message import Address, Attachment, Message
+from ..message import (
+    DEFAULT_MAX_SIZE,
+    MAX_ADDRESS_TEXT,
+    MAX_ATTACHMENTS,
+    MAX_CONTENT_ID_LENGTH,
+    MAX_CONTENT_TYPE_LENGTH,
+    MAX_FILENAME_BYTES,
+    MAX_HEADER_NAME_LENGTH,
+    MAX_HEADER_VALUE_LENGTH,
+    MAX_HEADERS,
+    MAX_MESSAGE_ID_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_RECIPIENTS,
+    MAX_REPLY_TO,
+    MAX_SUBJECT_LENGTH,
+    Address,
+    Attachment,
+    Message,
+    forbidden_character,
+)
+from ..settings.store import _TENANT_ID
+
+# A tenant id as settings/store.py makes them: anything else names no tenant.
+TENANT_ID_PATTERN = f"^(?:{_TENANT_ID.pattern})$"
+MAX_ADDRESS_LENGTH = 320  # RFC 3696 errata: 64 + "@" + 255
+_MAX_BASE64 = (DEFAULT_MAX_SIZE + 2) // 3 * 4
+
+
+def _one_line(value: str) -> str:
+    why = forbidden_character(value)
+    if why is not None:
+        raise ValueError(why)
+    return value
+
+
+TenantId = Annotated[str, Field(min_length=1, max_length=64, pattern=TENANT_ID_PATTERN)]
+TenantPath = Annotated[str, Path(min_length=1, max_length=64, pattern=TENANT_ID_PATTERN)]
+TenantQuery = Annotated[str | None, Query(min_length=1, max_length=64, pattern=TENANT_ID_PATTERN)]
+AddressText = Annotated[str, Field(max_length=MAX_ADDRESS_LENGTH)]
+OneLine = AfterValidator(_one_line)
 
 
 class _Input(BaseModel):
@@ -17,18 +59,25 @@ class _Input(BaseModel):
 
 
 class AddressIn(_Input):
-    address: str = Field(max_length=320)
-    name: str = Field("", max_length=300)
+    address: str = Field(max_length=MAX_ADDRESS_LENGTH)
+    name: str = Field("", max_length=MAX_NAME_LENGTH)
 
 
-AddressField = str | AddressIn
+AddressField = Annotated[str, Field(max_length=MAX_ADDRESS_TEXT)] | AddressIn
 
 
 class AttachmentIn(_Input):
-    filename: str
-    content_type: str = Field(examples=["application/pdf"])
-    content_base64: str = Field(description="The file's bytes, base64-encoded.")
-    content_id: str | None = Field(None, description="Makes it inline: the HTML refers to it as cid:<content_id>.")
+    filename: str = Field(max_length=MAX_FILENAME_BYTES)
+    content_type: str = Field(max_length=MAX_CONTENT_TYPE_LENGTH, examples=["application/pdf"])
+    content_base64: str = Field(max_length=_MAX_BASE64, description="The file's bytes, base64-encoded.")
+    content_id: str | None = Field(
+        None,
+        max_length=MAX_CONTENT_ID_LENGTH,
+        description="Makes it inline: the HTML refers to it as cid:<content_id>.",
+    )
+
+
+_RECIPIENTS = f"To, Cc and Bcc hold at most {MAX_RECIPIENTS:,} addresses together."
 
 
 class MessageIn(_Input):
@@ -37,18 +86,23 @@ class MessageIn(_Input):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    tenant: str | None = None
+    tenant: TenantId | None = None
     from_: AddressField | None = Field(None, alias="from")
-    to: list[AddressField] = []
-    cc: list[AddressField] = []
-    bcc: list[AddressField] = []
-    reply_to: list[AddressField] = []
-    subject: str = ""
-    text: str | None = None
-    html: str | None = None
-    headers: dict[str, str] = {}
-    attachments: list[AttachmentIn] = []
-    message_id: str | None = Field(None, description="<unique@domain>; made by mailgate when left out.")
+    to: list[AddressField] = Field([], max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    cc: list[AddressField] = Field([], max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    bcc: list[AddressField] = Field([], max_length=MAX_RECIPIENTS, description=_RECIPIENTS)
+    reply_to: list[AddressField] = Field([], max_length=MAX_REPLY_TO)
+    subject: str = Field("", max_length=MAX_SUBJECT_LENGTH)
+    text: str | None = Field(None, max_length=DEFAULT_MAX_SIZE)
+    html: str | None = Field(None, max_length=DEFAULT_MAX_SIZE)
+    headers: dict[
+        Annotated[str, Field(max_length=MAX_HEADER_NAME_LENGTH)],
+        Annotated[str, Field(max_length=MAX_HEADER_VALUE_LENGTH)],
+    ] = Field({}, max_length=MAX_HEADERS)
+    attachments: list[AttachmentIn] = Field([], max_length=MAX_ATTACHMENTS)
+    message_id: str | None = Field(
+        None, max_length=MAX_MESSAGE_ID_LENGTH, description="<unique@domain>; made by mailgate when left out."
+    )
 
     def to_message(self) -> Message:
         """The Message (validated; MessageError lists every problem)."""
@@ -94,13 +148,16 @@ class Submitted(BaseModel):
     replayed: bool = False
 
 
+TenantName = Annotated[str, Field(max_length=200), OneLine]
+
+
 class TenantIn(_Input):
-    id: str = Field(description="1-64 letters, digits, '.', '_' or '-'.")
-    name: str | None = None
+    id: str = Field(max_length=64, description="1-64 letters, digits, '.', '_' or '-'.")
+    name: TenantName | None = None
     may_use_own_server: bool = False
-    support_address: str | None = None
+    support_address: AddressText | None = None
     may_set_support_address: bool = False
-    admin_address: str | None = Field(None, description="Told once when the tenant's own mail server breaks.")
+    admin_address: AddressText | None = Field(None, description="Told once when the tenant's own mail server breaks.")
 
 
 class TenantPatch(_Input):
@@ -108,18 +165,18 @@ class TenantPatch(_Input):
     it. A tenant admin may change only `admin_address`, and `support_address` when the tenant may
     set it."""
 
-    name: str | None = None
+    name: TenantName | None = None
     may_use_own_server: bool | None = None
-    support_address: str | None = None
+    support_address: AddressText | None = None
     may_set_support_address: bool | None = None
-    admin_address: str | None = None
+    admin_address: AddressText | None = None
 
 
 class TestEmailIn(_Input):
     """A test e-mail: to whom, whether to stop before DATA, and (optionally) unsaved settings to try
     instead of the saved ones — a stored secret is reused only when no destination field changed."""
 
-    to: str = Field(max_length=320)
+    to: AddressText
     dry_run: bool = False
     settings: dict[str, Any] | None = None
 

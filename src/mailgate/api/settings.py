@@ -17,10 +17,12 @@ from ..errors import NotFound
 from ..service import CALLBACK_PATH
 from .deps import Acting, Service, Who
 from .errors import ErrorReply
-from .schemas import AuthorizeUrl, Json, TenantIn, TenantPatch, TestEmailIn
+from .limits import while_connected
+from .schemas import AuthorizeUrl, Json, TenantIn, TenantPatch, TenantPath, TenantQuery, TestEmailIn
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorReply}, 403: {"model": ErrorReply}, 404: {"model": ErrorReply}, 422: {"model": ErrorReply},
+    503: {"model": ErrorReply, "description": "The database can't be used just now: try again after Retry-After."},
 }  # fmt: skip
 router = APIRouter(responses=_ERRORS)
 DOCUMENT = Body(
@@ -42,7 +44,7 @@ async def _global_scope(who: Who) -> str:
     return "global"
 
 
-async def _tenant_scope(tenant: str, mg: Acting, who: Who) -> str:
+async def _tenant_scope(tenant: TenantPath, mg: Acting, who: Who) -> str:
     who.must_manage_settings(tenant)
     await mg.tenants.get(tenant)  # 404 for a tenant that does not exist, whoever asks
     return tenant
@@ -92,12 +94,22 @@ def _server_routes(prefix: str, scope_of: Callable[..., Awaitable[str]]) -> None
         """Status, last successful send, last failure, token expiry, consent, coming expiries."""
         return (await mg.servers.health(scope)).to_dict()
 
-    @router.post(prefix + "/test", tags=servers)
-    async def test_server(scope: Scope, body: TestEmailIn, mg: Acting) -> Json:
+    @router.post(prefix + "/test", tags=servers, responses={
+        429: {"model": ErrorReply, "description": "Too many test e-mails under way (for this mail server, or in all): "
+                                                  "try again after Retry-After."},
+    })  # fmt: skip
+    async def test_server(scope: Scope, body: TestEmailIn, mg: Acting, request: Request) -> Any:
         """Send a test e-mail through the mail server: named steps that stop at the first failure,
         each with its duration, details, and for the failed one the cause and the fix. 200
-        whether or not a step failed (`ok` says)."""
-        return (await mg.test_server(scope, body.to, body.settings, dry_run=body.dry_run)).to_dict()
+        whether or not a step failed (`ok` says). At most 2 run at once per mail server (16 in
+        all): 429 beyond. A client that goes away stops its run."""
+        with request.app.state.test_emails.take(scope, "test e-mails"):
+            answered, report = await while_connected(
+                request, mg.test_server(scope, body.to, body.settings, dry_run=body.dry_run)
+            )
+        if not answered or report is None:
+            return Response(status_code=499)  # nobody reads it: the client closed the connection
+        return report.to_dict()
 
     @router.post(prefix + "/oauth/connect", response_model=AuthorizeUrl, tags=oauth)
     async def connect(scope: Scope, mg: Acting) -> Any:
@@ -188,14 +200,14 @@ async def add_tenant(body: TenantIn, mg: Acting, who: Who, response: Response) -
 
 
 @router.get("/v1/tenants/{tenant}", tags=["tenants"])
-async def get_tenant(tenant: str, mg: Acting, who: Who) -> Json:
+async def get_tenant(tenant: TenantPath, mg: Acting, who: Who) -> Json:
     who.must_be("system-admin", "tenant-admin")
     who.may_see_tenant(tenant)
     return (await mg.tenants.get(tenant)).to_dict()
 
 
 @router.patch("/v1/tenants/{tenant}", tags=["tenants"])
-async def update_tenant(tenant: str, body: TenantPatch, mg: Acting, who: Who) -> Json:
+async def update_tenant(tenant: TenantPath, body: TenantPatch, mg: Acting, who: Who) -> Json:
     """Change the fields given. A tenant admin may change only `admin_address`, and
     `support_address` when the tenant may set it."""
     who.must_be("system-admin", "tenant-admin")
@@ -214,7 +226,7 @@ async def update_tenant(tenant: str, body: TenantPatch, mg: Acting, who: Who) ->
 
 
 @router.delete("/v1/tenants/{tenant}", status_code=204, tags=["tenants"])
-async def remove_tenant(tenant: str, mg: Acting, who: Who) -> Response:
+async def remove_tenant(tenant: TenantPath, mg: Acting, who: Who) -> Response:
     """Remove a tenant, its own mail server and its API tokens (the audit log stays; its messages stay
     in the log until they are purged)."""
     who.must_be("system-admin")
@@ -227,7 +239,7 @@ async def remove_tenant(tenant: str, mg: Acting, who: Who) -> Response:
 
 @router.get("/v1/audit", tags=["audit"])
 async def audit_log(
-    mg: Acting, who: Who, tenant: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    mg: Acting, who: Who, tenant: TenantQuery = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[Json]:
     """Settings changes, newest first: all of them (system admin), or the tenant's (tenant admin)."""
     who.must_be("system-admin", "tenant-admin")
