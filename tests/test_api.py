@@ -297,7 +297,8 @@ async def test_consent_connect_and_callback(api: Api) -> None:
         back = await api.client.get(f"{callback.path}?{callback.query}")  # the browser, without a token
         assert back.status_code == 303
         page = await api.client.get(back.headers["location"])
-        assert page.status_code == 200 and "Mailbox connected" in page.text and mailbox in page.text
+        assert page.status_code == 200 and "Mailbox connected" in page.text
+        assert back.headers["location"] == "/v1/oauth/callback/done?result=connected"
         server = (await api.client.get("/v1/tenants/acme/server", headers=headers)).json()["server"]
         assert server["auth"]["token"]["refresh_token"] == {"set": True}
         health = (await api.client.get("/v1/tenants/acme/server/health", headers=headers)).json()
@@ -309,7 +310,7 @@ async def test_consent_connect_and_callback(api: Api) -> None:
         assert "not connected" in page.text and "connect again" in page.text
         refused = await api.client.get("/v1/oauth/callback?error=access_denied&error_description=<script>x</script>")
         page = await api.client.get(refused.headers["location"])
-        assert "access_denied" in page.text and "<script>" not in page.text
+        assert "not connected" in page.text and "declined" in page.text and "<script>" not in page.text
 
         reset = await api.client.post("/v1/tenants/acme/server/oauth/reset", headers=headers)
         assert reset.json()["server"]["auth"]["token"]["refresh_token"] == {"set": False}
@@ -317,6 +318,46 @@ async def test_consent_connect_and_callback(api: Api) -> None:
         assert health["consented_at"] is None
     code = parse_qs(callback.query)["code"][0]
     assert code not in str((await api.client.get("/v1/audit", headers=api.admin)).json())
+
+
+# Words anyone can put in a link to mailgate's own page (phishing on mailgate's origin).
+CRAFTED = "Your mailbox is suspended. Call +1-800-555-0199 or sign in at evil.example"
+
+
+@pytest.mark.parametrize("query", [
+    {"ok": "1", "text": CRAFTED},
+    {"ok": "0", "text": CRAFTED},
+    {"result": CRAFTED},
+    {"result": "connected", "text": CRAFTED},
+], ids=["ok-text", "not-ok-text", "result-text", "result-and-text"])  # fmt: skip
+async def test_the_consent_done_page_shows_no_words_from_the_link(api: Api, query: dict[str, str]) -> None:
+    page = await api.client.get("/v1/oauth/callback/done", params=query)
+    assert page.status_code in (200, 422)
+    assert "800-555" not in page.text and "evil.example" not in page.text and "suspended" not in page.text
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    ("access_denied", "the account that signed in declined it"),
+    ("consent_required", "an administrator's consent"),
+    ("invalid_scope", "check the mail server's client id and scope"),
+    ("temporarily_unavailable", "connect again in a few minutes"),
+    (CRAFTED, "The provider refused the consent."),
+])  # fmt: skip
+async def test_a_providers_error_picks_a_sentence_of_mailgates_and_its_description_is_never_shown(
+    api: Api, error: str, says: str
+) -> None:
+    back = await api.client.get("/v1/oauth/callback", params={"error": error, "error_description": CRAFTED})
+    assert back.status_code == 303 and "800-555" not in back.headers["location"]
+    page = await api.client.get(back.headers["location"])
+    assert "Mailbox not connected" in page.text and says in page.text
+    assert "800-555" not in page.text and "evil.example" not in page.text
+
+
+async def test_a_callback_without_a_consent_under_way_says_connect_again(api: Api) -> None:
+    back = await api.client.get("/v1/oauth/callback", params={"state": "made-up", "code": CRAFTED})
+    page = await api.client.get(back.headers["location"])
+    assert "Mailbox not connected" in page.text and "connect again from mailgate" in page.text
+    assert "800-555" not in page.text
 
 
 # ---- health and metrics ------------------------------------------------------------------------

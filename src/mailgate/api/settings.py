@@ -4,7 +4,7 @@ write-only: reading shows {"set": true|false}, and a changed destination must br
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations,
 # and those of the routes made in _server_routes name a local type (their scope's dependency).
-import html
+import logging
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Annotated, Any
@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from ..errors import NotFound
+from ..errors import DeliveryError, InvalidInput, NotFound
 from ..service import CALLBACK_PATH
 from .deps import Acting, Service, Who
 from .errors import ErrorReply
@@ -25,6 +25,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorReply, "description": "The database can't be used just now: try again after Retry-After."},
 }  # fmt: skip
 router = APIRouter(responses=_ERRORS)
+log = logging.getLogger("mailgate.api")
 DOCUMENT = Body(
     description="The mail server document (DESIGN.md). Secrets: a value replaces the stored one, null removes it, "
     "absent or {\"set\": true} keeps it (unless a destination field changed).",
@@ -136,42 +137,84 @@ async def oauth_callback(
     state: Annotated[str, Query(max_length=200)] = "",
     code: Annotated[str, Query(max_length=4000)] = "",
     error: Annotated[str, Query(max_length=200)] = "",
-    error_description: Annotated[str, Query(max_length=2000)] = "",
+    error_description: Annotated[str, Query(max_length=2000, description="Never shown.")] = "",
 ) -> RedirectResponse:
     """Where the provider sends the admin back after consent (no token: the state is the key).
     Redirects to a page that says whether the mailbox is connected: the mail server's page of the
-    admin UI when the consent was started there, else a small page of its own."""
-    from ..errors import DeliveryError, InvalidInput
+    admin UI when the consent was started there, else a small page of its own. Anyone can make a
+    link here, so neither page shows words from the link: the provider's `error` picks one of
+    mailgate's sentences, and its `error_description` is never shown."""
     from ..web.session import SESSION_COOKIE, flash, server_page
 
     admin = SESSION_COOKIE in request.cookies
     scope = None
     if error:
-        ok, text = False, f"The consent was not given: {error}. {error_description}".strip()
+        result = _OAUTH_ERRORS.get(error, "refused")
     else:
         try:
-            result = await mg.complete_consent(state, code)
-        except (InvalidInput, DeliveryError) as e:
-            ok, text = False, str(e)
+            connected = await mg.complete_consent(state, code)
+        except InvalidInput as e:
+            result = "no_refresh_token" if e.field.startswith("auth.token") else "expired"
+        except DeliveryError as e:
+            # Its text quotes the token endpoint, which whoever set up the mail server chose: the
+            # operator's log has it, no page does.
+            log.warning("a consent's code was not exchanged: %s", e)
+            result = "failed"
         else:
-            ok, text, scope = True, f"Connected: {result.mailbox} now sends the mail of {result.scope}.", result.scope
+            result, scope = "connected", connected.scope
+    ok, text = CONSENT_RESULTS[result]
     if not admin:
-        return _done(ok=ok, text=text)
+        return RedirectResponse(f"{CALLBACK_PATH}/done?{urlencode({'result': result})}", status_code=303)
+    if scope is not None:  # the mailbox and tenant come from the stored settings, not the link
+        text = f"Connected: {connected.mailbox} now sends the mail of {scope}."
     response = RedirectResponse("/admin" if scope is None else server_page(scope) + "#consent", status_code=303)
     flash(response, mg, text, ok=ok, secure=request.url.scheme == "https")
     return response
 
 
-def _done(*, ok: bool, text: str) -> RedirectResponse:
-    return RedirectResponse(f"{CALLBACK_PATH}/done?{urlencode({'ok': int(ok), 'text': text[:500]})}", status_code=303)
+# What a consent's end may say: mailgate's own sentences, picked by a short code.
+CONSENT_RESULTS: dict[str, tuple[bool, str]] = {
+    "connected": (True, "The mailbox is connected: mailgate sends the mail server's mail through it now."),
+    "denied": (False, "The consent was not given: the account that signed in declined it."),
+    "consent_required": (False, "The provider wants an interactive sign-in or an administrator's consent first: "
+                                "connect again and go through the provider's pages."),
+    "misconfigured": (False, "The provider refused mailgate's request as it is set up: check the mail server's "
+                             "client id and scope, and the redirect URL of the app's registration."),
+    "provider_unavailable": (False, "The provider could not answer just now: connect again in a few minutes."),
+    "refused": (False, "The provider refused the consent."),
+    "expired": (False, "This consent is no longer under way (it was used or reset, took longer than 10 minutes, "
+                       "or the mail server's settings changed): connect again from mailgate."),
+    "no_refresh_token": (False, "The provider granted no refresh token, so mailgate can't stay connected: ask for "
+                                "offline access in the scope (Google: access_type=offline) and connect again."),
+    "failed": (False, "The provider's token endpoint refused the consent or could not be reached: connect again; "
+                      "if it keeps failing, the operator's log has the error."),
+}  # fmt: skip
+_UNKNOWN_RESULT = (False, "mailgate can't tell from this link how the consent ended: the mail server's page in "
+                          "mailgate says whether it is connected.")  # fmt: skip
+# RFC 6749 4.1.2.1 and OpenID Connect Core 3.1.2.6: the codes a provider sends back.
+_OAUTH_ERRORS = {
+    "access_denied": "denied",
+    "consent_required": "consent_required",
+    "interaction_required": "consent_required",
+    "login_required": "consent_required",
+    "account_selection_required": "consent_required",
+    "invalid_request": "misconfigured",
+    "invalid_client": "misconfigured",
+    "unauthorized_client": "misconfigured",
+    "unsupported_response_type": "misconfigured",
+    "invalid_scope": "misconfigured",
+    "server_error": "provider_unavailable",
+    "temporarily_unavailable": "provider_unavailable",
+}
 
 
 @router.get(CALLBACK_PATH + "/done", response_class=HTMLResponse, tags=["oauth"], include_in_schema=False)
-async def oauth_done(ok: int = 0, text: str = "") -> HTMLResponse:
+async def oauth_done(result: Annotated[str, Query(max_length=32)] = "") -> HTMLResponse:
+    ok, text = CONSENT_RESULTS.get(result, _UNKNOWN_RESULT)
     title = "Mailbox connected" if ok else "Mailbox not connected"
     page = (
         f"<!doctype html><html lang=en><meta charset=utf-8><title>{title}</title>"
-        f"<h1>{title}</h1><p>{html.escape(text[:500])}</p><p>You can close this window.</p></html>"
+        f"<h1>{title}</h1><p>{text}</p><p>You can close this window.</p></html>"
     )
     return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'none'"})
 
