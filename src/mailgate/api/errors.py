@@ -221,8 +221,6 @@ def unavailable(e: BaseException) -> str | None:
             return reason
         if isinstance(seen, OSError) and seen.errno in _OS_REASONS:
             return _OS_REASONS[seen.errno]
-        if isinstance(seen, ConnectionRefusedError):
-            return "cannot connect (connection refused)"
         seen = seen.__cause__
     return None
 
@@ -238,7 +236,8 @@ def _postgres(e: BaseException) -> str | None:
     if state:
         return _POSTGRES_REASONS.get(state) or _POSTGRES_REASONS.get(state[:2]) or "the database server refused"
     text = str(e).lower()
-    return next((reason for words, reason in _CONNECT_FAILURES if words in text), "cannot connect")
+    fallback = "cannot connect" if isinstance(e, psycopg.OperationalError) else None  # else a misuse: a bug
+    return next((reason for words, reason in _CONNECT_FAILURES if words in text), fallback)
 
 
 def _database_down(request: Request, reason: str, e: BaseException) -> JSONResponse:
