@@ -12,9 +12,11 @@ import asyncio
 import copy
 import getpass
 import os
+import re
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ from .access import ApiTokens
 from .accounts import AdminUsers
 from .config import Config
 from .db.engine import Database, connect, database_url, ensure_schema
-from .errors import MessageError, NotFound, SendingDisabled
+from .errors import MessageError, NotFound, SendingDisabled, SettingsError
 from .message import Address, Message
 from .oauth.cache import TokenCache
 from .oauth.consent import ConsentResult, Consents
@@ -30,12 +32,14 @@ from .outbox.group import GroupCommit
 from .outbox.store import Entry, Outbox, default_domain
 from .outbox.worker import Worker, WorkerStats
 from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
-from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenants, read_audit_log
+from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenants, count_secrets, read_audit_log
 
 if TYPE_CHECKING:
     from .diagnostics.testmail import OnStep, StepReport
 
 CALLBACK_PATH = "/v1/oauth/callback"
+# Not in an idempotency key: control characters, and lone surrogates (not text: no database stores them).
+_NOT_IN_KEY = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 SUBMIT_RESOLVE_TTL = 1.0
 
 
@@ -102,8 +106,8 @@ class Mailgate:
     async def accept(self, tenant: str, message: Message, idempotency_key: str | None = None) -> Submission:
         """`submit`, saying also the message's status and whether the key had been used before."""
         if idempotency_key is not None:
-            if not idempotency_key or len(idempotency_key) > 255:
-                raise MessageError([("idempotency_key", "is 1-255 characters")])
+            if not idempotency_key or len(idempotency_key) > 255 or _NOT_IN_KEY.search(idempotency_key):
+                raise MessageError([("idempotency_key", "is 1-255 characters, without control characters")])
             existing = await self.queue.find_by_key(tenant, idempotency_key)
             if existing is not None:
                 return Submission(existing, (await self.queue.get(existing)).summary.status, replayed=True)
@@ -266,6 +270,18 @@ class Mailgate:
         await self.aclose()
 
 
+async def _refuse_new_key_file_for_secrets(db: Database, key_file: Path) -> None:
+    """A new key could decrypt none of the secrets a database holds already: for such a database a
+    missing key file is an error, never silently replaced (every secret would be lost for good)."""
+    held = await count_secrets(db)
+    if held:
+        raise SettingsError([(str(key_file), (
+            f"the key file is missing, and the database holds {held} encrypted secret(s) that only its keys "
+            f"decrypt. Restore {key_file} from a backup (mode 0600), or set {ENV_KEYS} to the keys it held; "
+            "mailgate makes a new key file only for a database without secrets"
+        ))])  # fmt: skip
+
+
 class _Opening:
     """What `Mailgate.open()` returns: awaitable, and an async context manager."""
 
@@ -279,11 +295,19 @@ class _Opening:
         db = connect(database_url(url or config.database_url or None))
         try:
             path = db.sqlite_path
-            if db.is_sqlite and path is None and not (secret_keys or os.environ.get(ENV_KEYS)):
+            keys = secret_keys or os.environ.get(ENV_KEYS)
+            key_file = key_file_for(path) if path is not None and not keys else None
+            if db.is_sqlite and path is None and not keys:
                 keyring = Keyring([Keyring.generate()], "a key for this in-memory database only")
+            elif key_file is not None and not key_file.exists():
+                keyring = None  # made below, once the database is known to hold no secret
             else:
-                keyring = load_keyring(secret_keys or os.environ.get(ENV_KEYS), key_file_for(path) if path else None)
+                keyring = load_keyring(keys, key_file)
             await ensure_schema(db)
+            if keyring is None:
+                assert key_file is not None
+                await _refuse_new_key_file_for_secrets(db, key_file)
+                keyring = load_keyring(None, key_file)
         except BaseException:
             await db.dispose()
             raise

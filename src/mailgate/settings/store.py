@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..db.engine import Database
@@ -30,7 +30,7 @@ from .document import (
     secret_value,
     storable_document,
 )
-from .secrets import Keyring
+from .secrets import CANNOT_DECRYPT, Keyring
 
 GLOBAL = "global"
 _TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -583,13 +583,62 @@ class Servers(_Part):
     # ---- keys and audit ------------------------------------------------------------------------
 
     async def rotate_keys(self) -> int:
-        """Re-encrypt every stored secret under the newest key. Returns how many."""
+        """Re-encrypt every stored secret under the newest key (the mail servers' secrets and the
+        PKCE verifiers of consents under way). Returns how many. Servers marked broken because
+        their secrets could not be decrypted are mended: they decrypt here."""
+        from ..oauth.consent import VERIFIER_FIELD
+
         async with self.db.write() as s:
             rows = (await s.execute(select(ServerSecret, MailServerRow.scope).join(MailServerRow))).all()
             for secret, scope in rows:
                 secret.ciphertext = self.keyring.rotate(scope, secret.field, secret.ciphertext)
-            self._audit(s, "keys.rotate", None, None, [{"field": "secrets", "from": None, "to": len(rows)}])
-            return len(rows)
+            pending = ConsentRequest.expires_at >= now()  # an expired one is never decrypted again: left as it is
+            consents = (
+                await s.execute(select(ConsentRequest, MailServerRow.scope).join(MailServerRow).where(pending))
+            ).all()
+            for consent, scope in consents:
+                consent.verifier = self.keyring.rotate(scope, VERIFIER_FIELD, consent.verifier)
+            count = len(rows) + len(consents)
+            self._audit(s, "keys.rotate", None, None, [{"field": "secrets", "from": None, "to": count}])
+            for row in await s.scalars(_broken_by_keys()):
+                await self._unbreak(s, row)
+            return count
+
+    async def mend_decryptable(self) -> list[str]:
+        """Servers marked broken because their secrets could not be decrypted, whose secrets this
+        process decrypts now (it was restarted with the right keys): mended, their waiting
+        messages due at once. Returns their scopes."""
+        async with self.db.sessions() as s:  # most often none: no write lock for nothing
+            if await s.scalar(_broken_by_keys().limit(1)) is None:
+                return []
+        mended = []
+        async with self.db.write() as s:
+            for row in await s.scalars(_broken_by_keys().with_for_update()):
+                try:
+                    await self._with_secrets(s, row)
+                except Exception:  # still undecryptable (SecretsError), or not readable at all: stays marked
+                    continue
+                await self._unbreak(s, row)
+                mended.append(row.scope)
+        return mended
+
+    async def _unbreak(self, s: AsyncSession, row: MailServerRow) -> None:
+        reason = row.broken_reason
+        await _mend(s, row)
+        self._audit(s, "server.mended", _tenant_of(row.scope), row.scope,
+                    [{"field": "broken_reason", "from": reason, "to": None}], actor="mailgate")  # fmt: skip
+
+
+async def count_secrets(db: Database) -> int:
+    """The encrypted values the database holds that a key can still open: the mail servers'
+    secrets and the PKCE verifiers of consents not yet expired (`Mailgate.open` refuses to make a
+    new key file for a database that holds any)."""
+    async with db.sessions() as s:
+        secrets = await s.scalar(select(func.count()).select_from(ServerSecret))
+        verifiers = await s.scalar(
+            select(func.count()).select_from(ConsentRequest).where(ConsentRequest.expires_at >= now())
+        )
+    return int(secrets or 0) + int(verifiers or 0)
 
 
 async def read_audit_log(db: Database, tenant_id: str | None = None, *, limit: int = 100) -> list[AuditRecord]:
@@ -707,6 +756,12 @@ async def _mend(s: AsyncSession, row: MailServerRow) -> None:
         .values(due_at=now())
         .execution_options(synchronize_session=False)
     )
+
+
+def _broken_by_keys() -> Select[MailServerRow]:
+    """Servers marked broken because their secrets could not be decrypted (a SecretsError's text
+    is the reason): a problem of the keys, not of the settings, mended when they decrypt again."""
+    return select(MailServerRow).where(MailServerRow.broken_reason.startswith(CANNOT_DECRYPT, autoescape=True))
 
 
 def _tenant_of(scope: str) -> str | None:
