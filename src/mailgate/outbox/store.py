@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, cast, overload
 
 from sqlalchemy import Table, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -25,6 +27,8 @@ from ..db.engine import Database
 from ..db.models import AttemptRow, MessageAttachment, MessageBody, MessageRecipient, MessageRow, now
 from ..errors import Conflict, NotFound
 from ..message import Message
+
+log = logging.getLogger("mailgate.outbox")
 
 # Statuses. queued → sending → sent | deferred → … | failed | cancelled; held while sending is
 # disabled (with hold_when_disabled).
@@ -376,7 +380,7 @@ class Outbox:
             "status": status,
             "idempotency_key": key,
             "message_id": m.message_id,
-            "subject": m.subject[:1000],
+            "subject": storable(m.subject[:1000]),
             "size": m.estimated_size(),
             "attempts": 0,
             "created_at": at,
@@ -423,11 +427,18 @@ class Outbox:
                     await self.release(worker, pks)
                 raise
         content, pending, accepted, files = found
-        return [
-            Claimed(r.id, r.tenant_id, Message.from_dict(content[r.id], files[r.id]), pending[r.id], r.attempts,
-                    r.created_at, r.expires_at, r.previous_owner, accepted[r.id], r.quota_slot)
-            for r in rows
-        ]  # fmt: skip
+        claimed, unreadable = [], []
+        for r in rows:
+            try:
+                message = Message.from_dict(content[r.id], files[r.id])
+            except Exception as e:  # a body this version can't read fails alone, not every claim that meets it
+                log.error("message %s of %s can't be read from the outbox", r.id, r.tenant_id, exc_info=e)
+                unreadable.append(_unreadable(r, pending[r.id], accepted[r.id], e))
+                continue
+            claimed.append(Claimed(r.id, r.tenant_id, message, pending[r.id], r.attempts, r.created_at, r.expires_at,
+                                   r.previous_owner, accepted[r.id], r.quota_slot))  # fmt: skip
+        await self.record(worker, unreadable)
+        return claimed
 
     async def _claimed(self, s: Any, pks: list[int]) -> _Found:
         """The claimed messages' bodies, recipients still due, recipients that accepted before,
@@ -461,8 +472,8 @@ class Outbox:
         at = now()
         latest = list({o.pk: o for o in outcomes}.values())
         messages = [
-            (o.pk, o.status, o.due_at, o.attempts_before + (1 if o.count_attempt else 0), o.server_id, o.last_error,
-             at if o.status == SENT else None, o.quota_slot)
+            (o.pk, o.status, o.due_at, o.attempts_before + (1 if o.count_attempt else 0), o.server_id,
+             storable(o.last_error), at if o.status == SENT else None, o.quota_slot)
             for o in latest
         ]  # fmt: skip
         write = _SQLiteRecord() if self.db.is_sqlite else _PostgreSQLRecord()
@@ -471,7 +482,7 @@ class Outbox:
             mine = [o for o in outcomes if o.pk in owned]
             if not mine:
                 return
-            states = [(pk, pos, *state) for (pk, pos), state in
+            states = [(pk, pos, st, code, enhanced, storable(text)) for (pk, pos), (st, code, enhanced, text) in
                       {(o.pk, pos): state for o in mine for pos, state in o.recipients.items()}.items()]  # fmt: skip
             if states:
                 await write.recipients(s, states)
@@ -775,9 +786,37 @@ def _attempt_row(worker: str, o: Outcome) -> dict[str, Any]:
         "message_pk": o.pk, "number": o.attempts_before + 1, "worker": worker,
         "started_at": o.started_at, "duration_ms": o.duration_ms, "server_scope": o.server_scope,
         "server_id": o.server_id, "server_version": o.server_version, "server": o.server,
-        "outcome": o.outcome, "code": o.code, "enhanced": o.enhanced, "text": o.text,
-        "results": o.results, "note": o.note,
+        "outcome": o.outcome, "code": o.code, "enhanced": o.enhanced, "text": storable(o.text),
+        "results": [{k: storable(v) if isinstance(v, str) else v for k, v in r.items()} for r in o.results],
+        "note": storable(o.note),
     }  # fmt: skip
+
+
+# What neither database stores as text: NUL (PostgreSQL refuses it) and lone surrogates (not
+# UTF-8: PostgreSQL refuses them, SQLite's JSON functions write bytes no reader can decode).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+@overload
+def storable(text: str) -> str: ...
+@overload
+def storable(text: None) -> None: ...
+def storable(text: str | None) -> str | None:
+    """`text` as both databases can store and read it back: what they can't, replaced by U+FFFD.
+    A server's reply, an error's text or a subject may carry anything; one such text must not
+    make a message unreadable, nor its outcome unwritable (the worker would stop recording)."""
+    if text is None or ("\x00" not in text and (text.isascii() or _UNSTORABLE.search(text) is None)):
+        return text
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def _unreadable(r: Any, pending: list[tuple[int, str]], accepted: int, e: Exception) -> Outcome:
+    """A claimed message whose stored form can't be read: it fails (sent, if some recipients
+    accepted it before) with the reason, without quoting what it holds."""
+    why = f"mailgate could not read the stored message ({type(e).__name__}); it was not sent"
+    return Outcome(r.id, now(), 0, "error", why, SENT if accepted else FAILED, None,
+                   recipients={pos: (REFUSED, None, None, why) for pos, _ in pending}, last_error=why,
+                   attempts_before=r.attempts)  # fmt: skip
 
 
 async def _message(s: Any, pk: int, tenant_id: str | None, *, lock: bool = False) -> MessageRow:

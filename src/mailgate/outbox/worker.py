@@ -14,12 +14,18 @@ A recorder writes the outcomes as they come. A stop (SIGTERM) gives back what no
 lets the sends under way finish — up to `stop_grace` — and records them; nothing is lost. A worker
 that dies instead leaves leases that run out, and another worker takes those messages over,
 saying in the attempt log that they may have been delivered already.
+
+Nothing one message or one tenant holds stops the others: a message that can't be built fails
+alone, a tenant whose settings can't be read (or whose secrets the keys no longer decrypt) waits
+alone, and a bug in a sender or in the claim loop is logged and outlived — the messages it held
+are recorded as deferred, never left in the worker's hands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -31,16 +37,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from ..config import Config
 from ..db.models import now
 from ..delivery import Delivery, Outcome
 from ..diagnostics.catalogue import Explanation, explain_failure, with_explanation
-from ..errors import DeliveryError, InvalidInput, MessageError, NotFound
+from ..errors import DeliveryError, InvalidInput, MailgateError, MessageError, NotFound
 from ..message import Envelope, Message
 from ..oauth.cache import TokenCache
 from ..settings.document import MailServer
+from ..settings.secrets import CANNOT_DECRYPT, SecretsError
 from ..settings.store import Resolution, Servers
 from ..smtp.errors import SMTPNotSupportedError
 from ..transports.base import Transport
@@ -119,6 +126,23 @@ class _Lane:
         self.trips, self.failed, self.held_until = 0, None, 0.0
 
 
+@dataclass(frozen=True)
+class _Unresolved:
+    """A tenant whose mail server could not be worked out (its stored settings can't be read):
+    its messages wait, the other tenants' go."""
+
+    reason: str
+
+
+class _CouldNotBuild(Exception):
+    """This message, not the server: composing it raised `cause` (a character no mail can carry
+    that slipped past validation, or a bug). It fails alone."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
+
+
 @dataclass
 class _Ready:
     """A message about to go: what the attempt needs to conclude it."""
@@ -157,7 +181,7 @@ class Worker:
         )
         self._rng = random.Random()
         self._lanes: dict[tuple[int, int], _Lane] = {}
-        self._resolved: dict[str, tuple[float, Resolution | None]] = {}  # tenant → (loop time, resolution)
+        self._resolved: dict[str, tuple[float, _Resolved]] = {}  # tenant → (loop time, resolution)
         self._waiting: dict[tuple[int, int], _Lane] = {}  # lanes with a backlog
         self._backlog = 0  # claimed messages no sender has taken yet
         self._ready = 0  # of those, what the lanes could start on at once: sum of min(backlog, capacity)
@@ -177,6 +201,7 @@ class Worker:
         self._health: dict[int, dict[str, Any]] = {}  # server id → news for its credential health
         self._notices: set[asyncio.Task[None]] = set()  # "your mail server is broken" mails on their way
         self._token_expiry: dict[int, datetime] = {}  # as last written
+        self._keys_checked = False  # servers marked broken by keys this process decrypts: mended once
 
     @property
     def pools(self) -> Pools:
@@ -193,16 +218,28 @@ class Worker:
         self._recorder = recorder = _Recorder(self.outbox, self.name, self.config.stop_grace)
         relay = asyncio.create_task(self._relay(stop))
         backoff = self.config.poll_interval
+        failure = ""  # the claim loop's last unexpected failure: its traceback is logged once
         log.info("worker %s started", self.name)
         try:
             while not stop.is_set():
                 try:
                     if not await self._step(recorder, until_idle):
                         break
-                    backoff = self.config.poll_interval
+                    backoff, failure = self.config.poll_interval, ""
                 except DATABASE_ERRORS as e:
                     # The database is away for a while: try again, never give up the worker.
                     log.warning("the database failed (%s); trying again in %.1f s", _first_line(e), backoff)
+                    await self._pause(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                except Exception as e:
+                    # A bug, or something this version can't handle: never the end of the worker
+                    # (what the turn claimed was given back), nor a log flooded with tracebacks.
+                    seen = f"{type(e).__name__}: {_first_line(e)}"
+                    if seen != failure:
+                        log.exception("the worker's claim loop failed; trying again in %.1f s", backoff)
+                    else:
+                        log.warning("the worker's claim loop failed again (%s); trying again in %.1f s", seen, backoff)
+                    failure = seen
                     await self._pause(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
@@ -220,11 +257,16 @@ class Worker:
         loop = asyncio.get_running_loop()
         self.heartbeat = time.monotonic()
         if loop.time() >= self._housekeeping_at:
+            # Due again later even if it fails: a failure that repeats must not keep every turn from claiming.
+            self._housekeeping_at = loop.time() + HOUSEKEEPING_EVERY
+            if not self._keys_checked:  # restarted with the keys that decrypt them: they send again
+                for scope in await self.servers.mend_decryptable():
+                    log.warning("the secrets of the %s mail server decrypt again: no longer marked broken", scope)
+                self._keys_checked = True
             await self._release_held()
             await self._write_health()
             self._pools.sweep()
             await self._slots.renew()  # the connection slots of open connections
-            self._housekeeping_at = loop.time() + HOUSEKEEPING_EVERY
         renew_every = self.config.lease / 4
         if self._held and loop.time() - self._renewed_at >= renew_every:
             started = loop.time()
@@ -241,10 +283,10 @@ class Worker:
                      self.config.lease)  # fmt: skip
             self.stats.released += released
         if loop.time() >= self._purge_at:
+            self._purge_at = loop.time() + PURGE_EVERY
             bodies, lines = await self.outbox.purge()
             if bodies or lines:
                 log.info("purged %d message bodies and %d old messages", bodies, lines)
-            self._purge_at = loop.time() + PURGE_EVERY
         if recorder.failing or not self._wants_more():
             # Nothing new is sent while outcomes can't be written: each would be sent again.
             await self._pause(self.config.poll_interval)
@@ -259,7 +301,11 @@ class Worker:
                     await self.outbox.release(self.name, [c.pk for c in batch])
                 raise
             for c in batch:
-                self._take(c, resolutions[c.tenant_id], recorder)
+                try:
+                    self._take(c, resolutions[c.tenant_id], recorder)
+                except Exception as e:  # a bug: this message is given back for later, the others go on
+                    log.exception("taking message %s failed", c.pk)
+                    self._add(recorder, self._gave_back(c, self._finisher(c), e, {}))
             self._dispatch()
             return True
         if until_idle and self._backlog == 0 and not self._senders:
@@ -276,12 +322,14 @@ class Worker:
         await stop.wait()
         self._wake.set()
 
-    async def _resolve(self, batch: list[Claimed]) -> dict[str, Resolution | None]:
+    async def _resolve(self, batch: list[Claimed]) -> dict[str, _Resolved]:
         """Each tenant's resolved server, looked up at most every RESOLVE_TTL seconds: a lookup
         (two queries, decrypting the secrets, validating the document) costs more than sending
-        a message, and a batch may hold many tenants. New settings take effect within the TTL."""
+        a message, and a batch may hold many tenants. New settings take effect within the TTL.
+        A tenant whose server can't be worked out waits alone; only the database failing stops
+        the batch (it is given back)."""
         at = asyncio.get_running_loop().time()
-        resolutions: dict[str, Resolution | None] = {}
+        resolutions: dict[str, _Resolved] = {}
         for tenant in {c.tenant_id for c in batch}:
             cached = self._resolved.get(tenant)
             if cached is not None and at - cached[0] < RESOLVE_TTL:
@@ -291,20 +339,51 @@ class Worker:
                 resolutions[tenant] = await self.servers.resolve(tenant)
             except NotFound:
                 resolutions[tenant] = None  # the tenant was removed
+            except SecretsError as e:
+                resolutions[tenant] = await self._undecryptable(tenant, e)
+            except DATABASE_ERRORS:
+                raise
+            except Exception as e:  # e.g. a stored document this version refuses: not the others' problem
+                why = f"mailgate could not read the mail server settings of {tenant} ({_failure(e)})"
+                log.exception("%s; its messages wait", why)
+                resolutions[tenant] = _Unresolved(f"{why}; saving the settings again may fix it")
             self._resolved[tenant] = (at, resolutions[tenant])
         if len(self._resolved) > 10_000:  # forget the stale ones
             self._resolved = {t: v for t, v in self._resolved.items() if at - v[0] < RESOLVE_TTL}
         return resolutions
 
+    async def _undecryptable(self, tenant: str, e: SecretsError) -> Resolution | None:
+        """The tenant's server has a secret this process's keys don't decrypt (even after reading
+        a changed key file again): the server is marked broken with the reason — what the admin
+        sees, and what to do — and its messages wait; other servers keep sending."""
+        try:
+            plain = await self.servers.resolve(tenant, secrets=False)
+        except NotFound:
+            return None
+        if plain.server_id is None or plain.version is None:
+            return plain  # sending was switched off meanwhile
+        reason = str(e)
+        if await self.servers.mark_broken(plain.server_id, plain.version, reason):
+            # The operator's keys, not the tenant's settings: the log, not the tenant admin, hears it.
+            log.error("mail server %s (version %s) marked broken: %s", plain.server_id, plain.version, reason)
+        return dataclasses.replace(plain, broken_reason=plain.broken_reason or reason)
+
     # ---- lanes and senders -------------------------------------------------------------------
 
-    def _take(self, c: Claimed, resolution: Resolution | None, recorder: _Recorder) -> None:
+    def _add(self, recorder: _Recorder, outcome: Recorded) -> None:
+        """The message is settled (or waits again): recorded, no longer held by this worker."""
+        self._held.discard(outcome.pk)
+        recorder.add(outcome)
+        self._count(outcome)
+
+    def _take(self, c: Claimed, resolution: _Resolved, recorder: _Recorder) -> None:
         """A claimed message goes to its server's lane, or is settled at once when there is no
-        server to try (tenant removed, sending disabled, server marked broken)."""
+        server to try (tenant removed, sending disabled, server marked broken, settings unusable)."""
+        if isinstance(resolution, _Unresolved):
+            self._add(recorder, self._retry_later(c, self._finisher(c), "error", resolution.reason, None))
+            return
         if resolution is None or resolution.server is None or resolution.broken_reason:
-            outcome = self._without_server(c, resolution)
-            recorder.add(outcome)
-            self._count(outcome)
+            self._add(recorder, self._without_server(c, resolution))
             return
         assert resolution.server_id is not None and resolution.version is not None
         key = (resolution.server_id, resolution.version)
@@ -376,9 +455,16 @@ class Worker:
         recorder = self._recorder
         assert recorder is not None
         loop = asyncio.get_running_loop()
+        holding: dict[int, tuple[Claimed, Resolution]] = {}  # taken from the lane, not yet recorded
+
+        def conclude(outcome: Recorded) -> None:
+            holding.pop(outcome.pk, None)
+            self._add(recorder, outcome)
+
+        transport: Transport | None = None
+        took = 0
         try:
             async with contextlib.AsyncExitStack() as stack:
-                transport: Transport | None = None
                 try:
                     transport = await stack.enter_async_context(self._pools.get(*lane.key, lane.server).transport())
                 except (DeliveryError, InvalidInput) as e:  # these settings can't make a connection
@@ -401,14 +487,28 @@ class Worker:
                         self._stale.extend(stale)
                         self._held.difference_update(stale)
                         self._wake.set()
-                    for outcome in await self._attempt(fresh, lane, transport) if fresh else ():
-                        self._held.discard(outcome.pk)
-                        recorder.add(outcome)
-                        self._count(outcome)
+                    holding.update((c.pk, (c, r)) for c, r in fresh)
+                    took += len(fresh) + len(stale)
+                    if fresh:
+                        await self._attempt(fresh, lane, transport, conclude)
                     if lane.failed is not None and lane.active > 1:
                         break  # held back: one sender defers the rest, the others go elsewhere
                     if self._others_wait(lane):
                         break
+        except Exception as e:
+            # A bug: logged once, with its traceback. The messages this sender held wait again
+            # (deferred, with the growing backoff and the maximum age of any failure) rather than
+            # given back for at once: the same bug would meet them again at once, and the send may
+            # have reached the server. Its connection is closed: it may be mid-transaction.
+            log.exception("a sender of mail server %s failed; its %d messages wait", lane.key[0], len(holding))
+            if not took:  # it failed before taking a message: the next sender would at once, again and again
+                lane.trip(DeliveryError(f"mailgate failed ({_failure(e)}; the log has the details)"), loop.time())
+            for c, r in list(holding.values()):
+                where = {"server_scope": r.source, "server_id": lane.key[0], "server_version": lane.key[1]}
+                conclude(self._gave_back(c, self._finisher(c), e, where))
+            if isinstance(transport, SMTPTransport):  # its own connection (a Graph transport is shared)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(transport.aclose(), self.config.stop_grace)
         finally:
             lane.active -= 1
             self._free += 1
@@ -454,6 +554,11 @@ class Worker:
                 resolution = await self.servers.resolve(tenant, secrets=False)
             except NotFound:
                 continue
+            except DATABASE_ERRORS:
+                raise
+            except Exception:  # this tenant's settings can't be read: its messages stay held, the others not
+                log.exception("whether %s may send again could not be worked out", tenant)
+                continue
             if not resolution.disabled:
                 log.info("sending is enabled again for %s: released %d held messages", tenant,
                          await self.outbox.release_held(tenant))  # fmt: skip
@@ -492,12 +597,12 @@ class Worker:
         return self._wait_for_fix(finish, resolution.broken_reason, count_attempt=False, **where)
 
     async def _attempt(
-        self, items: list[tuple[Claimed, Resolution]], lane: _Lane, transport: Transport | None
-    ) -> list[Recorded]:
+        self, items: list[tuple[Claimed, Resolution]], lane: _Lane, transport: Transport | None,
+        conclude: Callable[[Recorded], None],
+    ) -> None:  # fmt: skip
         """Send these messages of one lane through `transport` — several at once pipelined one
-        after the other — and work out what each becomes."""
+        after the other — and work out what each becomes, telling `conclude` as each is known."""
         ready: list[_Ready] = []
-        outcomes: list[Recorded] = []
         for c, resolution in items:
             finish = self._finisher(c)
             where: dict[str, Any] = {"server_scope": resolution.source, "server_id": lane.key[0],
@@ -506,48 +611,79 @@ class Worker:
             if untried is None and (lane.server.quota.messages_per_minute or lane.server.quota.recipients_per_day):
                 untried = await self._reserve(c, lane, finish, where)
             if untried is not None:
-                outcomes.append(untried)
+                conclude(untried)
                 continue
-            message = lane.server.fill_in(c.message)
             pending = {address: pos for pos, address in c.pending}
             try:
+                message = lane.server.fill_in(c.message)
                 envelope = Envelope(lane.server.envelope_from or message.sender().envelope_form(False), tuple(pending))
             except MessageError as e:
                 refused = _every(c, (REFUSED, None, None, str(e)))
-                outcomes.append(self._settle(c, finish, refused, "permanent", str(e), **where))
+                conclude(self._settle(c, finish, refused, "permanent", str(e), **where))
+                continue
+            except Exception as e:  # this message, not the server: it fails alone
+                conclude(self._could_not_build(c, finish, e, where))
                 continue
             ready.append(_Ready(c, finish, where, envelope, message, pending))
         if not ready:
-            return outcomes
+            return
         assert transport is not None
         for r in ready:
             r.where["server"] = transport.server
-        results: list[Delivery | BaseException]
+        results = await self._send(transport, ready)
+        for r, result in zip(ready, results, strict=True):
+            try:
+                outcome = await self._outcome(r, lane, result)
+            except Exception as e:  # a bug, or the database failed marking the server: not the others' outcomes
+                log.exception("concluding message %s failed", r.c.pk)
+                outcome = self._gave_back(r.c, r.finish, e, r.where)
+            conclude(outcome)
+
+    async def _outcome(self, r: _Ready, lane: _Lane, result: Result) -> Recorded:
+        outcome = self._conclude(r.c, r.finish, r.where, lane, r.pending, result)
+        accepted = isinstance(result, Delivery) and result.all_accepted
+        explanation = None if accepted else explain_failure(result, lane.server)
+        if outcome is None:  # refused for good: mark the server
+            err = result
+            assert isinstance(err, DeliveryError | InvalidInput)
+            text = with_explanation(err.message if isinstance(err, DeliveryError) else str(err), explanation)
+            code = {"code": err.code, "enhanced": err.enhanced} if isinstance(err, DeliveryError) else {}
+            outcome = await self._broken(r.c, r.finish, text, **code, **r.where)
+        elif explanation is not None and outcome.outcome not in ("accepted", "quota"):
+            outcome.note = _join(outcome.note, str(explanation))
+        self._note_health(lane.key[0], result, explanation)
+        return outcome
+
+    async def _send(self, transport: Transport, ready: list[_Ready], *, isolate: bool = True) -> list[Result]:
+        """Each message's Delivery, or the error that stopped it: one shared by all when the
+        server failed. When composing a message raised (the transport composes as it sends),
+        each message is composed here to find which: those fail alone (`_CouldNotBuild`, or
+        their MessageError), the others are sent again without them. Anything else raised is a
+        bug, for the sender to handle."""
         try:
             if isinstance(transport, SMTPTransport) and len(ready) > 1:
-                results = list(await transport.send_many([(r.envelope, r.message) for r in ready]))
-            else:
-                assert len(ready) == 1  # other transports take one message at a time
-                results = [await transport.send(ready[0].envelope, ready[0].message)]
+                return list(await transport.send_many([(r.envelope, r.message) for r in ready]))
+            assert len(ready) == 1  # other transports take one message at a time
+            return [await transport.send(ready[0].envelope, ready[0].message)]
         except asyncio.CancelledError as e:
-            results = [e] * len(ready)
-        except (DeliveryError, InvalidInput) as e:
-            results = [e] * len(ready)
-        for r, result in zip(ready, results, strict=True):
-            outcome = self._conclude(r.c, r.finish, r.where, lane, r.pending, result)
-            accepted = isinstance(result, Delivery) and result.all_accepted
-            explanation = None if accepted else explain_failure(result, lane.server)
-            if outcome is None:  # refused for good: mark the server
-                err = result
-                assert isinstance(err, DeliveryError | InvalidInput)
-                text = with_explanation(err.message if isinstance(err, DeliveryError) else str(err), explanation)
-                code = {"code": err.code, "enhanced": err.enhanced} if isinstance(err, DeliveryError) else {}
-                outcome = await self._broken(r.c, r.finish, text, **code, **r.where)
-            elif explanation is not None and outcome.outcome not in ("accepted", "quota"):
-                outcome.note = _join(outcome.note, str(explanation))
-            self._note_health(lane.key[0], result, explanation)
-            outcomes.append(outcome)
-        return outcomes
+            return [e] * len(ready)
+        except DeliveryError as e:
+            return [e] * len(ready)
+        except InvalidInput as e:
+            if not isinstance(e, MessageError) or len(ready) == 1:
+                return [e] * len(ready)  # the settings can't send (a lane's problem), or this one message
+            error: Exception = e
+        except Exception as e:
+            error = e
+        culprits = {i: why for i, r in enumerate(ready) if (why := _compose_error(r.message)) is not None}
+        if not culprits or not isolate:
+            raise error
+        # With max_messages_per_connection below the batch, the transport may have sent a first
+        # part before it composed the culprit: those go again (the transport could say per
+        # message, as it does for the server's refusals).
+        others = [r for i, r in enumerate(ready) if i not in culprits]
+        sent = iter(await self._send(transport, others, isolate=False) if others else [])
+        return [culprits[i] if i in culprits else next(sent) for i in range(len(ready))]
 
     def _note_health(self, server_id: int, result: Delivery | BaseException, explanation: Explanation | None) -> None:
         """A send the server accepted, or a failure of the server itself (not a recipient's)."""
@@ -623,6 +759,10 @@ class Worker:
         if isinstance(e, InvalidInput):  # the stored settings can't send (e.g. no token source yet)
             lane.trip(e, loop.time())
             return None
+        if isinstance(e, _CouldNotBuild):
+            return self._could_not_build(c, finish, e.cause, where)
+        if isinstance(e, Exception) and not isinstance(e, MailgateError):  # this item's own: composing it raised
+            return self._could_not_build(c, finish, e, where)
         if isinstance(e, BaseException):
             raise e
         lane.succeeded()
@@ -741,10 +881,30 @@ class Worker:
         except Exception as e:
             log.warning("telling the admin that mail server %s is broken failed: %s", server_id, _first_line(e))
 
+    def _could_not_build(self, c: Claimed, finish: Finish, e: BaseException, where: dict[str, Any]) -> Recorded:
+        """The message can't be made into e-mail: it fails alone, for good (it would fail again),
+        saying why without quoting what it holds."""
+        why = f"mailgate could not build the message: {_build_failure(c.message, e)}; it was not sent"
+        if isinstance(e, UnicodeError):  # what it carries, not mailgate: no traceback needed
+            log.warning("message %s of %s failed: %s", c.pk, c.tenant_id, why)
+        else:
+            log.error("message %s of %s failed: %s", c.pk, c.tenant_id, why, exc_info=e)
+        return self._settle(c, finish, _every(c, (REFUSED, None, None, why)), "error", why, **where)
+
+    def _gave_back(self, c: Claimed, finish: Finish, e: BaseException, where: dict[str, Any]) -> Recorded:
+        """A message a bug interrupted: it waits and is tried again later (in the end, after the
+        maximum age, it fails). The send may have reached the server."""
+        why = f"mailgate failed while handling the message ({_failure(e)}; the log has the details)"
+        note = "the send may have reached the server before mailgate failed"
+        return self._retry_later(c, finish, "error", why, None, note=note, **where)
+
     def _wait_for_fix(self, finish: Finish, reason: str, **kw: Any) -> Recorded:
         """The message waits for the broken server's settings to be saved (or re-checks later)."""
         due = now() + timedelta(seconds=self.config.broken_recheck)
-        why = f"waiting: the mail server refused us for good ({reason}); fix its settings"
+        if reason.startswith(CANNOT_DECRYPT):  # mailgate's keys, not the server: the reason says what to do
+            why = f"waiting: {reason}"
+        else:
+            why = f"waiting: the mail server refused us for good ({reason}); fix its settings"
         return finish("broken", why, due_at=due, last_error=why, **kw)
 
 
@@ -794,7 +954,7 @@ class _Recorder:
             while self._buffer:
                 batch, self._buffer = self._buffer, []
                 try:
-                    await self._outbox.record(self._worker, batch)
+                    await self._write(batch)
                 except DATABASE_ERRORS as e:
                     self._buffer[:0] = batch
                     if not self.failing:
@@ -814,6 +974,84 @@ class _Recorder:
                 self.failing, pause = False, 0.2
             if self._closing:
                 return
+
+    async def _write(self, batch: list[Recorded]) -> None:
+        """Write a group of outcomes. One the database refuses for what it holds (not for being
+        away), or that a bug stops, is written one outcome at a time, so that a bad outcome can't
+        hold up the others, nor stop the recorder: that one is left to its lease, which runs out,
+        and another worker takes the message over, saying it may have been delivered."""
+        try:
+            await self._outbox.record(self._worker, batch)
+        except Exception as e:
+            if isinstance(e, DATABASE_ERRORS) and not isinstance(e, DataError):
+                raise  # the database is away: the caller keeps them and tries again
+            if len(batch) == 1:
+                log.error("the outcome of message %s could not be written; another worker takes the message over "
+                          "when its lease runs out", batch[0].pk, exc_info=e)  # fmt: skip
+                return
+            log.error("%d outcomes could not be written together (%s); writing them one by one", len(batch),
+                      type(e).__name__)  # fmt: skip
+            for outcome in batch:
+                await self._write([outcome])
+
+
+_Resolved = Resolution | _Unresolved | None  # None: the tenant was removed
+Result = Delivery | BaseException
+
+
+def _compose_error(message: Message) -> BaseException | None:
+    """What composing `message` raises, in either form the transports compose (UTF-8 headers or
+    encoded words), wrapped as `_CouldNotBuild` unless it is a MessageError; None if it composes."""
+    try:
+        for utf8 in (False, True):
+            message.compose(utf8=utf8)
+    except MessageError as e:
+        return e
+    except Exception as e:
+        return _CouldNotBuild(e)
+    return None
+
+
+def _build_failure(message: Message, e: BaseException) -> str:
+    """Why a message could not be built — the field and the character's code point when a codec
+    refused one, else the exception's type — without a word of what the message says."""
+    if isinstance(e, UnicodeEncodeError):
+        try:
+            found = _unencodable(message.to_dict(), "")
+        except Exception:
+            found = None
+        what = f"{e.reason} ({type(e).__name__})"
+        if found is not None:
+            return f"its {found[0]} holds {found[1]}, which can't be encoded as UTF-8: {what}"
+        return what
+    if isinstance(e, UnicodeError):
+        return f"{getattr(e, 'reason', 'a character could not be encoded')} ({type(e).__name__})"
+    return f"{type(e).__name__} while composing it"
+
+
+def _unencodable(data: Any, path: str) -> tuple[str, str] | None:
+    """The first text in `data` (a message's stored form) that UTF-8 can't encode: (its field, the
+    code point)."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path or "text", f"U+{ord(data[e.start]):04X}"
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            if (found := _unencodable(value, f"{path}.{key}" if path else str(key))) is not None:
+                return found
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            if (found := _unencodable(value, f"{path}[{i}]")) is not None:
+                return found
+    return None
+
+
+def _failure(e: BaseException) -> str:
+    """An unexpected failure for a message's log: mailgate's own errors are written for people
+    (never with a secret), anything else may quote what it failed on: its type only."""
+    return f"{type(e).__name__}: {_first_line(e)[:300]}" if isinstance(e, MailgateError) else type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:
