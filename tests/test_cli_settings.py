@@ -255,6 +255,21 @@ def test_send_now_through_a_tenants_resolved_server(cli: CLI) -> None:
     assert received.auth_login == "user@example.com"
 
 
+def test_send_now_through_a_tenants_own_server_obeys_the_destination_policy(cli: CLI) -> None:
+    cli.env["MAILGATE_TENANT_NETWORKS"] = ""  # the default: a tenant's server may not point at loopback
+    with serve_in_thread(ServerConfig()) as server:
+        doc = cli.doc(smtp={"host": server.host, "port": server.port, "security": "none"}, auth={"method": "none"})
+        cli("tenants", "add", "acme", "--may-use-own-server")
+        cli("servers", "set", "global", "--file", doc)
+        cli("servers", "set", "acme", "--file", doc)
+        out = cli("send", "--tenant", "acme", "--now", "--to", "a@example.org", "--text", "x", check=4)
+        assert server.connection_count == 0
+        cli("tenants", "add", "shared")  # through the global server, which may
+        cli("send", "--tenant", "shared", "--now", "--to", "a@example.org", "--text", "x")
+        server.wait_for_messages_sync(1)
+    assert "127.0.0.1 is a loopback address" in out.stderr and "MAILGATE_TENANT_NETWORKS" in out.stderr
+
+
 def test_send_when_sending_is_disabled_exits_4_with_the_reason(cli: CLI) -> None:
     cli("tenants", "add", "acme")
     out = cli("send", "--tenant", "acme", "--to", "a@example.org", "--text", "x", check=4)

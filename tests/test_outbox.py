@@ -5,6 +5,7 @@ every test runs on SQLite and on PostgreSQL (see conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -309,6 +310,24 @@ async def test_broken_credentials_wait_then_fixed_settings_deliver(open_mg: Open
     assert shown is not None
     assert [await status(mg, pk) for pk in pks] == ["sent"] * 3
     assert "server.broken" in [e.action for e in await mg.audit_log()]
+
+
+async def test_a_tenants_server_the_destination_policy_refuses_is_never_connected(open_mg: Opener) -> None:
+    # The default policy: a tenant's own server may not point at loopback; the global server may.
+    mg = await open_mg(dataclasses.replace(FAST, tenant_networks=""))
+    async with serve(ServerConfig()) as server:
+        await mg.servers.set("global", server_doc(server))
+        await mg.tenants.add("own", may_use_own_server=True)
+        await mg.tenants.add("shared")
+        await mg.servers.set("own", server_doc(server))
+        refused = await mg.submit("own", note(subject="own"))
+        sent = await mg.submit("shared", note(subject="shared"))
+        await mg.run_worker(until_idle=True)
+    assert [str(m.parsed()["Subject"]) for m in server.messages] == ["shared"]
+    assert server.connection_count == 1  # the global server's connection only
+    assert await status(mg, sent) == "sent" and await status(mg, refused) == "deferred"
+    reason = (await mg.servers.health("own")).broken_reason
+    assert reason is not None and "127.0.0.1 is a loopback address" in reason
 
 
 async def test_transient_failures_stop_at_the_maximum_age(open_mg: Opener) -> None:

@@ -31,6 +31,7 @@ from ._common import (
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
+    from ..destinations import Destinations
     from ..message import Attachment, Message
     from ..oauth.cache import TokenCache
     from ..settings import MailServer
@@ -185,9 +186,12 @@ async def _main(
             raise SendingDisabled(resolution.reason)
         doc = resolution.server
         message = _message(doc, content)
-        # A rotated refresh token goes back to the stored settings, as the worker does it.
+        # A rotated refresh token goes back to the stored settings, as the worker does it; and its
+        # connections obey the destination policy of the server's scope, as the worker's do.
         where = (resolution.server_id or 0, resolution.version or 0, mg.servers.store_refresh_token)
-        return message, await _deliver(doc, message, password, token, log, mg.tokens, where)
+        scope = "global" if resolution.source == "global" else tenant
+        return message, await _deliver(doc, message, password, token, log, mg.tokens, where,
+                                       (mg.config.destinations, scope))  # fmt: skip
 
 
 async def _deliver(
@@ -198,6 +202,7 @@ async def _deliver(
     log: ProtocolLog | None,
     tokens: TokenCache | None = None,
     stored: tuple[int, int, RefreshTokenStore] | None = None,
+    policy: tuple[Destinations, str] | None = None,
 ) -> Delivery:
     """Send once, now: through the settings' own transport (token source included), or with the
     password or access token given on the command line."""
@@ -226,11 +231,13 @@ async def _deliver(
         finally:
             await transport.aclose()
     server_id, version, store = stored if stored is not None else (0, 0, None)
-    pools = Pools((lambda prefix: log) if log else None, tokens=tokens, store_refresh_token=store)
+    destinations, scope = policy if policy is not None else (None, None)
+    pools = Pools((lambda prefix: log) if log else None, tokens=tokens, store_refresh_token=store,
+                  destinations=destinations)  # fmt: skip
     if log is not None:
         doc = doc.model_copy(update={"debug": doc.debug.model_copy(update={"protocol_log": True})})
     try:
-        async with pools.get(server_id, version, doc).transport() as pooled:
+        async with pools.get(server_id, version, doc, scope=scope).transport() as pooled:
             return await pooled.send(envelope, message)
     finally:
         await pools.aclose()

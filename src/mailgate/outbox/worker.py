@@ -48,7 +48,7 @@ from ..message import Envelope, Message
 from ..oauth.cache import TokenCache
 from ..settings.document import MailServer
 from ..settings.secrets import CANNOT_DECRYPT, SecretsError
-from ..settings.store import Resolution, Servers
+from ..settings.store import GLOBAL, Resolution, Servers
 from ..smtp.errors import SMTPNotSupportedError
 from ..transports.base import Transport
 from ..transports.pool import Pools, QuotaWait, pool_size
@@ -93,6 +93,7 @@ class _Lane:
     key: tuple[int, int]
     server: MailServer
     capacity: int
+    scope: str  # "global", or the tenant whose own server it is: which destination policy it obeys
     backlog: deque[tuple[Claimed, Resolution]] = field(default_factory=deque)
     active: int = 0  # senders on this lane
     failed: DeliveryError | InvalidInput | None = None  # the server's last failure, while held back
@@ -178,6 +179,7 @@ class Worker:
             store_refresh_token=servers.store_refresh_token,
             max_connections=config.max_connections,
             admission=self._slots,
+            destinations=config.destinations,
         )
         self._rng = random.Random()
         self._lanes: dict[tuple[int, int], _Lane] = {}
@@ -392,7 +394,8 @@ class Worker:
             for old in [k for k in self._lanes if k[0] == key[0] and k[1] < key[1]]:
                 if not self._lanes[old].backlog and not self._lanes[old].active:
                     del self._lanes[old]  # settings changed: the old version's lane is done
-            lane = self._lanes[key] = _Lane(key, resolution.server, pool_size(resolution.server))
+            scope = GLOBAL if resolution.source == GLOBAL else resolution.tenant
+            lane = self._lanes[key] = _Lane(key, resolution.server, pool_size(resolution.server), scope)
         if len(lane.backlog) < lane.capacity:
             self._ready += 1
         c.claimed_at = asyncio.get_running_loop().time()
@@ -466,7 +469,9 @@ class Worker:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 try:
-                    transport = await stack.enter_async_context(self._pools.get(*lane.key, lane.server).transport())
+                    transport = await stack.enter_async_context(
+                        self._pools.get(*lane.key, lane.server, scope=lane.scope).transport()
+                    )
                 except (DeliveryError, InvalidInput) as e:  # these settings can't make a connection
                     lane.trip(e, loop.time())
                     if isinstance(e, QuotaWait) and lane.active > 1:
@@ -870,7 +875,7 @@ class Worker:
                       "settings to see each step.\n"),
             )  # fmt: skip
             message = glob.server.fill_in(message)
-            pool = self._pools.get(glob.id, glob.version, glob.server)
+            pool = self._pools.get(glob.id, glob.version, glob.server, scope=GLOBAL)
             async with pool.transport() as transport:
                 delivery = await transport.send(message.envelope(mail_from=glob.server.envelope_from), message)
             if delivery.accepted:
