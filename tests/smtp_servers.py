@@ -1018,7 +1018,7 @@ class MTASession:
     # How the client ended it: "close_notify" (a clean TLS shutdown), "ragged" (TLS, the TCP
     # connection closed without close_notify), "reset", "eof" (plain TCP), or None while open.
     ended: str | None = None
-    tls_hello: bool = False  # the first bytes were a TLS ClientHello (a client probing for TLS)
+    tls_hello: bool = False  # the client's first bytes were a TLS handshake (a client probing for TLS)
 
     @property
     def verbs(self) -> list[str]:
@@ -1078,7 +1078,7 @@ class _Wire:
                 if not data:
                     self.session.ended = "eof"
                     return False
-                if not self.session.commands and data[:1] == b"\x16":
+                if not self.session.commands and not self.buffer and data[:1] == b"\x16":
                     self.session.tls_hello = True
                 self.buffer += data
                 return True
@@ -1204,7 +1204,17 @@ class ScriptedMTA(_Recorder):
         if mta.tls == "implicit":
             await wire.start_tls(self._context())
         if mta.greeting_delay:
-            await asyncio.sleep(mta.greeting_delay)
+            # Like postscreen's greet wait, notice a client that talks first (a pregreet).
+            loop = asyncio.get_running_loop()
+            until = loop.time() + mta.greeting_delay
+            with contextlib.suppress(TimeoutError):
+                early = await asyncio.wait_for(wire.reader.read(65536), mta.greeting_delay)
+                if not early:
+                    session.ended = "eof"
+                    return
+                session.tls_hello = early[:1] == b"\x16"
+                wire.buffer += early
+            await asyncio.sleep(max(0.0, until - loop.time()))
         greeting = mta.greeting(session.index) if mta.greeting else None
         if greeting is not None and not greeting.startswith("220"):
             await wire.send(greeting)

@@ -142,6 +142,7 @@ async def test_each_graph_error_is_explained(
 # Each SESSION entry: the server that provokes it, and settings of the mail server's smtp section.
 SESSION_CASES: dict[str, tuple[MTA, dict[str, Any]]] = {
     "helo": (MTA(reject_non_fqdn_helo=True), {"helo_name": "buildbox"}),
+    "implicit_tls": (MTA(tls="implicit"), {"security": "starttls-required"}),
 }
 
 
@@ -168,7 +169,7 @@ async def test_each_smtp_session_failure_is_explained(entry: str) -> None:
 def _smtp_server(server: ScriptedMTA, **smtp: Any) -> Any:
     return parse_server({"kind": "smtp", "from_address": MAILBOX,
                          "smtp": {"host": server.host, "port": server.port, "security": "none", **smtp},
-                         "connection": {"connect_timeout": 2, "protocol_timeout": 5}})  # fmt: skip
+                         "connection": {"connect_timeout": 0.5, "protocol_timeout": 5}})  # fmt: skip
 
 
 def test_no_catalogue_entry_is_without_its_case() -> None:

@@ -6,6 +6,7 @@ The servers are tests/smtp_servers.py's scripted MTA (their documented replies) 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from typing import Any
@@ -359,3 +360,25 @@ async def test_the_default_helo_name_is_fully_qualified_or_our_address_literal(
         async with SMTPClient(config(server, helo_name=None)) as smtp:
             assert (await smtp.send(envelope(), BODY)).all_accepted
     assert server.sessions[0].helo == greeted
+
+
+# ---- item 14: starttls-required against an implicit TLS port ------------------------------------
+
+
+async def test_starttls_against_an_implicit_tls_port_says_to_use_tls_without_waiting_out_the_timeout() -> None:
+    async with scripted_mta(MTA(tls="implicit")) as server:
+        cfg = config(server, security="starttls-required", connect_timeout=0.5, protocol_timeout=30)
+        async with asyncio.timeout(10):  # far less than protocol_timeout
+            with pytest.raises(SMTPSecurityError, match="implicit TLS") as e:
+                await SMTPClient(cfg).connect()
+    assert "set security to tls" in e.value.message and "465" in e.value.message
+    assert not e.value.transient
+    assert explain_smtp_error(e.value) is SESSION["implicit_tls"]
+
+
+async def test_a_slow_greeting_still_works_after_the_port_was_checked_for_tls() -> None:
+    async with scripted_mta(MTA(greeting_delay=0.8)) as server:
+        async with SMTPClient(config(server, connect_timeout=0.5)) as smtp:
+            assert (await smtp.send(envelope(), BODY)).all_accepted
+    # The session's connection, and the check's, which offered TLS and got no handshake.
+    assert len(server.sessions) == 2 and sum(s.tls_hello for s in server.sessions) == 1

@@ -272,6 +272,10 @@ SESSION: dict[str, Explanation] = {
                "Set smtp.helo_name to this machine's fully qualified host name (e.g. mailer.example.com, one "
                "that resolves in DNS if the server checks that), or have the server's administrator accept "
                "this client."),
+    "implicit_tls": _e("This port speaks implicit TLS (like 465): the server sends no SMTP greeting until a TLS "
+                       "handshake, so STARTTLS (or a session in clear) can't start on it.",
+                       "Set smtp.security to tls for this port (usually 465), or use the server's STARTTLS port "
+                       "(587) with security starttls-required."),
 }  # fmt: skip
 
 
@@ -424,6 +428,8 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
             )
         return _e(f"TLS with {where} failed ({text}).", "Check smtp.security and smtp.port, and smtp.ca_file.")
     if isinstance(e, SMTPSecurityError):
+        if "speaks implicit tls" in lowered:
+            return SESSION["implicit_tls"]
         if "does not offer starttls" in lowered or "did not offer starttls" in lowered:
             return _e(
                 f"{where} does not offer STARTTLS, and mailgate will not send credentials or mail unencrypted "

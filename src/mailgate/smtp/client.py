@@ -20,7 +20,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..delivery import Delivery, Outcome, RecipientResult
 from ..errors import MessageError
@@ -52,6 +52,7 @@ _FQDN = re.compile(rf"(?=.{{4,253}}$){_LABEL}(?:\.{_LABEL})*\.[A-Za-z][A-Za-z0-9
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
 _SMALL_BODY = 1 << 16  # below this, body and final dot go out in one write
 QUIT_TIMEOUT = 5.0  # seconds for QUIT's reply, and then for the server to end its side
+GREETING_PROBE_AFTER = 3.0  # seconds of silence (at most connect_timeout) before checking for implicit TLS
 
 
 @dataclass(frozen=True)
@@ -262,11 +263,68 @@ class SMTPClient:
             raise
 
     async def read_greeting(self) -> Reply:
-        greeting = (await self._proto_().read(1, self.config.protocol_timeout))[0]
+        """The server's greeting, waited for up to protocol_timeout. A port that stays silent for
+        GREETING_PROBE_AFTER seconds (less when connect_timeout or half the protocol_timeout is
+        less) is checked for implicit TLS."""
+        cfg = self.config
+        read = asyncio.ensure_future(self._proto_().read(1, cfg.protocol_timeout))
+        try:
+            if cfg.security != "tls":
+                await self._unless_implicit_tls(read)
+            greeting = (await read)[0]
+        finally:
+            read.cancel()
         self.greeting = greeting
         if greeting.code != 220:
             raise SMTPConnectError.from_reply(f"{self.config.server} refused the session", greeting)
         return greeting
+
+    async def _unless_implicit_tls(self, read: asyncio.Future[list[Reply]]) -> None:
+        """Raise SMTPSecurityError when the server is silent because it waits for our TLS
+        handshake (an implicit TLS port, 465, with security starttls or none).
+
+        Such a server sends nothing until it gets a ClientHello, so the greeting would only time
+        out after protocol_timeout, saying nothing useful. After a short silence (no byte at all:
+        Postfix's postscreen sends its "220-" at once), a second connection to the same address
+        tries a TLS handshake. Only a completed handshake counts; a slow SMTP server answers it
+        with its greeting, which fails it, and the first connection's greeting is still awaited."""
+        cfg = self.config
+        proto = self._proto_()
+        # Well before protocol_timeout, so the check has time to finish before the greeting's wait does.
+        await asyncio.wait({read}, timeout=min(cfg.connect_timeout, GREETING_PROBE_AFTER, cfg.protocol_timeout / 2))
+        if read.done() or proto.has_buffered_input:
+            return
+        probe = asyncio.ensure_future(self._answers_tls())
+        try:
+            either: list[asyncio.Future[Any]] = [read, probe]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            probe.cancel()
+        if read.done() or probe.cancelled() or not probe.result():
+            return
+        self.close()
+        raise SMTPSecurityError(
+            f"{cfg.server} speaks implicit TLS: it sent no SMTP greeting and answered a TLS handshake instead; "
+            f"set security to tls for this port (usually 465), not {cfg.security}"
+        )
+
+    async def _answers_tls(self) -> bool:
+        """Whether the server's address and port complete a TLS handshake (nothing is verified:
+        only the protocol is in question; nothing is sent after it)."""
+        cfg = self.config
+        transport = self._proto_().transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if not peer:
+            return False
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                _, writer = await asyncio.open_connection(peer[0], peer[1], ssl=ctx, server_hostname=cfg.host)
+        except (OSError, TimeoutError, ValueError):
+            return False
+        writer.transport.abort()
+        return True
 
     async def open(self) -> None:
         """The TCP connection (and, for security tls, the TLS handshake)."""
