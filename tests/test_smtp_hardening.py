@@ -7,6 +7,7 @@ The servers are tests/smtp_servers.py's scripted MTA (their documented replies) 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from mailgate.smtp import (
     SMTPNotSupportedError,
     SMTPResponseError,
     SMTPSecurityError,
+    SMTPTLSError,
 )
+from mailgate.smtp.client import MAX_CA_FILE
 from mailgate.transports.pool import Pools
 from mailgate.transports.smtp import Reuse, SMTPTransport
 from smtp_servers import (
@@ -37,6 +40,7 @@ from smtp_servers import (
     OPENSMTPD_TOO_MANY_RECIPIENTS,
     POSTFIX_TOO_MANY_RECIPIENTS,
     ScriptedMTA,
+    default_pki,
     scripted_mta,
 )
 from test_outbox import Opener, note, open_mg
@@ -382,3 +386,61 @@ async def test_a_slow_greeting_still_works_after_the_port_was_checked_for_tls() 
             assert (await smtp.send(envelope(), BODY)).all_accepted
     # The session's connection, and the check's, which offered TLS and got no handshake.
     assert len(server.sessions) == 2 and sum(s.tls_hello for s in server.sessions) == 1
+
+
+# ---- item 2: the CA certificate as text; a CA file read safely -----------------------------------
+
+
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+async def test_a_ca_certificate_given_as_text_verifies_the_server(tls: str) -> None:
+    pem = certs_pem()
+    security = "tls" if tls == "implicit" else "starttls-required"
+    async with scripted_mta(MTA(tls=tls)) as server:  # type: ignore[arg-type]
+        async with SMTPClient(config(server, host="localhost", security=security, ca_certificate=pem)) as smtp:
+            assert smtp.tls_active and (await smtp.send(envelope(), BODY)).all_accepted
+
+
+async def test_a_ca_file_that_is_a_fifo_fails_at_once_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer, forever
+    async with scripted_mta(MTA(tls="implicit")) as server:
+        async with asyncio.timeout(5):
+            with pytest.raises(SMTPTLSError, match="not a regular file"):
+                await SMTPClient(config(server, security="tls", ca_file=str(fifo))).connect()
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "."])
+async def test_a_ca_file_that_is_a_device_or_a_directory_is_refused(path: str) -> None:
+    async with scripted_mta(MTA(tls="implicit")) as server:
+        async with asyncio.timeout(5):
+            with pytest.raises(SMTPTLSError, match="not a regular file"):
+                await SMTPClient(config(server, security="tls", ca_file=path)).connect()
+
+
+async def test_an_empty_ca_file_trusts_nothing_rather_than_every_public_ca(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    async with scripted_mta(MTA(tls="implicit")) as server:
+        with pytest.raises(SMTPTLSError, match="CA certificate is empty"):
+            await SMTPClient(config(server, security="tls", ca_file=str(empty))).connect()
+
+
+async def test_a_ca_file_larger_than_1_mib_is_refused(tmp_path: Path) -> None:
+    pem = certs_pem()
+    big = tmp_path / "bundle.pem"
+    big.write_text(pem * (MAX_CA_FILE // len(pem) + 1))  # valid PEM all the way, just too much of it
+    async with scripted_mta(MTA(tls="implicit")) as server:
+        with pytest.raises(SMTPTLSError, match="larger than 1 MiB"):
+            await SMTPClient(config(server, security="tls", ca_file=str(big))).connect()
+        assert server.sessions == []  # refused before connecting
+
+
+async def test_a_missing_ca_file_says_only_that_it_cannot_be_read(tmp_path: Path) -> None:
+    async with scripted_mta(MTA(tls="implicit")) as server:
+        with pytest.raises(SMTPTLSError) as e:
+            await SMTPClient(config(server, security="tls", ca_file=str(tmp_path / "none.pem"))).connect()
+    assert e.value.message == "the CA file (smtp.ca_file) cannot be read"
+
+
+def certs_pem() -> str:
+    return default_pki().ca.cert_pem.decode("ascii")

@@ -208,7 +208,7 @@ async def test_capabilities_are_learnt_again_after_starttls() -> None:
 @pytest.mark.parametrize("security", ["starttls-required", "tls"])
 async def test_an_untrusted_certificate_is_refused_without_a_ca_file(security: str) -> None:
     async with serve(ServerConfig(security=security)) as server:  # type: ignore[arg-type]
-        with pytest.raises(SMTPTLSError, match=r"not trusted.*give its certificate as ca_file") as e:
+        with pytest.raises(SMTPTLSError, match=r"not trusted.*give its certificate as ca_certificate") as e:
             await send_one(server, ca_file=None)
     assert not e.value.transient
     assert server.messages == []

@@ -408,7 +408,8 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
         if "self-signed" in lowered or "self signed" in lowered or "local issuer" in lowered:
             return _e(
                 f"The certificate of {where} is not signed by a trusted authority (self-signed or a private CA).",
-                "Give the CA's certificate in smtp.ca_file, or have the server use a public certificate.",
+                "Give the CA's certificate in smtp.ca_certificate (the global server may name a file on "
+                "mailgate's machine in smtp.ca_file instead), or have the server use a public certificate.",
             )
         if "wrong_version_number" in lowered or "wrong version number" in lowered:
             return _e(
@@ -426,7 +427,10 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
                 "newer) or cipher that mailgate accepts, or something between here and there cut it.",
                 "The server's administrator enables TLS 1.2 or 1.3; check smtp.port and smtp.security.",
             )
-        return _e(f"TLS with {where} failed ({text}).", "Check smtp.security and smtp.port, and smtp.ca_file.")
+        return _e(
+            f"TLS with {where} failed ({text}).",
+            "Check smtp.security and smtp.port, and the CA certificate (smtp.ca_certificate or ca_file).",
+        )
     if isinstance(e, SMTPSecurityError):
         if "speaks implicit tls" in lowered:
             return SESSION["implicit_tls"]

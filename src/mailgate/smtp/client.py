@@ -15,9 +15,11 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import os
 import re
 import socket
 import ssl
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -70,7 +72,8 @@ class SMTPConfig:
     port: int = 587
     security: Security = "starttls-required"
     verify_certificate: bool = True
-    ca_file: str | None = None
+    ca_file: str | None = None  # a file on this machine, read off the event loop
+    ca_certificate: str | None = None  # PEM text; wins over ca_file
     helo_name: str | None = None
     connect_timeout: float = 30.0
     protocol_timeout: float = 60.0
@@ -114,14 +117,59 @@ class RecipientLimit:
             accepted += reply.code in (250, 251)
 
 
+MAX_CA_FILE = 1 << 20  # bytes: a CA bundle (the system's is ~200 KiB) is never larger
+
+
+async def tls_context(config: SMTPConfig) -> ssl.SSLContext:
+    """The client context for `config`: TLS 1.2 or newer; with a private CA (`ca_certificate`,
+    or the file `ca_file`) only that CA is trusted. A CA file is read in a thread, never on the
+    event loop; contexts are kept by the CA's content."""
+    if not config.verify_certificate:
+        return _context(False, None)
+    cadata = config.ca_certificate
+    if cadata is None and config.ca_file:
+        cadata = await asyncio.to_thread(read_ca_file, config.ca_file)
+    return _context(True, cadata)
+
+
+def read_ca_file(path: str) -> str:
+    """The PEM text of a CA file: a regular file of at most MAX_CA_FILE bytes, else SMTPTLSError.
+
+    Opened with O_NONBLOCK (a FIFO doesn't wait for a writer) and O_NOCTTY, and only after a
+    stat said it is a regular file (opening a device can act on it); checked again on the open
+    file (it may have been swapped meanwhile). Errors say no more than what is wrong with it."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SMTPTLSError("the CA file (smtp.ca_file) is not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        raise SMTPTLSError("the CA file (smtp.ca_file) cannot be read") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SMTPTLSError("the CA file (smtp.ca_file) is not a regular file")
+        chunks, size = [], 0
+        while size <= MAX_CA_FILE and (chunk := os.read(fd, 65536)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError:
+        raise SMTPTLSError("the CA file (smtp.ca_file) cannot be read") from None
+    finally:
+        os.close(fd)
+    if size > MAX_CA_FILE:
+        raise SMTPTLSError(f"the CA file (smtp.ca_file) is larger than {MAX_CA_FILE >> 20} MiB")
+    return b"".join(chunks).decode("ascii", "replace")
+
+
 @functools.lru_cache(maxsize=32)
-def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    """A client context, TLS 1.2 or newer. With `ca_file` only that CA bundle is trusted."""
+def _context(verify: bool, cadata: str | None) -> ssl.SSLContext:
     if verify:
+        if cadata is not None and not cadata.strip():  # not a reason to trust every public CA instead
+            raise SMTPTLSError("the CA certificate is empty")
         try:
-            ctx = ssl.create_default_context(cafile=ca_file)
-        except (OSError, ssl.SSLError) as e:
-            raise SMTPTLSError(f"cannot load the CA file {ca_file!r}: {e}") from None
+            ctx = ssl.create_default_context(cadata=cadata)  # without cadata: the system's CAs
+        except (OSError, ssl.SSLError, ValueError):
+            raise SMTPTLSError("the CA certificate is not valid: it must be PEM certificates") from None
     else:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
@@ -332,7 +380,7 @@ class SMTPClient:
         loop = asyncio.get_running_loop()
         proto = SMTPProtocol(loop, self._log)
         self._proto = proto
-        ctx = tls_context(cfg.verify_certificate, cfg.ca_file) if cfg.security == "tls" else None
+        ctx: ssl.SSLContext | None = None
 
         def connect(host: str) -> Awaitable[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
             # Whatever address it goes to, the certificate is checked against the name.
@@ -342,6 +390,8 @@ class SMTPClient:
 
         try:
             async with asyncio.timeout(cfg.connect_timeout):
+                if cfg.security == "tls":
+                    ctx = await tls_context(cfg)
                 if cfg.resolve is None:
                     await connect(cfg.host)
                 else:
@@ -404,6 +454,7 @@ class SMTPClient:
             if required:
                 raise SMTPSecurityError(f"{cfg.server} does not offer STARTTLS, and security is starttls-required")
             return
+        ctx = await tls_context(cfg)  # before STARTTLS: nothing waits between its reply and the handshake
         reply = await self.command("STARTTLS")
         if reply.code != 220:
             if required:
@@ -416,7 +467,6 @@ class SMTPClient:
             raise SMTPProtocolError("the server sent data after its STARTTLS reply, before TLS started")
         loop = asyncio.get_running_loop()
         assert proto.transport is not None
-        ctx = tls_context(cfg.verify_certificate, cfg.ca_file)
         try:
             async with asyncio.timeout(cfg.connect_timeout):
                 transport = await loop.start_tls(proto.transport, proto, ctx, server_hostname=cfg.host)
@@ -923,5 +973,6 @@ def _tls_reason(e: BaseException) -> str:
 
 
 def _certificate_error(cfg: SMTPConfig, e: ssl.SSLCertVerificationError) -> SMTPTLSError:
-    hint = "" if cfg.ca_file else "; if the server uses a private CA, give its certificate as ca_file"
+    private = cfg.ca_file or cfg.ca_certificate
+    hint = "" if private else "; if the server uses a private CA, give its certificate as ca_certificate"
     return SMTPTLSError(f"the certificate of {cfg.server} is not trusted: {e.verify_message}{hint}")

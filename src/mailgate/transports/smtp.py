@@ -62,6 +62,7 @@ def smtp_config(
         security=s.security,
         verify_certificate=s.verify_certificate,
         ca_file=s.ca_file,
+        ca_certificate=s.ca_certificate,
         helo_name=s.helo_name,
         connect_timeout=server.connection.connect_timeout,
         protocol_timeout=server.connection.protocol_timeout,
