@@ -969,8 +969,9 @@ class MTA:
       without a reply.
     - `max_mail_commands` is Exim's smtp_accept_max_per_connection.
     - `greeting(index)`: the greeting of connection `index`; a non-220 one ends the session.
-    - `auth_reply`: the reply to AUTH PLAIN; "{password}" and "{payload}" are filled in with what
-      the client sent (a server that echoes the secret). None: 235 for `password`, else 535.
+    - `auth_reply`: the reply to AUTH (PLAIN, XOAUTH2); "{password}" and "{payload}" are filled in
+      with what the client sent (a server that echoes the secret). None: 235 for PLAIN with
+      `password`, else 535.
     """
 
     hostname: str = "mx.scripted.test"
@@ -980,7 +981,7 @@ class MTA:
     greeting: Callable[[int], str | None] | None = None
     pipelining: bool = True
     size: int | None = None
-    auth: bool = False  # offer AUTH PLAIN (only once TLS is on, unless tls is "none")
+    auth: bool = False  # offer AUTH PLAIN and XOAUTH2 (only once TLS is on, unless tls is "none")
     username: str = "user@example.com"
     password: str = "correct horse battery staple"
     auth_reply: str | None = None
@@ -1247,7 +1248,7 @@ class ScriptedMTA(_Recorder):
                     if mta.tls == "starttls" and wire.tls is None:
                         extensions.append("STARTTLS")
                     if mta.auth and (wire.tls is not None or mta.tls == "none"):
-                        extensions.append("AUTH PLAIN")
+                        extensions.append("AUTH PLAIN XOAUTH2")
                     extensions += ["ENHANCEDSTATUSCODES", "8BITMIME"]
                     lines = [mta.hostname, *extensions]
                     await wire.send(*[f"250-{x}" for x in lines[:-1]], f"250 {lines[-1]}")

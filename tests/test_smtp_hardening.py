@@ -7,6 +7,7 @@ The servers are tests/smtp_servers.py's scripted MTA (their documented replies) 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import socket
 from pathlib import Path
@@ -21,6 +22,7 @@ from mailgate.destinations import DestinationPolicy, DestinationRefused, Destina
 from mailgate.diagnostics.catalogue import SESSION, explain_smtp_error
 from mailgate.settings.document import MailServer
 from mailgate.smtp import (
+    OAuth2Auth,
     PasswordAuth,
     SMTPAuthError,
     SMTPClient,
@@ -444,3 +446,58 @@ async def test_a_missing_ca_file_says_only_that_it_cannot_be_read(tmp_path: Path
 
 def certs_pem() -> str:
     return default_pki().ca.cert_pem.decode("ascii")
+
+
+# ---- item 7: a server that echoes a secret ------------------------------------------------------
+
+SECRET_PASSWORD = "s3cret-Passw0rd!"
+RIGHT = PasswordAuth("user@example.com", SECRET_PASSWORD)
+
+
+def secret_forms(password: str = SECRET_PASSWORD) -> list[str]:
+    b64 = base64.b64encode
+    return [password, b64(password.encode()).decode(), b64(f"\0user@example.com\0{password}".encode()).decode()]
+
+
+@pytest.mark.parametrize("echo", ["535 5.7.8 password {password} is wrong",
+                                  "535 5.7.8 Error: authentication failed: {payload}"])  # fmt: skip
+async def test_a_refusal_that_echoes_the_password_or_its_payload_shows_neither(echo: str) -> None:
+    log: list[str] = []
+    async with scripted_mta(MTA(auth=True, auth_reply=echo)) as server:
+        with pytest.raises(SMTPAuthError) as e:
+            await SMTPClient(config(server, auth=RIGHT), protocol_log=log.append).connect()
+    shown = " ".join([str(e.value), e.value.reply or "", *log])
+    assert "[redacted]" in shown
+    assert not any(secret in shown for secret in secret_forms())
+
+
+async def test_replies_after_auth_that_echo_the_password_are_scrubbed_in_the_delivery() -> None:
+    log: list[str] = []
+    echo = MTA(
+        auth=True, password=SECRET_PASSWORD, rcpt_reply=lambda a: f"550 5.1.1 <{a}> unknown; by {SECRET_PASSWORD}"
+    )
+    async with scripted_mta(echo) as server:
+        async with SMTPClient(config(server, auth=RIGHT), protocol_log=log.append) as smtp:
+            delivery = await smtp.send(envelope(), BODY)
+    [result] = delivery.results
+    assert result.code == 550 and "[redacted]" in result.text
+    assert not any(secret in " ".join([str(delivery.to_dict()), *log]) for secret in secret_forms())
+
+
+async def test_an_xoauth2_token_echoed_by_the_server_is_scrubbed() -> None:
+    token = "ya29.a0AfH6SMBx-echoed-token"
+    blob = base64.b64encode(f"user=user@example.com\x01auth=Bearer {token}\x01\x01".encode()).decode()
+
+    async def source() -> str:
+        return token
+
+    log: list[str] = []
+    echo = MTA(auth=True, auth_reply="535 5.7.3 Authentication unsuccessful: {payload}")
+    async with scripted_mta(echo) as server:
+        with pytest.raises(SMTPAuthError) as e:
+            await SMTPClient(
+                config(server, auth=OAuth2Auth("user@example.com", source)), protocol_log=log.append
+            ).connect()
+    assert server.sessions[0].commands[1] == f"AUTH XOAUTH2 {blob}"  # it did go, and came back
+    shown = " ".join([str(e.value), e.value.reply or "", *log])
+    assert "[redacted]" in shown and token not in shown and blob not in shown

@@ -84,6 +84,18 @@ def choose_mechanism(creds: Credentials, offered: list[str]) -> str:
     )
 
 
+def secret_forms(creds: Credentials, access_token: str = "") -> list[str]:
+    """Every form of the credentials a server might echo in a reply: the password or token, and
+    the base64 payloads that carry them (PLAIN, LOGIN, XOAUTH2)."""
+    if isinstance(creds, OAuth2Auth):
+        if not access_token:
+            return []
+        blob = f"user={creds.username}\x01auth=Bearer {access_token}\x01\x01".encode()
+        return [access_token, _b64(blob).decode(), _b64(access_token.encode()).decode()]
+    user, password = creds.username.encode(), creds.password.encode()
+    return [creds.password, _b64(password).decode(), _b64(b"\0" + user + b"\0" + password).decode()]
+
+
 async def authenticate(exchange: Exchange, mechanism: str, creds: Credentials, access_token: str = "") -> Reply:
     """Run AUTH `mechanism`; for XOAUTH2 with `access_token` (the caller fetched it, to know its expiry)."""
     if mechanism == "XOAUTH2":
@@ -126,7 +138,8 @@ async def _xoauth2(exchange: Exchange, username: str, token: str) -> Reply:
     if reply.code == 235:
         return reply
     what = "authentication with XOAUTH2 failed"
-    if challenge:
+    if challenge:  # decoded from base64, so no redaction saw it: a server could echo the token in it
+        challenge = json.loads(json.dumps(challenge).replace(token, REDACTED)) if token else challenge
         what += f" (the token was refused: {json.dumps(challenge, sort_keys=True)})"
     raise SMTPAuthError.from_reply(what, reply, mechanism="XOAUTH2", challenge=challenge)
 

@@ -511,6 +511,8 @@ class SMTPClient:
             else:
                 access_token, self.token_renew_at = token.value, token.renew_at
             self.access_token = token
+        # From now on no reply text leaves the client with a credential in it, whatever the server echoes.
+        self._proto_().redact(_auth.secret_forms(creds, access_token))
         await _auth.authenticate(self._exchange, mechanism, creds, access_token)
         self.auth_mechanism = mechanism
 

@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+from .auth import REDACTED
 from .errors import SMTPDisconnectedError, SMTPError, SMTPProtocolError, SMTPTimeoutError
 from .reply import Reply
 
@@ -33,6 +34,7 @@ class SMTPProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._lost: asyncio.Future[None] = loop.create_future()
+        self._secrets: tuple[str, ...] = ()  # replaced by "[redacted]" in every reply text
         # One timer per connection, not one per wait: waits are short and many, and a timer
         # created and cancelled per round trip costs more than the rest of the round trip.
         self._timer: asyncio.TimerHandle | None = None
@@ -56,13 +58,19 @@ class SMTPProtocol(asyncio.Protocol):
         for line in lines:
             if line[-1:] == b"\r":
                 line = line[:-1]
-            if log is not None:
-                log("S: " + line.decode("utf-8", "replace"))
             code, sep = line[:3], line[3:4]
             if not code.isdigit() or len(code) != 3 or sep not in b" -":
+                if log is not None:
+                    log("S: " + line.decode("utf-8", "replace"))
                 self._fail(SMTPProtocolError(f"the server sent something that is not an SMTP reply: {line[:80]!r}"))
                 return
-            self._lines.append(line[4:].decode("utf-8", "replace"))
+            text = line[4:].decode("utf-8", "replace")
+            for secret in self._secrets:
+                if secret in text:
+                    text = text.replace(secret, REDACTED)
+            if log is not None:
+                log(f"S: {code.decode()}{sep.decode()}{text}")
+            self._lines.append(text)
             if sep != b"-":
                 self._replies.append(Reply(int(code), self._lines))
                 self._lines = []
@@ -127,6 +135,12 @@ class SMTPProtocol(asyncio.Protocol):
                 self._waiter = None
         replies = self._replies
         return [replies.popleft() for _ in range(n)]
+
+    def redact(self, secrets: list[str]) -> None:
+        """Replace these secrets (and only long enough ones: "[redacted]" in place of every "a"
+        would hide nothing and garble the text) in every reply from now on, before anything
+        sees it: the replies' texts, and so the errors, results and log made from them."""
+        self._secrets = tuple(dict.fromkeys(s for s in (*self._secrets, *secrets) if len(s) >= 4))
 
     def salvage(self) -> list[Reply]:
         """The complete replies that arrived but were not read (a read failed: the connection
