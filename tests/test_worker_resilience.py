@@ -177,6 +177,39 @@ async def test_an_outcome_with_text_no_database_stores_is_written_and_reads_back
     assert detail["recipient_outcomes"][0]["text"] == readable
 
 
+async def test_a_tenant_whose_stored_settings_cant_be_read_waits_alone(open_mg: Opener) -> None:
+    """A stored document this version refuses (written by an older one, or in the database by
+    hand): that tenant's messages wait with the reason, the other tenants' are sent, the worker
+    runs on."""
+    mg = await open_mg()
+    async with serve(ServerConfig()) as server:
+        await mg.servers.set("global", server_doc(server))
+        await mg.tenants.add("a", may_use_own_server=True)
+        await mg.tenants.add("b")
+        await mg.servers.set("a", server_doc(server))
+        waiting = await mg.submit("a", note(subject="a"))
+        sent = await mg.submit("b", note(subject="b"))
+        async with mg.db.engine.begin() as conn:
+            document = (await mg.servers.get("a")).document  # type: ignore[union-attr]
+            document["smtp"]["port"] = 0
+            cast = ":d" if mg.db.is_sqlite else "CAST(:d AS json)"
+            await conn.execute(text(f"UPDATE mail_servers SET document = {cast} WHERE scope = 'a'"),
+                               {"d": json.dumps(document)})  # fmt: skip
+        stop = asyncio.Event()
+        worker = asyncio.create_task(mg.run_worker(stop))
+        try:
+            await wait_until(lambda: _settled(mg, [sent]))
+            await wait_until(lambda: _all(mg, [waiting], "deferred"))
+            assert not worker.done()
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)
+    assert [str(m.parsed()["Subject"]) for m in server.messages] == ["b"]
+    last_error = str((await mg.queue.get(waiting)).summary.last_error)
+    assert last_error.startswith("mailgate could not read the mail server settings of a (SettingsError: smtp.port")
+    assert last_error.endswith("; saving the settings again may fix it")
+
+
 async def test_a_failing_sender_gives_its_messages_back_and_other_lanes_keep_going(
     open_mg: Opener, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
