@@ -67,6 +67,7 @@ __all__ = [
     "ServerConfig",
     "default_ca_file",
     "default_pki",
+    "raw_peer",
     "scripted",
     "scripted_in_thread",
     "scripted_mta",
@@ -1350,4 +1351,34 @@ async def scripted_mta(mta: MTA | None = None, host: str = HOST) -> AsyncIterato
     finally:
         listener.close()
         await server._shut_down()
+        await asyncio.wait_for(listener.wait_closed(), SHUTDOWN_TIMEOUT)
+
+
+@asynccontextmanager
+async def raw_peer(answer: bytes) -> AsyncIterator[tuple[str, int]]:
+    """A TCP server on 127.0.0.1:<ephemeral> that sends `answer` to every connection at once and
+    then reads until the client leaves: something that is not an SMTP server (an HTTP server's
+    "400 Bad Request", a Redis error, binary). Yields (host, port)."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            tasks.add(task)
+        try:
+            writer.write(answer)
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), MAX_LIFETIME)
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(handle, HOST, 0)
+    try:
+        yield HOST, listener.sockets[0].getsockname()[1]
+    finally:
+        listener.close()
+        for task in tasks:
+            task.cancel()
         await asyncio.wait_for(listener.wait_closed(), SHUTDOWN_TIMEOUT)

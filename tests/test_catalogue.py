@@ -143,6 +143,7 @@ async def test_each_graph_error_is_explained(
 SESSION_CASES: dict[str, tuple[MTA, dict[str, Any]]] = {
     "helo": (MTA(reject_non_fqdn_helo=True), {"helo_name": "buildbox"}),
     "implicit_tls": (MTA(tls="implicit"), {"security": "starttls-required"}),
+    "not_smtp": (MTA(greeting=lambda connection: "HTTP/1.1 400 Bad Request"), {}),
 }
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import random
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from mailgate.smtp import (
     SMTPConfig,
     SMTPConnectError,
     SMTPNotSupportedError,
+    SMTPProtocolError,
     SMTPResponseError,
     SMTPSecurityError,
     SMTPTLSError,
@@ -43,6 +46,7 @@ from smtp_servers import (
     POSTFIX_TOO_MANY_RECIPIENTS,
     ScriptedMTA,
     default_pki,
+    raw_peer,
     scripted_mta,
 )
 from test_outbox import Opener, note, open_mg
@@ -501,3 +505,45 @@ async def test_an_xoauth2_token_echoed_by_the_server_is_scrubbed() -> None:
     assert server.sessions[0].commands[1] == f"AUTH XOAUTH2 {blob}"  # it did go, and came back
     shown = " ".join([str(e.value), e.value.reply or "", *log])
     assert "[redacted]" in shown and token not in shown and blob not in shown
+
+
+# ---- item 1: peers that are not SMTP servers; bounded replies ---------------------------------------
+
+NOT_SMTP = {
+    "http": b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n400 Bad Request",
+    "redis": b"-ERR unknown command 'EHLO', with args beginning with: 'client.example.com'\r\n",
+    "binary": random.Random(18).randbytes(300),
+}
+
+
+@pytest.mark.parametrize("peer", list(NOT_SMTP))
+async def test_a_peer_that_is_not_an_smtp_server_is_named_without_echoing_what_it_said(peer: str) -> None:
+    log: list[str] = []
+    async with raw_peer(NOT_SMTP[peer]) as (host, port):
+        cfg = SMTPConfig(host, port, security="none", connect_timeout=2, protocol_timeout=5)
+        with pytest.raises(SMTPProtocolError) as e:
+            await SMTPClient(cfg, protocol_log=log.append).connect()
+    assert e.value.message == (
+        f"the server at {host}:{port} did not answer as an SMTP server (its first line is not an SMTP reply)"
+    )
+    assert explain_smtp_error(e.value) is SESSION["not_smtp"]
+    assert [line for line in log if line.startswith("S:")] == [line for line in log if "not an SMTP reply" in line]
+
+
+@pytest.mark.parametrize(("greeting", "check"), [
+    (b"220 " + b"x" * 5000 + b"\r\n", lambda text: len(text) <= 512 and text.endswith("\u2026")),
+    (b"220 mx \x1b[2J\x1b[31mred\x07 ESMTP\r\n", lambda text: text.isprintable() and "red" in text),
+])  # fmt: skip
+async def test_reply_text_is_bounded_and_printable(greeting: bytes, check: Callable[[str], bool]) -> None:
+    async with raw_peer(greeting) as (host, port):
+        client = SMTPClient(SMTPConfig(host, port, security="none", connect_timeout=2, protocol_timeout=5))
+        await client.open()
+        reply = await client.read_greeting()
+        client.close()
+    assert reply.code == 220 and check(reply.text)
+
+
+async def test_an_endless_multi_line_reply_is_refused() -> None:
+    async with raw_peer(b"220-mx.example.com and so on\r\n" * 1000) as (host, port):
+        with pytest.raises(SMTPProtocolError, match="more than 100 lines"):
+            await SMTPClient(SMTPConfig(host, port, security="none", connect_timeout=2, protocol_timeout=5)).connect()

@@ -276,6 +276,10 @@ SESSION: dict[str, Explanation] = {
                        "handshake, so STARTTLS (or a session in clear) can't start on it.",
                        "Set smtp.security to tls for this port (usually 465), or use the server's STARTTLS port "
                        "(587) with security starttls-required."),
+    "not_smtp": _e("Something that is not an SMTP server answers at this host and port: its first line was not "
+                   "an SMTP reply (a web server, a database or another service listens there).",
+                   "Check smtp.host and smtp.port: the mail server's submission port is usually 587 (security "
+                   "starttls-required) or 465 (security tls), a relay's 25."),
 }  # fmt: skip
 
 
@@ -363,6 +367,7 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
     from ..smtp.errors import (
         SMTPAuthError,
         SMTPConnectError,
+        SMTPProtocolError,
         SMTPSecurityError,
         SMTPTimeoutError,
         SMTPTLSError,
@@ -383,6 +388,8 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
             "Check smtp.host and smtp.port (587 with starttls, 465 with tls, 25 for a relay), that the server "
             "runs, and that no firewall blocks this machine.",
         )
+    if isinstance(e, SMTPProtocolError) and "did not answer as an smtp server" in lowered:
+        return SESSION["not_smtp"]
     if isinstance(e, SMTPTimeoutError):
         if "connecting" in lowered:
             return _e(

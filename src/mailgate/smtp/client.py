@@ -378,7 +378,7 @@ class SMTPClient:
         """The TCP connection (and, for security tls, the TLS handshake)."""
         cfg = self.config
         loop = asyncio.get_running_loop()
-        proto = SMTPProtocol(loop, self._log)
+        proto = SMTPProtocol(loop, self._log, server=cfg.server)
         self._proto = proto
         ctx: ssl.SSLContext | None = None
 

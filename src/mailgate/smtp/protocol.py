@@ -17,13 +17,21 @@ from .reply import Reply
 
 ProtocolLog = Callable[[str], None]
 
-MAX_LINE = 65536  # a reply line longer than this is not SMTP
+# A hostile or broken server can't fill memory, the database or a screen with what it sends:
+MAX_LINE = 65536  # a reply line longer than this is not SMTP (RFC 5321 4.5.3.1.5: 512 octets)
+MAX_TEXT = 512  # characters of a reply line kept; the rest is cut
+MAX_REPLY_LINES = 100  # lines of one (multi-line) reply
+MAX_UNREAD = 1024  # complete replies waiting to be read (a pipelined batch needs about a hundred)
+_REPLY_START = frozenset(f"{code}{sep}".encode() for code in range(200, 600) for sep in " -")
 
 
 class SMTPProtocol(asyncio.Protocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop, log: ProtocolLog | None = None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, log: ProtocolLog | None = None, *, server: str = "the server"
+    ) -> None:
         self.loop = loop
         self.log = log
+        self.server = server  # "host:port", for errors
         self.transport: asyncio.Transport | None = None
         self._tail = b""
         self._lines: list[str] = []
@@ -35,6 +43,7 @@ class SMTPProtocol(asyncio.Protocol):
         self._paused = False
         self._lost: asyncio.Future[None] = loop.create_future()
         self._secrets: tuple[str, ...] = ()  # replaced by "[redacted]" in every reply text
+        self._seen_reply = False
         # One timer per connection, not one per wait: waits are short and many, and a timer
         # created and cancelled per round trip costs more than the rest of the round trip.
         self._timer: asyncio.TimerHandle | None = None
@@ -58,24 +67,35 @@ class SMTPProtocol(asyncio.Protocol):
         for line in lines:
             if line[-1:] == b"\r":
                 line = line[:-1]
-            code, sep = line[:3], line[3:4]
-            if not code.isdigit() or len(code) != 3 or sep not in b" -":
-                if log is not None:
-                    log("S: " + line.decode("utf-8", "replace"))
-                self._fail(SMTPProtocolError(f"the server sent something that is not an SMTP reply: {line[:80]!r}"))
+            if line[:4] not in _REPLY_START and (len(line) != 3 or line + b" " not in _REPLY_START):
+                self._not_smtp(line)
                 return
+            self._seen_reply = True
             text = line[4:].decode("utf-8", "replace")
+            if len(text) > MAX_TEXT:
+                text = text[: MAX_TEXT - 1] + "…"
+            if not text.isprintable():  # no terminal escapes or NULs into logs, screens and the database
+                text = "".join(c if c.isprintable() else "\ufffd" for c in text)
             for secret in self._secrets:
                 if secret in text:
                     text = text.replace(secret, REDACTED)
             if log is not None:
-                log(f"S: {code.decode()}{sep.decode()}{text}")
+                log(f"S: {line[:4].decode()}{text}")
             self._lines.append(text)
-            if sep != b"-":
-                self._replies.append(Reply(int(code), self._lines))
+            if line[3:4] != b"-":
+                self._replies.append(Reply(int(line[:3]), self._lines))
                 self._lines = []
+            elif len(self._lines) >= MAX_REPLY_LINES:
+                self._fail(SMTPProtocolError(f"{self.server} sent a reply of more than {MAX_REPLY_LINES} lines"))
+                return
+        if len(self._replies) > MAX_UNREAD:
+            self._fail(SMTPProtocolError(f"{self.server} sent more replies than there were commands"))
+            return
+        if self._tail[:4] not in _REPLY_START and len(self._tail) >= 4:
+            self._not_smtp(self._tail)  # no need to wait for the end of the line to know
+            return
         if len(self._tail) > MAX_LINE:
-            self._fail(SMTPProtocolError("the server sent a reply line longer than 64 KiB"))
+            self._fail(SMTPProtocolError(f"{self.server} sent a reply line longer than 64 KiB"))
             return
         waiter = self._waiter
         if waiter is not None and len(self._replies) >= self._want and not waiter.done():
@@ -187,6 +207,17 @@ class SMTPProtocol(asyncio.Protocol):
             self.transport.abort()
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _not_smtp(self, line: bytes) -> None:
+        """Not an SMTP reply. What it is stays out of errors and logs (an HTTP server's or a
+        database's answer is the operator's network talking, not something to show a tenant)."""
+        if self.log is not None:
+            self.log(f"S: [not an SMTP reply, {len(line)} bytes]")
+        if self._seen_reply:
+            what = f"{self.server} sent a line that is not an SMTP reply"
+        else:
+            what = f"the server at {self.server} did not answer as an SMTP server (its first line is not an SMTP reply)"
+        self._fail(SMTPProtocolError(what))
 
     def _fail(self, error: SMTPError) -> None:
         self._error = error
