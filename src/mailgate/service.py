@@ -70,13 +70,13 @@ class Mailgate:
         self._resolved: dict[str, tuple[float, Resolution]] = {}
         self.api_tokens = ApiTokens(db, actor)
         self.tenants = Tenants(db, keyring, actor, self._settings_changed)
-        self.servers = Servers(db, keyring, actor, self._settings_changed)
+        self.servers = Servers(db, keyring, actor, self._settings_changed, destinations=config.destinations)
         self.queue = Outbox(db, config)
         self.users = AdminUsers(db, actor)
         self._group = GroupCommit(self.queue.store, self._store_one)
         # One token cache for every tenant's servers (and one HTTP client, made when first used).
         self.tokens = TokenCache()
-        self._consents = Consents(db, keyring, self.servers, self.tokens, actor)
+        self._consents = Consents(db, keyring, self.servers, self.tokens, actor, config.destinations)
 
     def acting_as(self, actor: str) -> Mailgate:
         """The same service (database, caches, connections) with changes audited as `actor`: the
@@ -84,8 +84,9 @@ class Mailgate:
         view = copy.copy(self)
         view.actor = actor
         view.tenants = Tenants(self.db, self._keyring, actor, self._settings_changed)
-        view.servers = Servers(self.db, self._keyring, actor, self._settings_changed)
-        view._consents = Consents(self.db, self._keyring, view.servers, self.tokens, actor)
+        view.servers = Servers(self.db, self._keyring, actor, self._settings_changed,
+                               destinations=self.config.destinations)  # fmt: skip
+        view._consents = Consents(self.db, self._keyring, view.servers, self.tokens, actor, self.config.destinations)
         return view
 
     def _settings_changed(self) -> None:
@@ -205,9 +206,8 @@ class Mailgate:
                     raise NotFound([("server", f"no mail server is set for {scope}")])
                 settings = info.document
             server, source = await self.servers.unsaved(scope, settings, secrets=secrets), "unsaved"
-        return await run_test(
-            scope, server, recipient, tokens=self.tokens, dry_run=dry_run, source=source, on_step=on_step
-        )
+        return await run_test(scope, server, recipient, tokens=self.tokens, dry_run=dry_run, source=source,
+                              on_step=on_step, destinations=self.config.destinations.for_scope(scope))  # fmt: skip
 
     # ---- delegated OAuth consent ---------------------------------------------------------------
 

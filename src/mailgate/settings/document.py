@@ -34,7 +34,6 @@ Security = Literal["none", "starttls", "starttls-required", "tls"]
 IMPLICIT_TLS_PORT = 465
 MAX_CA_PEM = 256 * 1024  # characters of PEM: a bundle of a few hundred certificates
 MAX_SECRET = 16 * 1024  # characters: Entra ID's refresh tokens run to a few KB
-_CLEAN = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*")
 # A host name (letters of any script, digits, '-', '_', dots) or an IP address.
 _HOST = re.compile(r"[^\W_](?:[\w-]{0,62})(?:\.[\w-]{1,63})*\.?|[0-9A-Fa-f:.]+")
 Secret = Annotated[SecretStr, Field(max_length=MAX_SECRET)]
@@ -50,8 +49,12 @@ class _Section(BaseModel):
         surrogate pair: either would break the protocol line, the log or the database it reaches.
         PEM text (ca_certificate) is checked as PEM instead."""
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if isinstance(text, str) and info.field_name != "ca_certificate" and not _CLEAN.fullmatch(text):
-            raise ValueError("control characters, line breaks and lone surrogates are not allowed")
+        if isinstance(text, str) and info.field_name != "ca_certificate":
+            from ..message import forbidden_character
+
+            problem = forbidden_character(text)
+            if problem is not None:
+                raise ValueError(problem.replace("no mail may carry", "no setting may hold"))
         return value
 
 

@@ -6,11 +6,12 @@ Every change is one transaction: validated first, written whole, audited in the 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +22,7 @@ from ..errors import Conflict, NotFound, SettingsError
 from .document import (
     SECRET_FIELDS,
     MailServer,
+    OAuth2AuthSettings,
     destination,
     parse_server,
     public_document,
@@ -31,6 +33,9 @@ from .document import (
     storable_document,
 )
 from .secrets import CANNOT_DECRYPT, Keyring
+
+if TYPE_CHECKING:
+    from ..destinations import DestinationPolicy, Destinations
 
 GLOBAL = "global"
 _TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -182,11 +187,20 @@ class AuditRecord:
 class _Part:
     """What both halves of the store share: the database, the keys, and who makes the changes."""
 
-    def __init__(self, db: Database, keyring: Keyring, actor: str, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        keyring: Keyring,
+        actor: str,
+        on_change: Callable[[], None] | None = None,
+        *,
+        destinations: Destinations | None = None,
+    ) -> None:
         self.db = db
         self.keyring = keyring
         self.actor = actor
         self.on_change = on_change  # told of every change (caches of resolutions listen)
+        self.destinations = destinations  # where servers may point; None: anywhere (no check)
 
     def _audit(
         self,
@@ -321,6 +335,7 @@ class Servers(_Part):
         graph endpoint…) changed; otherwise the save is refused until the secret is given again.
         """
         server, fields, given, cleared = _read_secrets(document, secrets)
+        await self._check_destinations(scope, server)
 
         async with self.db.write() as s:
             await _check_scope(s, scope)
@@ -379,6 +394,7 @@ class Servers(_Part):
         secrets kept under the same rule (only when no destination field changed) — without
         saving anything: for a test e-mail of settings not saved yet."""
         server, fields, given, cleared = _read_secrets(document, secrets)
+        await self._check_destinations(scope, server)
         async with self.db.sessions() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope)
@@ -394,6 +410,22 @@ class Servers(_Part):
                 node = node.setdefault(part, {})
             node[name] = value
         return parse_server(doc)
+
+    async def _check_destinations(self, scope: str, server: MailServer) -> None:
+        """SettingsError naming each field that points where the scope's destination policy does
+        not allow (after resolving names: a name of the operator's network is refused too), and a
+        tenant's ca_file: a path on mailgate's machine is the operator's to name. Connections check
+        again when they are made, so a name that resolves elsewhere later gains nothing."""
+        problems: list[tuple[str, str]] = []
+        if scope != GLOBAL and server.smtp is not None and server.smtp.ca_file is not None:
+            problems.append(("smtp.ca_file", "a file on mailgate's machine is for the global mail server only: give "
+                                             "the CA's certificate itself as ca_certificate (PEM text)"))  # fmt: skip
+        if self.destinations is not None:
+            policy = self.destinations.for_scope(scope)
+            checks = await asyncio.gather(*(_refused(policy, host) for host in _destination_hosts(server).values()))
+            problems += [(f, why) for f, why in zip(_destination_hosts(server), checks, strict=True) if why]
+        if problems:
+            raise SettingsError(problems)
 
     async def enable(self, scope: str) -> ServerInfo:
         """Switch the server on ("use mail server")."""
@@ -646,6 +678,14 @@ async def read_audit_log(db: Database, tenant_id: str | None = None, *, limit: i
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
     if tenant_id is not None:
         query = query.where(AuditEntry.tenant_id == tenant_id)
+        # A tenant removed and added again under the same id is another tenant: its log starts
+        # when it was added (its predecessor's history stays in the whole log).
+        added = select(func.max(AuditEntry.id)).where(AuditEntry.tenant_id == tenant_id,
+                                                      AuditEntry.action == "tenant.add")  # fmt: skip
+        async with db.sessions() as s:
+            first = await s.scalar(added)
+        if first is not None:
+            query = query.where(AuditEntry.id >= first)
     async with db.sessions() as s:
         return [AuditRecord(e.at, e.actor, e.action, e.tenant_id, e.scope, e.changes) for e in await s.scalars(query)]
 
@@ -711,11 +751,13 @@ def _check_tenant_id(tenant_id: str) -> None:
 def _tenant_fields(
     *, name: str | None, support_address: str | None, admin_address: str | None = None
 ) -> dict[str, Any]:
-    from ..message import Address
+    from ..message import Address, forbidden_character
 
     problems = []
     if name is not None and (not name.strip() or len(name) > 200 or "\r" in name or "\n" in name):
         problems.append(("name", "is 1-200 characters on one line"))
+    elif name is not None and (problem := forbidden_character(name)) is not None:
+        problems.append(("name", problem))
     addresses = {"support_address": support_address, "admin_address": admin_address}
     for field, value in list(addresses.items()):
         if value is not None:
@@ -762,6 +804,45 @@ def _broken_by_keys() -> Select[MailServerRow]:
     """Servers marked broken because their secrets could not be decrypted (a SecretsError's text
     is the reason): a problem of the keys, not of the settings, mended when they decrypt again."""
     return select(MailServerRow).where(MailServerRow.broken_reason.startswith(CANNOT_DECRYPT, autoescape=True))
+
+
+DESTINATION_CHECK_TIMEOUT = 5.0  # seconds to resolve a name when saving (unresolvable: checked when used)
+
+
+def _destination_hosts(server: MailServer) -> dict[str, str]:
+    """The hosts a server makes mailgate connect to, by the field that names each. (An
+    authorize_url is where the admin's browser goes, not mailgate.)"""
+    from ..destinations import hosts_in
+
+    fields: dict[str, str | None] = {}
+    if server.smtp is not None:
+        fields["smtp.host"] = server.smtp.host
+    if isinstance(server.auth, OAuth2AuthSettings):
+        fields["auth.token.token_url"] = server.auth.token.token_url
+        fields["auth.token.authority"] = server.auth.token.authority
+    if server.graph is not None:
+        fields["graph.authority"] = server.graph.authority
+        fields["graph.endpoint"] = server.graph.endpoint
+    hosts = {}
+    for field, value in fields.items():
+        found = [value] if field == "smtp.host" and value else hosts_in([value])
+        if found:
+            hosts[field] = found[0]
+    return hosts
+
+
+async def _refused(policy: DestinationPolicy, host: str) -> str | None:
+    """Why the policy refuses `host` (resolved), or None — also when it does not resolve now."""
+    from ..destinations import DestinationRefused
+
+    try:
+        async with asyncio.timeout(DESTINATION_CHECK_TIMEOUT):
+            await policy.resolve(host, 0)
+    except DestinationRefused as e:
+        return e.message
+    except (OSError, TimeoutError):
+        return None
+    return None
 
 
 def _tenant_of(scope: str) -> str | None:

@@ -338,10 +338,12 @@ class Pools:
         self, server_id: int, version: int, server: MailServer, log: ProtocolLog | None, scope: str | None
     ) -> ServerPool:
         size = pool_size(server)
+        policy = self._destinations.for_scope(scope) if self._destinations is not None else None
         if server.kind == "graph":
-            handle = self.tokens.handle(graph_token_source(server))
+            handle = self.tokens.handle(graph_token_source(server, destinations=policy))
             self.token_handles[server_id] = handle
-            graph = GraphTransport(server, handle, self.tokens.http, slots=self._mailbox_slots, protocol_log=log)
+            http = self.tokens.http_for(policy)
+            graph = GraphTransport(server, handle, http, slots=self._mailbox_slots, protocol_log=log)
             return SharedPool(graph, size)
         token = None
         if isinstance(server.auth, OAuth2AuthSettings):
@@ -352,12 +354,13 @@ class Pools:
                 async def store(value: str) -> None:
                     await keep(server_id, version, value)
 
-            source = smtp_token_source(server, name=f"mail server {server_id}", store_refresh_token=store)
+            source = smtp_token_source(server, name=f"mail server {server_id}", store_refresh_token=store,
+                                       destinations=policy)  # fmt: skip
             token = self.tokens.handle(source)
             self.token_handles[server_id] = token
         limit = server.quota.max_concurrent_connections
         recipients = RecipientLimit()  # learnt by any of the pool's connections, kept by all
-        resolve = self._destinations.for_scope(scope).resolve if self._destinations is not None else None
+        resolve = policy.resolve if policy is not None else None
         return ServerPool(
             lambda: SMTPTransport.from_server(
                 server, token=token, protocol_log=log, recipient_limit=recipients, resolve=resolve
