@@ -23,7 +23,9 @@ from mailgate.config import Config
 from mailgate.db.models import ApiToken, MessageRow
 from smtp_servers import ServerConfig, serve
 
-FAST = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, max_request_size=64 * 1024)
+FAST = Config(
+    retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, max_request_size=64 * 1024, tenant_networks="loopback"
+)  # the tenants' servers and identity providers run on 127.0.0.1 here
 PASSWORD = "s3cret-Pa55word-for-the-relay"
 
 
