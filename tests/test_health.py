@@ -30,7 +30,10 @@ MAILBOX = "noreply@contoso.example"
 
 @pytest.fixture
 async def mg(database_url: str) -> AsyncIterator[Mailgate]:
-    config = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, broken_recheck=60)
+    # tenant_networks: the tenants' own servers run on 127.0.0.1 here.
+    config = Config(
+        retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, broken_recheck=60, tenant_networks="loopback"
+    )
     async with Mailgate.open(database_url, secret_keys=TEST_KEY, actor="admin", config=config) as opened:
         await opened.tenants.add("acme")
         yield opened
