@@ -256,12 +256,12 @@ def test_send_now_through_a_tenants_resolved_server(cli: CLI) -> None:
 
 
 def test_send_now_through_a_tenants_own_server_obeys_the_destination_policy(cli: CLI) -> None:
-    cli.env["MAILGATE_TENANT_NETWORKS"] = ""  # the default: a tenant's server may not point at loopback
     with serve_in_thread(ServerConfig()) as server:
         doc = cli.doc(smtp={"host": server.host, "port": server.port, "security": "none"}, auth={"method": "none"})
         cli("tenants", "add", "acme", "--may-use-own-server")
         cli("servers", "set", "global", "--file", doc)
-        cli("servers", "set", "acme", "--file", doc)
+        cli("servers", "set", "acme", "--file", doc)  # saved while the operator allowed loopback
+        cli.env["MAILGATE_TENANT_NETWORKS"] = ""  # the default: a tenant's server may not point at loopback
         out = cli("send", "--tenant", "acme", "--now", "--to", "a@example.org", "--text", "x", check=4)
         assert server.connection_count == 0
         cli("tenants", "add", "shared")  # through the global server, which may

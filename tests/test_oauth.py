@@ -34,7 +34,8 @@ SECRET = "Qx~8Q~secret.value-that-is-long_enough"
 MAILBOX = "noreply@contoso.example"
 CALLBACK = "http://127.0.0.1:8000/v1/oauth/callback"
 DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send offline_access"
-FAST = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, broken_recheck=60, lease=30)
+FAST = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, broken_recheck=60, lease=30,
+              tenant_networks="loopback")  # fmt: skip
 
 
 @pytest.fixture

@@ -313,13 +313,16 @@ async def test_broken_credentials_wait_then_fixed_settings_deliver(open_mg: Open
 
 
 async def test_a_tenants_server_the_destination_policy_refuses_is_never_connected(open_mg: Opener) -> None:
-    # The default policy: a tenant's own server may not point at loopback; the global server may.
+    # Saved while the operator let tenants reach loopback (as if a name resolved elsewhere then),
+    # sent under the default policy: a tenant's own server may not point at loopback; the global
+    # server may. The worker checks again when it connects.
+    setup_mg = await open_mg(FAST)
     mg = await open_mg(dataclasses.replace(FAST, tenant_networks=""))
     async with serve(ServerConfig()) as server:
-        await mg.servers.set("global", server_doc(server))
-        await mg.tenants.add("own", may_use_own_server=True)
-        await mg.tenants.add("shared")
-        await mg.servers.set("own", server_doc(server))
+        await setup_mg.servers.set("global", server_doc(server))
+        await setup_mg.tenants.add("own", may_use_own_server=True)
+        await setup_mg.tenants.add("shared")
+        await setup_mg.servers.set("own", server_doc(server))
         refused = await mg.submit("own", note(subject="own"))
         sent = await mg.submit("shared", note(subject="shared"))
         await mg.run_worker(until_idle=True)

@@ -24,7 +24,8 @@ TO = "admin@acme.example"
 
 @pytest.fixture
 async def mg(tmp_path: Path) -> AsyncIterator[Mailgate]:
-    async with Mailgate.open(f"sqlite:///{tmp_path}/m.db", secret_keys=TEST_KEY, actor="admin", config=Config()) as m:
+    config = Config(tenant_networks="loopback")  # the test servers are on 127.0.0.1
+    async with Mailgate.open(f"sqlite:///{tmp_path}/m.db", secret_keys=TEST_KEY, actor="admin", config=config) as m:
         await m.tenants.add("acme", may_use_own_server=True)
         yield m
 
@@ -33,7 +34,7 @@ def doc(server: RecordingServer, *, security: str = "starttls-required", auth: d
         host: str | None = None, port: int | None = None, **smtp: Any) -> dict[str, Any]:  # fmt: skip
     return {"kind": "smtp", "from_address": "no-reply@acme.example",
             "smtp": {"host": host or server.host, "port": port or server.port, "security": security,
-                     "ca_file": str(server.ca_file) if server.ca_file else None, **smtp},
+                     "ca_certificate": server.ca_file.read_text() if server.ca_file else None, **smtp},
             "auth": auth if auth is not None else {"method": "password", "username": "user@example.com",
                                                    "password": PASSWORD},
             "connection": {"connect_timeout": 3, "protocol_timeout": 5}}  # fmt: skip
@@ -124,7 +125,7 @@ async def test_starttls_required_but_not_offered(mg: Mailgate) -> None:
 
 async def test_an_unverified_certificate_is_still_described(mg: Mailgate) -> None:
     async with serve(STARTTLS_AUTH) as server:
-        await mg.servers.set("acme", doc(server, verify_certificate=False, ca_file=None))
+        await mg.servers.set("acme", doc(server, verify_certificate=False, ca_certificate=None))
         report = await mg.test_server("acme", TO, dry_run=True)
     tls = steps(report)["tls"]["details"]
     assert report.ok and tls["verified"] == "not checked (verify_certificate is off)"
@@ -133,7 +134,7 @@ async def test_an_unverified_certificate_is_still_described(mg: Mailgate) -> Non
 
 async def test_untrusted_certificate(mg: Mailgate) -> None:
     async with serve(STARTTLS_AUTH) as server:
-        await mg.servers.set("acme", {**doc(server), "smtp": {**doc(server)["smtp"], "ca_file": None}})
+        await mg.servers.set("acme", {**doc(server), "smtp": {**doc(server)["smtp"], "ca_certificate": None}})
         failed = next(s for s in (await mg.test_server("acme", TO)).to_dict()["steps"] if s["status"] == "failed")
     assert failed["name"] == "tls" and "not signed by a trusted authority" in failed["cause"]
     assert "ca_file" in failed["fix"]

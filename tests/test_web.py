@@ -27,7 +27,7 @@ from mailgate.config import Config
 from mailgate.db.models import AdminSession, AdminUser, ServerSecret
 from smtp_servers import ServerConfig, serve
 
-FAST = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05)
+FAST = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, tenant_networks="loopback")
 ADMIN, ACME, GLOBEX = "root@example.com", "boss@acme.example", "boss@globex.example"
 PASSWORD = "correct horse battery staple"
 RELAY_PASSWORD = "relay-Pa55word-never-shown"
@@ -704,7 +704,8 @@ async def test_a_refused_consent_comes_back_with_the_reason(ui: UI) -> None:
                                                              "error_description": "The user said no"})  # fmt: skip
     assert reply.status_code == 303 and reply.headers["location"] == "/admin"
     page = await b.get("/admin/global")
-    assert "The consent was not given: access_denied. The user said no" in text_of(page)
+    assert "The consent was not given: the account that signed in declined it." in text_of(page)
+    assert "The user said no" not in text_of(page)  # the provider's words (anyone can make that link): never shown
 
 
 async def test_a_notice_cannot_be_forged_with_a_link_or_a_cookie(ui: UI) -> None:

@@ -52,6 +52,8 @@ class _Section(BaseModel):
         if isinstance(text, str) and info.field_name != "ca_certificate":
             from ..message import forbidden_character
 
+            if "\r" in text or "\n" in text:
+                raise ValueError("line breaks are not allowed")
             problem = forbidden_character(text)
             if problem is not None:
                 raise ValueError(problem.replace("no mail may carry", "no setting may hold"))
