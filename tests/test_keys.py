@@ -112,7 +112,7 @@ async def test_keys_replaced_elsewhere_mark_the_server_broken_and_the_others_kee
                 await asyncio.wait_for(worker, 10)
             reason = (await mg.servers.health("a")).broken_reason
             assert reason == (
-                "mailgate cannot decrypt the auth.password of the a mail server with the keys from "
+                "mailgate cannot decrypt the auth.password of the mail server of tenant a with the keys from "
                 "MAILGATE_SECRET_KEYS: the keys changed since it was saved. Fix: restart mailgate with the "
                 "MAILGATE_SECRET_KEYS the other instances use (the new key first, the old one after it), or run "
                 "`mailgate keys rotate` with both keys in MAILGATE_SECRET_KEYS; or save the mail server's "
@@ -203,3 +203,24 @@ async def test_a_missing_key_file_is_made_for_a_database_without_secrets(key_fil
 
 async def _is(mg: Mailgate, pk: int, wanted: str) -> bool:
     return await status(mg, pk) == wanted
+
+
+async def test_the_api_says_which_secret_the_keys_cannot_decrypt_and_what_to_do(database_url: str) -> None:
+    import httpx2
+
+    from mailgate.api import create_app
+
+    old, new = TEST_KEY, Fernet.generate_key().decode()
+    async with serve(AUTH) as own, Mailgate.open(database_url, secret_keys=old, config=FAST) as mg:
+        await mg.tenants.add("a", may_use_own_server=True)
+        await mg.servers.set("a", with_password(own))
+        async with Mailgate.open(database_url, secret_keys=f"{new},{old}") as other:
+            await other.rotate_keys()
+        admin, _ = await mg.api_tokens.create("system-admin")
+        transport = httpx2.ASGITransport(app=create_app(mg))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://mailgate.test") as http:
+            reply = await http.post("/v1/tenants/a/server/test", json={"to": "x@example.org"},
+                                    headers={"Authorization": f"Bearer {admin}"})  # fmt: skip
+    assert reply.status_code == 409 and reply.json()["code"] == "secret_unreadable", reply.text
+    assert "auth.password of the mail server of tenant a" in reply.json()["message"]
+    assert own.connection_count == 0

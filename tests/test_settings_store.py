@@ -484,3 +484,16 @@ async def test_an_empty_key_file_is_named(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(SettingsError, match="holds no key") as e:
         await Mailgate.open(f"sqlite:///{tmp_path}/mailgate.db")
     assert e.value.field.endswith("mailgate.db.keys")
+
+
+@pytest.mark.parametrize("tenant", ["acme\x00", "acme\ud800", "a" * 65, "ac me"])
+async def test_a_tenant_id_that_is_not_one_is_not_found_anywhere(mg: Mailgate, tenant: str) -> None:
+    from mailgate import Message
+    from mailgate.errors import NotFound
+
+    await mg.tenants.add("acme")
+    await mg.servers.set("global", smtp_doc())
+    for attempt in (mg.resolve(tenant), mg.tenants.get(tenant),
+                    mg.submit(tenant, Message(to="bob@example.org", subject="s"))):  # fmt: skip
+        with pytest.raises(NotFound):
+            await attempt

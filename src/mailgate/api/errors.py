@@ -9,7 +9,7 @@ MAX_PROBLEMS of them, then one saying how many more were left out.
 | 403 | `forbidden` (the token's role does not allow it) |
 | 404 | `not_found` (also: another tenant's data — it does not exist, as far as the caller can tell) |
 | 405 | `method_not_allowed` |
-| 409 | `conflict`, `sending_disabled` |
+| 409 | `conflict`, `sending_disabled`, `secret_unreadable` (a stored secret can't be decrypted with these keys) |
 | 413 | `payload_too_large` |
 | 415 | `unsupported_media_type` |
 | 422 | `invalid_input` |
@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from ..access import Forbidden
 from ..errors import Conflict, DeliveryError, InvalidInput, NotFound, SendingDisabled
+from ..settings.secrets import SecretsError
 
 log = logging.getLogger("mailgate.api")
 
@@ -294,6 +295,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(SendingDisabled)
     async def _disabled(request: Request, e: SendingDisabled) -> JSONResponse:
         return error(409, "sending_disabled", str(e))
+
+    @app.exception_handler(SecretsError)
+    async def _keys(request: Request, e: SecretsError) -> JSONResponse:
+        return error(409, "secret_unreadable", str(e))  # which secret and what to do; never a secret
 
     @app.exception_handler(TooManyRequests)
     async def _busy(request: Request, e: TooManyRequests) -> JSONResponse:

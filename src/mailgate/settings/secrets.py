@@ -119,7 +119,7 @@ class Keyring:
         owner_scope, owner_field, value = json.loads(plain)
         if (owner_scope, owner_field) != (scope, field):
             raise SecretsError(
-                f"the stored {field} of the {scope} mail server belongs to another server (the row was copied). "
+                f"the stored {field} of {_server(scope)} belongs to another server (the row was copied). "
                 f"Fix: save the mail server's {field} again.",
                 scope=scope, field=field,
             )  # fmt: skip
@@ -134,12 +134,16 @@ class Keyring:
         else:
             fix = (f"put the key it was encrypted with back in {self._path} (from a backup), or run `mailgate keys "
                    "rotate` with both keys")  # fmt: skip
-        return (f"{CANNOT_DECRYPT}{field} of the {scope} mail server with the keys from {self.source}: the keys "
+        return (f"{CANNOT_DECRYPT}{field} of {_server(scope)} with the keys from {self.source}: the keys "
                 f"changed since it was saved. Fix: {fix}; or save the mail server's {field} again.")  # fmt: skip
 
     def rotate(self, scope: str, field: str, token: str) -> str:
         """The same secret encrypted under the newest key."""
         return self.encrypt(scope, field, self.decrypt(scope, field, token))
+
+
+def _server(scope: str) -> str:
+    return "the global mail server" if scope == "global" else f"the mail server of tenant {scope}"
 
 
 def load_keyring(env_value: str | None, key_file: Path | None, *, create: bool = True) -> Keyring:

@@ -771,8 +771,12 @@ def _tenant_fields(
 
 
 async def _tenant(s: AsyncSession, tenant_id: str, *, lock: bool = False) -> Tenant:
-    query = select(Tenant).where(Tenant.id == tenant_id)
-    row = await s.scalar(query.with_for_update() if lock else query)
+    # No tenant has an id that is not one (NUL or a lone surrogate would not even reach the
+    # database: the driver can't encode it), so such an id is simply not found.
+    row = None
+    if isinstance(tenant_id, str) and _TENANT_ID.fullmatch(tenant_id):
+        query = select(Tenant).where(Tenant.id == tenant_id)
+        row = await s.scalar(query.with_for_update() if lock else query)
     if row is None:
         raise NotFound([("tenant", f"there is no tenant {tenant_id!r}")])
     return row
