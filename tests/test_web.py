@@ -6,6 +6,7 @@ and captured mail. The browser tests are in test_web_browser.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import re
 from collections.abc import AsyncIterator
@@ -216,6 +217,14 @@ def assert_not_framed_nor_cached(reply: httpx2.Response) -> None:
     assert reply.headers.get_list("content-security-policy") == ["frame-ancestors 'none'"], where
     assert reply.headers.get("x-frame-options") == "DENY", where
     assert reply.headers.get("cache-control") == "no-store", where
+
+
+async def test_a_refused_oversized_admin_request_may_not_be_framed_nor_cached(ui: UI) -> None:
+    app = create_app(ui.mg, config=dataclasses.replace(FAST, max_request_size=1000))
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://mailgate.test") as b:
+        reply = await b.post("/admin/login", data={"email": ADMIN, "password": "x" * 5000})
+    assert reply.status_code == 413
+    assert_not_framed_nor_cached(reply)
 
 
 async def test_every_admin_response_may_not_be_framed_nor_cached(ui: UI) -> None:

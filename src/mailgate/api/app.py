@@ -70,11 +70,11 @@ def create_app(
     app.include_router(messages.router)
     app.include_router(settings.router)
     app.include_router(health.router)
-    from ..web import install as install_admin_ui
-
-    install_admin_ui(app)
     limit = (config or (mg.config if mg is not None else None) or Config.load()).max_request_size
     app.add_middleware(BodyLimit, limit=limit)
+    from ..web import install as install_admin_ui
+
+    install_admin_ui(app)  # after BodyLimit: the admin UI's headers go on its 413s too
     return app
 
 
