@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from mailgate import Mailgate
-from mailgate.outbox.worker import RESOLVE_TTL
+from mailgate.outbox.worker import RESOLVE_TTL, SLOW_START
 from smtp_servers import ScriptedServer, ServerConfig, scripted, serve
 from test_outbox import FAST, Opener, drain, note, open_mg, server_doc, status
 
@@ -61,6 +61,27 @@ async def test_a_black_holed_server_does_not_hold_up_other_tenants(open_mg: Open
     assert all(a["number"] == 1 for a in tried)
     assert any("not tried" in (a["note"] or "") for d in details for a in d["attempt_log"])
     assert all("did not answer" in d["last_error"] for d in details if d["status"] == "deferred")
+
+
+async def test_a_black_hole_with_a_huge_pool_takes_two_senders_not_all(open_mg: Opener) -> None:
+    # A hostile tenant sets pool_size far above the worker's senders and points the server at a
+    # port that never greets: until its server takes a message, a lane gets SLOW_START senders.
+    mg = await open_mg(dataclasses.replace(FAST, concurrency=6, stop_grace=5))
+    async with scripted("silent") as hole, serve(ServerConfig()) as good:
+        await mg.servers.set("global", server_doc(good))
+        await tenants_with_own_servers(mg, {"stuck": hole}, pool_size=1000, connect_timeout=5, protocol_timeout=5)
+        await mg.tenants.add("fine")
+        stuck = await mg.submit_many("stuck", [note(subject=f"stuck {i}") for i in range(60)])
+        fine = await mg.submit_many("fine", [note(subject=f"fine {i}") for i in range(30)])
+        stop = asyncio.Event()
+        worker = asyncio.create_task(mg.run_worker(stop))
+        await good.wait_for_messages(30, timeout=10)
+        held = smtp_connections(hole)
+        assert {await status(mg, pk) for pk in stuck} <= {"sending", "queued"}  # still hanging
+        stop.set()
+        await asyncio.wait_for(worker, 15)
+    assert held == SLOW_START, held  # without the slow start: all six senders hung on the hole
+    assert [await status(mg, pk) for pk in fine] == ["sent"] * 30
 
 
 async def test_senders_rotate_between_lanes_when_there_are_fewer_senders_than_lanes(open_mg: Opener) -> None:

@@ -71,6 +71,9 @@ HOLD_BACK = 5.0  # seconds a lane holds back after its server failed; doubles ea
 MAX_HOLD_BACK = 300.0
 PIPELINE = 8  # messages a sender takes from its lane at once, pipelined on its connection
 RESOLVE_TTL = 2.0  # seconds a tenant's resolved server is reused
+# Senders a lane starts with until its server takes a message: a server that never answers (a
+# black hole, a tarpit) ties up this many of the worker's senders, not its whole pool_size.
+SLOW_START = 2
 
 
 @dataclass
@@ -100,12 +103,16 @@ class _Lane:
     held_until: float = 0.0  # loop time
     trips: int = 0  # failures in a row
     turn: int = 0  # when a sender last started on it: the lane that waited longest goes first
+    proven: bool = False  # its server took a message since the lane was made
 
     def open_slots(self, now: float) -> int:
-        """How many more senders may start: none while held back, one (a probe) after a failure."""
+        """How many more senders may start: none while held back, one (a probe) after a failure,
+        SLOW_START until the server took a message, then its capacity."""
         if self.failed is not None and now < self.held_until:
             return 1 if self.active == 0 else 0  # it defers without trying: one sender is plenty
-        return (1 if self.trips else self.capacity) - self.active
+        if self.trips:
+            return 1 - self.active
+        return (self.capacity if self.proven else min(self.capacity, SLOW_START)) - self.active
 
     def trip(self, error: DeliveryError | InvalidInput, now: float) -> None:
         if isinstance(error, QuotaWait):  # no failure: the quota allows no more connections now
@@ -124,7 +131,7 @@ class _Lane:
         self.failed = error
 
     def succeeded(self) -> None:
-        self.trips, self.failed, self.held_until = 0, None, 0.0
+        self.trips, self.failed, self.held_until, self.proven = 0, None, 0.0, True
 
 
 @dataclass(frozen=True)
@@ -395,7 +402,9 @@ class Worker:
                 if not self._lanes[old].backlog and not self._lanes[old].active:
                     del self._lanes[old]  # settings changed: the old version's lane is done
             scope = GLOBAL if resolution.source == GLOBAL else resolution.tenant
-            lane = self._lanes[key] = _Lane(key, resolution.server, pool_size(resolution.server), scope)
+            # At most half the senders on one server: a tenant's pool_size can't take them all.
+            capacity = min(pool_size(resolution.server), max(1, self.config.concurrency // 2))
+            lane = self._lanes[key] = _Lane(key, resolution.server, capacity, scope)
         if len(lane.backlog) < lane.capacity:
             self._ready += 1
         c.claimed_at = asyncio.get_running_loop().time()
