@@ -110,7 +110,7 @@ class RecipientLimit:
         """Learn from one transaction's RCPT replies (in order, possibly cut short)."""
         accepted = 0
         for reply in replies[: len(recipients)]:
-            if reply.too_many_recipients:
+            if reply.code >= 400 and reply.too_many_recipients:
                 if accepted and (self.learnt is None or accepted < self.learnt):
                     self.learnt = accepted
                 return
