@@ -26,7 +26,7 @@ from mailgate.api import create_app
 from mailgate.capture import CaptureServer
 from mailgate.config import Config
 from mailgate.db.models import AdminSession, AdminUser, ServerSecret
-from smtp_servers import ServerConfig, serve
+from smtp_servers import ServerConfig, scripted, serve
 
 FAST = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, tenant_networks="loopback")
 ADMIN, ACME, GLOBEX = "root@example.com", "boss@acme.example", "boss@globex.example"
@@ -598,6 +598,23 @@ async def test_the_test_email_shows_every_step_ok_live(ui: UI) -> None:
                                       "auth", "mail from", "rcpt to", "data", "queued"]  # fmt: skip
         assert relay_config.password not in final.text
         assert [m.rcpt_tos for m in relay.messages] == [["check@acme.example"]]
+
+
+async def test_a_tenants_silent_server_holds_at_most_two_test_emails(ui: UI) -> None:
+    from mailgate.api.limits import MAX_TEST_EMAILS_PER_SCOPE
+
+    async with scripted("silent") as hole:
+        doc = smtp_doc(hole.address[1])
+        doc["connection"] = {"connect_timeout": 1, "protocol_timeout": 1}
+        await ui.mg.servers.set("acme", doc)
+        b = await ui.signed_in(ACME)
+        await b.get("/admin/tenants/acme")
+        started = [await b.post("/admin/servers/acme/test", {"to": "a@acme.example"}, headers={"HX-Request": "true"})
+                   for _ in range(MAX_TEST_EMAILS_PER_SCOPE + 1)]  # fmt: skip
+        assert [r.status_code for r in started] == [200] * MAX_TEST_EMAILS_PER_SCOPE + [409]
+        assert "test e-mails of this mail server are under way" in text_of(started[-1])
+        for run in ui.app.state.test_runs.values():  # they end by their timeouts
+            await asyncio.wait_for(asyncio.shield(run.task), 10)
 
 
 async def test_the_test_email_defaults_to_the_admin_and_explains_a_refused_password(ui: UI) -> None:

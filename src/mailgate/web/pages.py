@@ -23,6 +23,7 @@ from fastapi.templating import Jinja2Templates
 
 from ..access import Principal
 from ..accounts import SignInRefused, UserInfo
+from ..api.limits import MAX_TEST_EMAILS_PER_SCOPE
 from ..diagnostics.testmail import GRAPH_STEPS, SMTP_STEPS, Step, StepReport
 from ..errors import Conflict, InvalidInput, MailgateError, NotFound
 from ..outbox.store import MAX_ID, STATUSES
@@ -308,6 +309,10 @@ async def start_test(request: Request, scope: str, user: User) -> Response:
     runs = _runs(request)
     if len(runs) >= TEST_RUNS_KEPT:  # every one of them still running
         raise Conflict([("test", f"{len(runs)} test e-mails are under way; send this one when one has finished")])
+    if sum(1 for r in runs.values() if r.scope == scope and not r.done) >= MAX_TEST_EMAILS_PER_SCOPE:
+        # As over the API: one tenant's slow or silent server can't take every run there is.
+        raise Conflict([("test", f"{MAX_TEST_EMAILS_PER_SCOPE} test e-mails of this mail server are under way; "
+                                 "send this one when one has finished")])  # fmt: skip
     runs[run.id] = run
     run.task = asyncio.create_task(work())
     if not _htmx(request):  # without JavaScript: wait, and show the whole report
