@@ -252,6 +252,23 @@ async def test_messages_answered_before_the_drop_keep_their_250_and_only_the_one
     assert [m.rcpt_tos for m in server.delivered] == [["to0@example.org"], ["to1@example.org"]]
 
 
+async def test_a_message_that_cannot_be_built_fails_alone_and_nothing_goes_twice() -> None:
+    # Two messages a connection: the bad third one is in the second chunk, after the first went.
+    # (A stored message of an older version can hold a lone surrogate; submit refuses one now.)
+    from mailgate import Message
+
+    good = [Message(from_=FROM, to=f"to{i}@example.org", subject=f"m{i}", text="t") for i in range(5)]
+    bad = Message.from_dict({**good[2].to_dict(), "subject": "m2 \ud800"})
+    async with scripted_mta() as server:
+        transport = SMTPTransport(config(server), reuse=Reuse(max_messages=2))
+        results = await transport.send_many([(m.envelope(), m) for m in (*good[:2], bad, *good[3:])])
+        await transport.aclose()
+    assert isinstance(results[2], UnicodeEncodeError)
+    assert [outcomes(r) for i, r in enumerate(results) if i != 2] == [[ACCEPTED]] * 4
+    assert sorted(rcpt for m in server.delivered for rcpt in m.rcpt_tos) == [
+        "to0@example.org", "to1@example.org", "to3@example.org", "to4@example.org"]  # fmt: skip
+
+
 async def test_a_250_that_arrived_just_before_the_server_hung_up_still_counts() -> None:
     # Exim (and SES) answer the message, then "421 too many messages in this connection" to the
     # next MAIL of the same pipelined group, and close.

@@ -692,9 +692,8 @@ class Worker:
         culprits = {i: why for i, r in enumerate(ready) if (why := _compose_error(r.message)) is not None}
         if not culprits or not isolate:
             raise error
-        # With max_messages_per_connection below the batch, the transport may have sent a first
-        # part before it composed the culprit: those go again (the transport could say per
-        # message, as it does for the server's refusals).
+        # Only a transport that sends one message at a time raises for a message of its own (the
+        # SMTP transport returns the error as that message's result): nothing of this batch went.
         others = [r for i, r in enumerate(ready) if i not in culprits]
         sent = iter(await self._send(transport, others, isolate=False) if others else [])
         return [culprits[i] if i in culprits else next(sent) for i in range(len(ready))]

@@ -138,18 +138,17 @@ class SMTPTransport:
             raise result
         return result
 
-    async def send_many(
-        self, items: list[tuple[Envelope, bytes | Message]]
-    ) -> list[Delivery | DeliveryError | MessageError]:
+    async def send_many(self, items: list[tuple[Envelope, bytes | Message]]) -> list[Delivery | Exception]:
         """Several messages through this connection, pipelined one after the other (see
         SMTPClient.send_many), within `max_messages` per connection: per item its Delivery, or
-        the error that refused it alone.
+        the error that refused it alone — a DeliveryError, a MessageError, or whatever composing
+        that message raised (a character no mail can carry: it is not sent, the others are).
 
         Raises only when no connection can be had before anything was sent. Once something went
         out, nothing is lost to an exception: a connection that can't be had for a later chunk
         becomes that chunk's per-item error, and the Deliveries of earlier chunks stand.
         """
-        out: list[Delivery | DeliveryError | MessageError | None] = [None] * len(items)
+        out: list[Delivery | Exception | None] = [None] * len(items)
         envelopes = [envelope for envelope, _ in items]
         todo = list(range(len(items)))
         second_chance = True
@@ -168,7 +167,15 @@ class SMTPTransport:
                     room = min(room, self.reuse.max_messages - self._messages)
                 chunk, todo = todo[:room], todo[room:]
                 learnt = self.recipient_limit.learnt
-                batch = [(envelopes[i], self._compose(items[i][1], client)) for i in chunk]
+                batch = []
+                for i in list(chunk):
+                    try:
+                        batch.append((envelopes[i], self._compose(items[i][1], client)))
+                    except Exception as e:  # this message alone can't be built (its own error, as data)
+                        out[i] = e
+                        chunk.remove(i)
+                if not chunk:
+                    continue
                 try:
                     results = await client.send_many(batch)
                 finally:
@@ -247,8 +254,9 @@ class SMTPTransport:
 
 
 def _merge(
-    before: Delivery | DeliveryError | MessageError | None, result: Delivery | DeliveryError | MessageError
-) -> Delivery | DeliveryError | MessageError:
+    before: Delivery | Exception | None,
+    result: Delivery | DeliveryError | MessageError,
+) -> Delivery | Exception:
     """A message's result after a further try of some of its recipients."""
     if not isinstance(before, Delivery):
         return result
@@ -258,7 +266,7 @@ def _merge(
     return Delivery(before.server, [again.get(r.recipient, r) for r in before.results], before.retry_after)
 
 
-def _not_tried(result: Delivery | DeliveryError | MessageError | None) -> list[str]:
+def _not_tried(result: Delivery | Exception | None) -> list[str]:
     """The recipients of a Delivery the server never answered for themselves: the session ended
     first (no reply, or its 421), or they were refused as too many; none whose message may have
     gone (uncertain)."""
