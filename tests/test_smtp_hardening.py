@@ -564,3 +564,27 @@ async def test_an_endless_multi_line_reply_is_refused() -> None:
     async with raw_peer(b"220-mx.example.com and so on\r\n" * 1000) as (host, port):
         with pytest.raises(SMTPProtocolError, match="more than 100 lines"):
             await SMTPClient(SMTPConfig(host, port, security="none", connect_timeout=2, protocol_timeout=5)).connect()
+
+
+async def test_a_quit_cancelled_while_it_waits_still_closes_the_connection() -> None:
+    closed = asyncio.Event()
+
+    async def never_answers_quit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.example.com ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250 mx.example.com\r\n")
+        while await reader.read(1024):  # QUIT, and no answer: until the client hangs up
+            pass
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(never_answers_quit, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = SMTPClient(SMTPConfig("127.0.0.1", port, security="none", helo_name="client.example.com"))
+    await client.connect()
+    quitting = asyncio.create_task(client.quit())
+    await asyncio.sleep(0.2)
+    quitting.cancel()
+    async with asyncio.timeout(3):  # QUIT alone would wait 5 s
+        await closed.wait()
+    server.close()

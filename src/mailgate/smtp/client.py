@@ -543,12 +543,14 @@ class SMTPClient:
         """QUIT politely if the connection still works, then close it gracefully (a TLS session
         ends with close_notify), each step within QUIT_TIMEOUT; dropped in any case."""
         proto = self._proto
-        if proto is not None and self.is_connected:
-            wait = min(self.config.protocol_timeout, QUIT_TIMEOUT)
-            with contextlib.suppress(SMTPError, TimeoutError):
-                await asyncio.wait_for(self.command("QUIT"), wait)
-            await proto.close(wait)
-        self.close()
+        try:
+            if proto is not None and self.is_connected:
+                wait = min(self.config.protocol_timeout, QUIT_TIMEOUT)
+                with contextlib.suppress(SMTPError, TimeoutError):
+                    await asyncio.wait_for(self.command("QUIT"), wait)
+                await proto.close(wait)
+        finally:
+            self.close()  # also when cancelled while waiting: never a socket left open
 
     def close(self) -> None:
         """Drop the connection at once (no QUIT, no TLS close_notify): for a broken session."""
