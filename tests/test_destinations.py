@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,26 @@ async def test_an_endless_token_reply_is_not_read_whole() -> None:
     huge = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n"
     e = await refusal(huge + b'{"error_description": "' + b"A" * 3_000_000)
     assert "did not answer as an HTTP server would (TooLarge)" in str(e) and e.transient
+
+
+# ---- the test e-mail --------------------------------------------------------------------------
+
+
+async def test_the_test_e_mail_explains_a_refused_destination(tmp_path: Path) -> None:
+    from conftest import TEST_KEY
+    from mailgate import Mailgate
+
+    url = f"sqlite:///{tmp_path}/m.db"
+    document = {"from_address": "no-reply@acme.example", "smtp": {"host": "localhost", "port": 2525,
+                                                                   "security": "none"}}  # fmt: skip
+    async with Mailgate.open(url, secret_keys=TEST_KEY, config=Config(tenant_networks="loopback")) as allowed:
+        await allowed.tenants.add("acme", may_use_own_server=True)
+        await allowed.servers.set("acme", document)  # saved while the operator allowed loopback
+    async with Mailgate.open(url, secret_keys=TEST_KEY, config=Config()) as mg:
+        report = (await mg.test_server("acme", "admin@acme.example")).to_dict()
+        with pytest.raises(SettingsError) as saving:
+            await mg.servers.set("acme", document)
+    failed = next(s for s in report["steps"] if s["status"] == "failed")
+    assert failed["name"] == "dns" and "localhost (127.0.0.1) is a loopback address" in failed["cause"]
+    assert "MAILGATE_TENANT_NETWORKS" in failed["fix"] and "public host name" in failed["fix"]
+    assert [f for f, _ in saving.value.problems] == ["smtp.host"]

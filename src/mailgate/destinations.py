@@ -25,8 +25,12 @@ import ipaddress
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import DeliveryError, SettingsError
+
+if TYPE_CHECKING:
+    from .diagnostics.catalogue import Explanation
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -46,6 +50,21 @@ class DestinationRefused(DeliveryError):
     only new settings (or the operator's policy) change it."""
 
     transient = False
+
+    def __init__(self, message: str, *, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+    @property
+    def explanation(self) -> Explanation:
+        """Its cause and fix, for the test e-mail, the attempt log and a broken server's reason."""
+        from .diagnostics.catalogue import Explanation
+
+        return Explanation(
+            self.message,
+            "Give the mail server's public host name or address (and the token endpoint's or Graph's public URL). "
+            f"If it is meant to be on a network of the operator's, the operator allows that network in {self.setting}.",
+        )
 
 
 def parse_networks(value: str, *, setting: str = "networks") -> tuple[Network, ...]:
@@ -130,7 +149,7 @@ class DestinationPolicy:
         """The address as an IP if the policy permits it, else DestinationRefused."""
         ip = ipaddress.ip_address(address.split("%", 1)[0])
         if not self.permits(ip):
-            raise DestinationRefused(self.refusal(host, ip))
+            raise DestinationRefused(self.refusal(host, ip), setting=self.setting)
         return ip
 
     async def resolve(self, host: str, port: int) -> list[str]:
