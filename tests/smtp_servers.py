@@ -303,6 +303,68 @@ class _Recorder:
                 raise TimeoutError(f"condition not met within {timeout}s: {self!r}")
 
 
+class _ScriptedPeer(_Recorder):
+    """What the scripted servers share: where they listen, each connection's task and writer,
+    and a shut-down that lets every connection's handler end. A subclass handles a connection in
+    `_handle`, inside `async with self._connection(writer)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host = HOST
+        self.port = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    @asynccontextmanager
+    async def _connection(self, writer: asyncio.StreamWriter) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            yield
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
+
+    async def _shut_down(self) -> None:
+        # Aborting makes pending reads return EOF so each handler ends normally;
+        # cancelling them instead trips Python 3.11's start_server done-callback,
+        # which calls task.exception() on the cancelled task.
+        for writer in list(self._writers):
+            writer.transport.abort()
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            _, still_pending = await asyncio.wait(pending, timeout=SHUTDOWN_TIMEOUT)
+            for task in still_pending:
+                task.cancel()
+
+
+P = TypeVar("P", bound=_ScriptedPeer)
+
+
+@asynccontextmanager
+async def _listening(peer: P, host: str = HOST) -> AsyncIterator[P]:
+    """Run `peer` on `host`:<ephemeral> in the running loop."""
+    listener = await asyncio.start_server(peer._handle, host, 0)
+    peer.host, peer.port = host, listener.sockets[0].getsockname()[1]
+    try:
+        yield peer
+    finally:
+        listener.close()
+        await peer._shut_down()
+        await asyncio.wait_for(listener.wait_closed(), SHUTDOWN_TIMEOUT)
+
+
 class RecordingServer(_Recorder):
     """What `serve()` yields: the address to connect to and everything recorded."""
 
@@ -789,7 +851,7 @@ class ScriptedConnection:
     closed: bool = False
 
 
-class ScriptedServer(_Recorder):
+class ScriptedServer(_ScriptedPeer):
     """A raw asyncio server playing one misbehaviour on every connection:
 
     - "greeting-421": send GREETING_421 and close.
@@ -807,18 +869,10 @@ class ScriptedServer(_Recorder):
             raise ValueError(f"unknown behaviour: {behaviour!r}")
         self.behaviour = behaviour
         self.hostname = hostname
-        self.host = HOST
-        self.port = 0
         self.connections: list[ScriptedConnection] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
 
     def __repr__(self) -> str:
         return f"<ScriptedServer {self.behaviour} {self.host}:{self.port} received={self.received[-200:]!r}>"
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.host, self.port
 
     @property
     def connection_count(self) -> int:
@@ -830,36 +884,17 @@ class ScriptedServer(_Recorder):
         return b"".join(bytes(connection.received) for connection in self.connections)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self._writers.add(writer)
         connection = ScriptedConnection(len(self.connections))
         self.connections.append(connection)
         self._notify()
-        try:
-            await asyncio.wait_for(self._play(reader, writer, connection), MAX_LIFETIME)
-        except (ConnectionError, TimeoutError, ValueError):
-            pass  # peer went away, lifetime over, or an over-long line: just close
-        finally:
-            self._writers.discard(writer)
-            connection.closed = True
-            self._notify()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
-
-    async def _shut_down(self) -> None:
-        # Aborting makes pending reads return EOF so each handler ends normally;
-        # cancelling them instead trips Python 3.11's start_server done-callback,
-        # which calls task.exception() on the cancelled task.
-        for writer in list(self._writers):
-            writer.transport.abort()
-        pending = [task for task in self._tasks if not task.done()]
-        if pending:
-            _, still_pending = await asyncio.wait(pending, timeout=SHUTDOWN_TIMEOUT)
-            for task in still_pending:
-                task.cancel()
+        async with self._connection(writer):
+            try:
+                await asyncio.wait_for(self._play(reader, writer, connection), MAX_LIFETIME)
+            except (ConnectionError, TimeoutError, ValueError):
+                pass  # peer went away, lifetime over, or an over-long line: just close
+            finally:
+                connection.closed = True
+                self._notify()
 
     async def _play(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: ScriptedConnection
@@ -923,15 +958,8 @@ class ScriptedServer(_Recorder):
 @asynccontextmanager
 async def scripted(behaviour: Behaviour) -> AsyncIterator[ScriptedServer]:
     """Run a ScriptedServer on 127.0.0.1:<ephemeral> in the running loop."""
-    scripted_server = ScriptedServer(behaviour)
-    server = await asyncio.start_server(scripted_server._handle, HOST, 0)
-    scripted_server.port = server.sockets[0].getsockname()[1]
-    try:
-        yield scripted_server
-    finally:
-        server.close()
-        await scripted_server._shut_down()
-        await asyncio.wait_for(server.wait_closed(), SHUTDOWN_TIMEOUT)
+    async with _listening(ScriptedServer(behaviour)) as server:
+        yield server
 
 
 @contextmanager
@@ -1137,24 +1165,16 @@ class _Wire:
             self.buffer.clear()
 
 
-class ScriptedMTA(_Recorder):
+class ScriptedMTA(_ScriptedPeer):
     """What `scripted_mta()` yields: the address and every session as the server saw it."""
 
     def __init__(self, mta: MTA) -> None:
         super().__init__()
         self.mta = mta
-        self.host = HOST
-        self.port = 0
         self.sessions: list[MTASession] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
 
     def __repr__(self) -> str:
         return f"<ScriptedMTA {self.host}:{self.port} sessions={len(self.sessions)}>"
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.host, self.port
 
     @property
     def ca_file(self) -> Path:
@@ -1169,34 +1189,17 @@ class ScriptedMTA(_Recorder):
         return [m for m in self.messages if m.reply is not None and m.reply.startswith("250")]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self._writers.add(writer)
         session = MTASession(len(self.sessions))
         self.sessions.append(session)
         self._notify()
-        wire = _Wire(reader, writer, session)
         try:
-            await asyncio.wait_for(self._play(wire), MAX_LIFETIME)
+            async with self._connection(writer):
+                await asyncio.wait_for(self._play(_Wire(reader, writer, session)), MAX_LIFETIME)
         except (ConnectionError, TimeoutError, ssl.SSLError):
             pass
         finally:
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
             session.ended = session.ended or "closed by the server"
             self._notify()
-
-    async def _shut_down(self) -> None:
-        for writer in list(self._writers):
-            writer.transport.abort()
-        pending = [task for task in self._tasks if not task.done()]
-        if pending:
-            _, still_pending = await asyncio.wait(pending, timeout=SHUTDOWN_TIMEOUT)
-            for task in still_pending:
-                task.cancel()
 
     def _context(self) -> ssl.SSLContext:
         return self.mta.ssl_context or default_pki().server_context()
@@ -1342,16 +1345,8 @@ class ScriptedMTA(_Recorder):
 @asynccontextmanager
 async def scripted_mta(mta: MTA | None = None, host: str = HOST) -> AsyncIterator[ScriptedMTA]:
     """Run a ScriptedMTA on `host` (127.0.0.1, or ::1):<ephemeral> in the running loop."""
-    server = ScriptedMTA(mta or MTA())
-    listener = await asyncio.start_server(server._handle, host, 0)
-    server.host = host
-    server.port = listener.sockets[0].getsockname()[1]
-    try:
+    async with _listening(ScriptedMTA(mta or MTA()), host) as server:
         yield server
-    finally:
-        listener.close()
-        await server._shut_down()
-        await asyncio.wait_for(listener.wait_closed(), SHUTDOWN_TIMEOUT)
 
 
 @asynccontextmanager
