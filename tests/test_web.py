@@ -436,6 +436,33 @@ async def test_saving_the_form_stores_the_document_and_keeps_the_secret_write_on
     assert loaded is not None and loaded.auth.password.get_secret_value() == RELAY_PASSWORD  # type: ignore[union-attr]
 
 
+async def test_a_tenant_gives_its_ca_as_text_and_only_the_global_server_names_a_file(ui: UI) -> None:
+    from certs import make_ca
+
+    pem = make_ca("acme private CA").cert_pem.decode()
+    b = await ui.signed_in(ACME)
+    page = await b.get("/admin/tenants/acme")
+    assert 'name="smtp.ca_certificate"' in page.text and 'name="smtp.ca_file"' not in page.text
+    form = {
+        "enabled": "on",
+        "from_address": "no-reply@acme.example",
+        "kind": "smtp",
+        "smtp.host": "smtp.acme.example",
+        "smtp.security": "starttls-required",
+        "smtp.verify_certificate": "on",
+        "smtp.ca_certificate": pem.replace("\n", "\r\n"),
+        "auth.method": "none",
+        "smtp.ca_file": "/etc/passwd",
+    }  # a field the tenant's page does not have: never part of the document
+    reply = await b.post("/admin/servers/acme", form)
+    assert reply.status_code == 303, text_of(reply)
+    stored = await ui.mg.servers.with_secrets("acme")
+    assert stored is not None and stored.smtp is not None
+    assert "BEGIN CERTIFICATE" in (stored.smtp.ca_certificate or "") and stored.smtp.ca_file is None
+    admin = await ui.signed_in(ADMIN)
+    assert 'name="smtp.ca_file"' in (await admin.get("/admin/global")).text
+
+
 async def test_a_stored_secret_can_be_removed_from_the_form(ui: UI) -> None:
     doc = smtp_doc(2525, method="oauth2", username="m@example.com")
     doc["auth"]["token"] = {"grant": "refresh_token", "provider": "google", "client_id": "c",

@@ -127,7 +127,9 @@ async def site(tmp_path: Path, browser: Browser) -> AsyncIterator[Site]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, public_url=url)
+        config = Config(
+            retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, public_url=url, tenant_networks="loopback"
+        )  # the tenants' test servers are on 127.0.0.1
         async with Mailgate.open(f"sqlite:///{tmp_path}/mg.db", secret_keys=TEST_KEY, actor="setup",
                                  config=config) as mg:  # fmt: skip
             await mg.tenants.add("acme", name="Acme Corp", may_use_own_server=True)

@@ -778,7 +778,10 @@ class Worker:
             return self._could_not_build(c, finish, e, where)
         if isinstance(e, BaseException):
             raise e
+        slow_start = not lane.proven
         lane.succeeded()
+        if slow_start:
+            self._dispatch()  # past its slow start: the lane may take more senders now
         return self._record_delivery(c, finish, e, pending, where)
 
     async def _reserve(self, c: Claimed, lane: _Lane, finish: Finish, where: dict[str, Any]) -> Recorded | None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from ..settings.document import DESTINATION_FIELDS, SECRET_FIELDS
 
-Kind = Literal["text", "email", "url", "int", "float", "select", "checkbox", "secret"]
+Kind = Literal["text", "email", "url", "int", "float", "select", "checkbox", "secret", "pem"]
 When = tuple[tuple[str, tuple[str, ...]], ...]  # ((path, allowed values), …): all must hold
 
 
@@ -30,6 +30,7 @@ class Field:
     when: When = ()
     placeholder: str = ""
     required: bool = False
+    global_only: bool = False  # the operator's to set: shown for the global server only
 
     @property
     def id(self) -> str:
@@ -79,7 +80,11 @@ GROUPS: tuple[Group, ...] = (
             ("starttls-required", "STARTTLS, required"), ("starttls", "STARTTLS if offered"),
             ("tls", "Implicit TLS (port 465)"), ("none", "None (plain text)"))),
         Field("smtp.verify_certificate", "Verify the server's certificate", "checkbox"),
-        Field("smtp.ca_file", "CA bundle file", help="A PEM file on the mailgate host, for a private CA."),
+        Field("smtp.ca_certificate", "CA certificate", "pem",
+              "For a server whose certificate a private CA signed: that CA's certificate, as PEM text "
+              "(-----BEGIN CERTIFICATE----- …). Only this CA is trusted then."),
+        Field("smtp.ca_file", "CA bundle file", help="Or a PEM file on the mailgate host, for a private CA.",
+              global_only=True),
         Field("smtp.helo_name", "HELO name", help="The name mailgate gives in EHLO (default: this host's name)."),
         Field("smtp.utf8_headers", "Raw UTF-8 headers (SMTPUTF8) when offered", "checkbox"),
     ), when=SMTP),
@@ -165,19 +170,24 @@ class ServerForm:
     values: dict[str, Any]
     secrets_set: set[str] = field(default_factory=set)
     problems: dict[str, list[str]] = field(default_factory=dict)  # "" for the document as a whole
+    scope: str = "global"
 
     def shown(self, when: When) -> bool:
         return all(str(self.values.get(path, "")) in allowed for path, allowed in when)
+
+    def has(self, f: Field) -> bool:
+        """Whether the page has the field at all (a global-only one is not on a tenant's)."""
+        return self.scope == "global" or not f.global_only
 
     def value(self, path: str) -> Any:
         value = self.values.get(path)
         return "" if value is None else value
 
 
-def from_document(document: Mapping[str, Any] | None, enabled: bool = True) -> ServerForm:
+def from_document(document: Mapping[str, Any] | None, enabled: bool = True, *, scope: str = "global") -> ServerForm:
     """The form of a stored server (secrets as {"set": bool}), or of a new one (None)."""
     if document is None:
-        return ServerForm(dict(NEW_SERVER))
+        return ServerForm(dict(NEW_SERVER), scope=scope)
     values: dict[str, Any] = dict(NEW_SERVER)
     secrets_set: set[str] = set()
 
@@ -194,20 +204,22 @@ def from_document(document: Mapping[str, Any] | None, enabled: bool = True) -> S
 
     walk(document, "")
     values["enabled"] = document.get("enabled", enabled)
-    return ServerForm(values, secrets_set)
+    return ServerForm(values, secrets_set, scope=scope)
 
 
-def to_document(form: Mapping[str, str], secrets_set: set[str] | None = None) -> tuple[dict[str, Any], ServerForm]:
+def to_document(
+    form: Mapping[str, str], secrets_set: set[str] | None = None, *, scope: str = "global"
+) -> tuple[dict[str, Any], ServerForm]:
     """The document the submitted form describes, and the form to show again (with the values as
     typed). Numbers that are not numbers are problems here; everything else the store checks."""
     values: dict[str, Any] = {path: form.get(path, "") for path in FIELDS}
-    shown = ServerForm(values, set(secrets_set or ()))
+    shown = ServerForm(values, set(secrets_set or ()), scope=scope)
     doc: dict[str, Any] = {}
     for group in GROUPS:
         if not shown.shown(group.when):
             continue
         for f in group.fields:
-            if not shown.shown(f.when):
+            if not shown.shown(f.when) or not shown.has(f):
                 continue
             raw = form.get(f.path)
             value: Any

@@ -186,7 +186,7 @@ async def _server_context(mg: Mailgate, scope: str, form: forms.ServerForm | Non
     info = await mg.servers.get(scope)
     health = await mg.servers.health(scope) if info is not None else None
     if form is None:
-        form = forms.from_document(info.document if info else None, info.enabled if info else True)
+        form = forms.from_document(info.document if info else None, info.enabled if info else True, scope=scope)
     delegated = (
         form.values.get("kind") == "smtp"
         and form.values.get("auth.method") == "oauth2"
@@ -214,7 +214,8 @@ async def save_server(request: Request, scope: str, user: User) -> Response:
     form = await checked_form(request)
     mg = await _scope(request, user, scope)
     info = await mg.servers.get(scope)
-    document, shown = forms.to_document(form, forms.from_document(info.document).secrets_set if info else set())
+    stored = forms.from_document(info.document).secrets_set if info else set()
+    document, shown = forms.to_document(form, stored, scope=scope)
     document["enabled"] = shown.values.get("enabled", True)
     if not shown.problems:
         try:
