@@ -303,7 +303,10 @@ async def run(a: argparse.Namespace, case: str, round_: int, sink_port: int, url
     key = Fernet.generate_key().decode()
     # The worker runs the same mailgate as this script (ROOT/src), also from an exported tree.
     path = os.pathsep.join(x for x in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if x)
-    env = {**os.environ, "PYTHONPATH": path, "MAILGATE_DATABASE_URL": url, "MAILGATE_SECRET_KEYS": key}
+    # The tenants' servers (the sink, the black hole) are on 127.0.0.1, which the destination
+    # policy lets tenants reach only when the operator says so.
+    env = {**os.environ, "PYTHONPATH": path, "MAILGATE_DATABASE_URL": url, "MAILGATE_SECRET_KEYS": key,
+           "MAILGATE_TENANT_NETWORKS": "loopback"}  # fmt: skip
     config = Config.from_env(env)
     good_total = (a.tenants - 1) * a.per_tenant
     hole = BlackHole() if case == BLACK_HOLED else None
@@ -311,7 +314,7 @@ async def run(a: argparse.Namespace, case: str, round_: int, sink_port: int, url
     worker: subprocess.Popen[bytes] | None = None
     try:
         bad_port = await hole.start() if hole is not None else sink_port
-        async with Mailgate.open(url, secret_keys=key) as mg:
+        async with Mailgate.open(url, secret_keys=key, config=config) as mg:
             submit_s = await prepare(mg, a, sink_port, bad_port)
             with log_path.open("wb") as log:
                 started = datetime.now(UTC)
