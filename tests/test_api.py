@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx2
@@ -47,16 +48,27 @@ class Api:
         return await self.client.post("/v1/messages", json=body, headers=self.sender if headers is None else headers)
 
 
-@pytest.fixture
-async def api(database_url: str) -> AsyncIterator[Api]:
-    async with Mailgate.open(database_url, secret_keys=TEST_KEY, actor="setup", config=FAST) as mg:
+A = TypeVar("A", bound=Api)
+
+
+@asynccontextmanager
+async def api_of(database_url: str, config: Config, kind: type[A]) -> AsyncIterator[A]:
+    """The API in process over a new service: tenant acme (which may use its own server), the
+    global server, a system-admin token and acme's sender token."""
+    async with Mailgate.open(database_url, secret_keys=TEST_KEY, actor="setup", config=config) as mg:
         await mg.tenants.add("acme", may_use_own_server=True)
         await mg.servers.set("global", smtp_doc())
         admin, _ = await mg.api_tokens.create("system-admin", name="ops")
         sender, _ = await mg.api_tokens.create("sender", "acme")
         transport = httpx2.ASGITransport(app=create_app(mg))
         async with httpx2.AsyncClient(transport=transport, base_url="http://mailgate.test") as client:
-            yield Api(mg, client, {"Authorization": f"Bearer {admin}"}, {"Authorization": f"Bearer {sender}"})
+            yield kind(mg, client, {"Authorization": f"Bearer {admin}"}, {"Authorization": f"Bearer {sender}"})
+
+
+@pytest.fixture
+async def api(database_url: str) -> AsyncIterator[Api]:
+    async with api_of(database_url, FAST, Api) as opened:
+        yield opened
 
 
 def problems(reply: httpx2.Response) -> dict[str, str]:

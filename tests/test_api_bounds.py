@@ -10,34 +10,26 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx2
 import pytest
 from sqlalchemy import select, text
 
-from conftest import TEST_KEY
-from mailgate import Mailgate
-from mailgate.api import create_app
 from mailgate.api.app import MAX_JSON_VALUES
 from mailgate.api.errors import MAX_PROBLEMS
 from mailgate.config import Config
 from mailgate.db.models import MessageRow
 from mailgate.message import MAX_RECIPIENTS
+from test_api import Api as BaseApi
+from test_api import api_of
 
 # Room for the floods below (the default is 50 MB; the flood of the issue was 4 MB).
 CONFIG = Config(max_request_size=8 * 1024 * 1024)
 SMALL_REPLY = 64 * 1024
 
 
-@dataclass
-class Api:
-    mg: Mailgate
-    client: httpx2.AsyncClient
-    admin: dict[str, str]
-    sender: dict[str, str]
-
+class Api(BaseApi):
     async def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx2.Response:
         """`body` as JSON with every non-ASCII character escaped, as a client may send a lone
         surrogate ("\\ud800"), which httpx's own encoding (UTF-8) can't."""
@@ -51,15 +43,8 @@ class Api:
 
 @pytest.fixture
 async def api(database_url: str) -> AsyncIterator[Api]:
-    async with Mailgate.open(database_url, secret_keys=TEST_KEY, actor="setup", config=CONFIG) as mg:
-        await mg.tenants.add("acme", may_use_own_server=True)
-        await mg.servers.set("global", {"kind": "smtp", "from_address": "no-reply@example.com",
-                                        "smtp": {"host": "127.0.0.1", "port": 2525, "security": "none"}})  # fmt: skip
-        admin, _ = await mg.api_tokens.create("system-admin", name="ops")
-        sender, _ = await mg.api_tokens.create("sender", "acme")
-        transport = httpx2.ASGITransport(app=create_app(mg))
-        async with httpx2.AsyncClient(transport=transport, base_url="http://mailgate.test") as client:
-            yield Api(mg, client, {"Authorization": f"Bearer {admin}"}, {"Authorization": f"Bearer {sender}"})
+    async with api_of(database_url, CONFIG, Api) as opened:
+        yield opened
 
 
 def problems(reply: httpx2.Response) -> dict[str, str]:
