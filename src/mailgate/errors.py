@@ -86,3 +86,11 @@ def foreign_text(value: str, limit: int = 300, *, secrets: tuple[str | None, ...
     line = value.strip().split("\n", 1)[0].strip()
     line = "".join(c if c.isprintable() else " " for c in line)
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def traceback_of(e: BaseException) -> str:
+    """An unexpected exception as the log gets it: its type and where it was raised, never its
+    text, which may quote a secret, a message's content or a database's parameters."""
+    import traceback
+
+    return f"{type(e).__name__}, raised at:\n" + "".join(traceback.format_tb(e.__traceback__)).rstrip()

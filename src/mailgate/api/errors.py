@@ -25,7 +25,6 @@ import errno
 import logging
 import sqlite3
 import time
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from ..access import Forbidden
-from ..errors import Conflict, DeliveryError, InvalidInput, NotFound, SendingDisabled
+from ..errors import Conflict, DeliveryError, InvalidInput, NotFound, SendingDisabled, traceback_of
 from ..settings.secrets import SecretsError
 
 log = logging.getLogger("mailgate.api")
@@ -115,10 +114,7 @@ def _text(text: str, limit: int) -> str:
 def invalid(problems: Sequence[tuple[str, str]], total: int | None = None) -> JSONResponse:
     """422 listing at most MAX_PROBLEMS problems, each cut short, and how many more there were
     (`total`: how many there were in all, when `problems` holds only the first ones)."""
-    listed = [
-        {"field": _text(field, _FIELD_LENGTH), "problem": _text(problem, _PROBLEM_LENGTH)}
-        for field, problem in problems[:MAX_PROBLEMS]
-    ]
+    listed = _listed(problems)
     message = "; ".join(f"{p['field']}: {p['problem']}" if p["field"] else p["problem"] for p in listed)
     left_out = (len(problems) if total is None else total) - len(listed)
     if left_out > 0:
@@ -282,11 +278,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, e: NotFound) -> JSONResponse:
-        return error(404, "not_found", str(e), _listed(e))
+        return error(404, "not_found", str(e), _listed(e.problems))
 
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, e: Conflict) -> JSONResponse:
-        return error(409, "conflict", str(e), _listed(e))
+        return error(409, "conflict", str(e), _listed(e.problems))
 
     @app.exception_handler(InvalidInput)
     async def _input(request: Request, e: InvalidInput) -> JSONResponse:
@@ -322,12 +318,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception) -> JSONResponse:
         # The type and the route only: an exception's text may quote a request's secret.
-        log.error("internal error in %s %s: %s\n%s", request.method, request.url.path, type(e).__name__,
-                  "".join(traceback.format_tb(e.__traceback__)))  # fmt: skip
+        log.error("internal error in %s %s: %s", request.method, request.url.path, traceback_of(e))
         return error(500, "internal", "mailgate failed to answer this request; the operator's log has the error type")
 
 
-def _listed(e: InvalidInput) -> list[dict[str, str]]:
+def _listed(problems: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """The first MAX_PROBLEMS problems as the reply lists them, each cut short."""
     return [
-        {"field": _text(f, _FIELD_LENGTH), "problem": _text(p, _PROBLEM_LENGTH)} for f, p in e.problems[:MAX_PROBLEMS]
+        {"field": _text(f, _FIELD_LENGTH), "problem": _text(p, _PROBLEM_LENGTH)} for f, p in problems[:MAX_PROBLEMS]
     ]

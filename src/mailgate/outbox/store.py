@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from ..config import Config
 from ..db.engine import Database
 from ..db.models import AttemptRow, MessageAttachment, MessageBody, MessageRecipient, MessageRow, now
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, NotFound, traceback_of
 from ..message import Message
 
 log = logging.getLogger("mailgate.outbox")
@@ -432,7 +432,7 @@ class Outbox:
             try:
                 message = Message.from_dict(content[r.id], files[r.id])
             except Exception as e:  # a body this version can't read fails alone, not every claim that meets it
-                log.error("message %s of %s can't be read from the outbox", r.id, r.tenant_id, exc_info=e)
+                log.error("message %s of %s can't be read from the outbox: %s", r.id, r.tenant_id, traceback_of(e))
                 unreadable.append(_unreadable(r, pending[r.id], accepted[r.id], e))
                 continue
             claimed.append(Claimed(r.id, r.tenant_id, message, pending[r.id], r.attempts, r.created_at, r.expires_at,

@@ -43,7 +43,7 @@ from ..config import Config
 from ..db.models import now
 from ..delivery import Delivery, Outcome
 from ..diagnostics.catalogue import Explanation, explain_failure, with_explanation
-from ..errors import DeliveryError, InvalidInput, MailgateError, MessageError, NotFound
+from ..errors import DeliveryError, InvalidInput, MailgateError, MessageError, NotFound, traceback_of
 from ..message import Envelope, Message
 from ..oauth.cache import TokenCache
 from ..settings.document import MailServer
@@ -142,15 +142,6 @@ class _Unresolved:
     reason: str
 
 
-class _CouldNotBuild(Exception):
-    """This message, not the server: composing it raised `cause` (a character no mail can carry
-    that slipped past validation, or a bug). It fails alone."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(type(cause).__name__)
-        self.cause = cause
-
-
 @dataclass
 class _Ready:
     """A message about to go: what the attempt needs to conclude it."""
@@ -243,9 +234,9 @@ class Worker:
                 except Exception as e:
                     # A bug, or something this version can't handle: never the end of the worker
                     # (what the turn claimed was given back), nor a log flooded with tracebacks.
-                    seen = f"{type(e).__name__}: {_first_line(e)}"
+                    seen = _failure(e)
                     if seen != failure:
-                        log.exception("the worker's claim loop failed; trying again in %.1f s", backoff)
+                        log.error("the claim loop failed; trying again in %.1f s: %s", backoff, traceback_of(e))
                     else:
                         log.warning("the worker's claim loop failed again (%s); trying again in %.1f s", seen, backoff)
                     failure = seen
@@ -313,7 +304,7 @@ class Worker:
                 try:
                     self._take(c, resolutions[c.tenant_id], recorder)
                 except Exception as e:  # a bug: this message is given back for later, the others go on
-                    log.exception("taking message %s failed", c.pk)
+                    log.error("taking message %s failed: %s", c.pk, traceback_of(e))
                     self._add(recorder, self._gave_back(c, self._finisher(c), e, {}))
             self._dispatch()
             return True
@@ -354,7 +345,7 @@ class Worker:
                 raise
             except Exception as e:  # e.g. a stored document this version refuses: not the others' problem
                 why = f"mailgate could not read the mail server settings of {tenant} ({_failure(e)})"
-                log.exception("%s; its messages wait", why)
+                log.error("%s; its messages wait: %s", why, traceback_of(e))
                 resolutions[tenant] = _Unresolved(f"{why}; saving the settings again may fix it")
             self._resolved[tenant] = (at, resolutions[tenant])
         if len(self._resolved) > 10_000:  # forget the stale ones
@@ -514,7 +505,8 @@ class Worker:
             # (deferred, with the growing backoff and the maximum age of any failure) rather than
             # given back for at once: the same bug would meet them again at once, and the send may
             # have reached the server. Its connection is closed: it may be mid-transaction.
-            log.exception("a sender of mail server %s failed; its %d messages wait", lane.key[0], len(holding))
+            log.error("a sender of mail server %s failed; its %d messages wait: %s", lane.key[0], len(holding),
+                      traceback_of(e))  # fmt: skip
             if not took:  # it failed before taking a message: the next sender would at once, again and again
                 lane.trip(DeliveryError(f"mailgate failed ({_failure(e)}; the log has the details)"), loop.time())
             for c, r in list(holding.values()):
@@ -570,8 +562,8 @@ class Worker:
                 continue
             except DATABASE_ERRORS:
                 raise
-            except Exception:  # this tenant's settings can't be read: its messages stay held, the others not
-                log.exception("whether %s may send again could not be worked out", tenant)
+            except Exception as e:  # this tenant's settings can't be read: its messages stay held, the others not
+                log.error("whether %s may send again could not be worked out: %s", tenant, traceback_of(e))
                 continue
             if not resolution.disabled:
                 log.info("sending is enabled again for %s: released %d held messages", tenant,
@@ -649,7 +641,7 @@ class Worker:
             try:
                 outcome = await self._outcome(r, lane, result)
             except Exception as e:  # a bug, or the database failed marking the server: not the others' outcomes
-                log.exception("concluding message %s failed", r.c.pk)
+                log.error("concluding message %s failed: %s", r.c.pk, traceback_of(e))
                 outcome = self._gave_back(r.c, r.finish, e, r.where)
             conclude(outcome)
 
@@ -668,35 +660,23 @@ class Worker:
         self._note_health(lane.key[0], result, explanation)
         return outcome
 
-    async def _send(self, transport: Transport, ready: list[_Ready], *, isolate: bool = True) -> list[Result]:
+    async def _send(self, transport: Transport, ready: list[_Ready]) -> list[Result]:
         """Each message's Delivery, or the error that stopped it: one shared by all when the
-        server failed. When composing a message raised (the transport composes as it sends),
-        each message is composed here to find which: those fail alone (`_CouldNotBuild`, or
-        their MessageError), the others are sent again without them. Anything else raised is a
-        bug, for the sender to handle."""
+        server failed. The SMTP transport gives a message that can't be composed its own error;
+        a transport that takes one message at a time raises it, and if that message does not
+        compose, its error is its result. Anything else raised is a bug, for the sender."""
         try:
             if isinstance(transport, SMTPTransport) and len(ready) > 1:
                 return list(await transport.send_many([(r.envelope, r.message) for r in ready]))
             assert len(ready) == 1  # other transports take one message at a time
             return [await transport.send(ready[0].envelope, ready[0].message)]
-        except asyncio.CancelledError as e:
+        except (asyncio.CancelledError, DeliveryError, InvalidInput) as e:
             return [e] * len(ready)
-        except DeliveryError as e:
-            return [e] * len(ready)
-        except InvalidInput as e:
-            if not isinstance(e, MessageError) or len(ready) == 1:
-                return [e] * len(ready)  # the settings can't send (a lane's problem), or this one message
-            error: Exception = e
-        except Exception as e:
-            error = e
-        culprits = {i: why for i, r in enumerate(ready) if (why := _compose_error(r.message)) is not None}
-        if not culprits or not isolate:
-            raise error
-        # Only a transport that sends one message at a time raises for a message of its own (the
-        # SMTP transport returns the error as that message's result): nothing of this batch went.
-        others = [r for i, r in enumerate(ready) if i not in culprits]
-        sent = iter(await self._send(transport, others, isolate=False) if others else [])
-        return [culprits[i] if i in culprits else next(sent) for i in range(len(ready))]
+        except Exception:
+            own = _compose_error(ready[0].message) if len(ready) == 1 else None
+            if own is None:
+                raise
+            return [own]
 
     def _note_health(self, server_id: int, result: Delivery | BaseException, explanation: Explanation | None) -> None:
         """A send the server accepted, or a failure of the server itself (not a recipient's)."""
@@ -772,8 +752,6 @@ class Worker:
         if isinstance(e, InvalidInput):  # the stored settings can't send (e.g. no token source yet)
             lane.trip(e, loop.time())
             return None
-        if isinstance(e, _CouldNotBuild):
-            return self._could_not_build(c, finish, e.cause, where)
         if isinstance(e, Exception) and not isinstance(e, MailgateError):  # this item's own: composing it raised
             return self._could_not_build(c, finish, e, where)
         if isinstance(e, BaseException):
@@ -904,7 +882,7 @@ class Worker:
         if isinstance(e, UnicodeError):  # what it carries, not mailgate: no traceback needed
             log.warning("message %s of %s failed: %s", c.pk, c.tenant_id, why)
         else:
-            log.error("message %s of %s failed: %s", c.pk, c.tenant_id, why, exc_info=e)
+            log.error("message %s of %s failed: %s: %s", c.pk, c.tenant_id, why, traceback_of(e))
         return self._settle(c, finish, _every(c, (REFUSED, None, None, why)), "error", why, **where)
 
     def _gave_back(self, c: Claimed, finish: Finish, e: BaseException, where: dict[str, Any]) -> Recorded:
@@ -1003,7 +981,7 @@ class _Recorder:
                 raise  # the database is away: the caller keeps them and tries again
             if len(batch) == 1:
                 log.error("the outcome of message %s could not be written; another worker takes the message over "
-                          "when its lease runs out", batch[0].pk, exc_info=e)  # fmt: skip
+                          "when its lease runs out: %s", batch[0].pk, traceback_of(e))  # fmt: skip
                 return
             log.error("%d outcomes could not be written together (%s); writing them one by one", len(batch),
                       type(e).__name__)  # fmt: skip
@@ -1015,16 +993,14 @@ _Resolved = Resolution | _Unresolved | None  # None: the tenant was removed
 Result = Delivery | BaseException
 
 
-def _compose_error(message: Message) -> BaseException | None:
+def _compose_error(message: Message) -> Exception | None:
     """What composing `message` raises, in either form the transports compose (UTF-8 headers or
-    encoded words), wrapped as `_CouldNotBuild` unless it is a MessageError; None if it composes."""
+    encoded words); None if it composes."""
     try:
         for utf8 in (False, True):
             message.compose(utf8=utf8)
-    except MessageError as e:
-        return e
     except Exception as e:
-        return _CouldNotBuild(e)
+        return e
     return None
 
 
