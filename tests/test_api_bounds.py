@@ -22,7 +22,7 @@ from mailgate.config import Config
 from mailgate.db.models import MessageRow
 from mailgate.message import MAX_RECIPIENTS
 from test_api import Api as BaseApi
-from test_api import api_of
+from test_api import api_of, problems
 
 # Room for the floods below (the default is 50 MB; the flood of the issue was 4 MB).
 CONFIG = Config(max_request_size=8 * 1024 * 1024)
@@ -45,10 +45,6 @@ class Api(BaseApi):
 async def api(database_url: str) -> AsyncIterator[Api]:
     async with api_of(database_url, CONFIG, Api) as opened:
         yield opened
-
-
-def problems(reply: httpx2.Response) -> dict[str, str]:
-    return {p["field"]: p["problem"] for p in reply.json().get("problems", [])}
 
 
 # ---- floods --------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -196,17 +195,11 @@ class Destinations:
         return self.global_ if scope == GLOBAL else self.tenant
 
 
-def hosts_in(urls: Sequence[str | None]) -> list[str]:
-    """The host names of the URLs given (None and bad URLs left out)."""
+def host_of(url: str | None) -> str | None:
+    """The host name of a URL (None for None or a URL without one)."""
     from urllib.parse import urlsplit
 
-    out = []
-    for url in urls:
-        if url:
-            try:
-                host = urlsplit(url).hostname
-            except ValueError:
-                continue
-            if host:
-                out.append(host)
-    return out
+    try:
+        return urlsplit(url).hostname if url else None
+    except ValueError:
+        return None

@@ -32,10 +32,10 @@ from ..message import (
     Message,
     forbidden_character,
 )
-from ..settings.store import _TENANT_ID
+from ..settings.store import TENANT_ID
 
 # A tenant id as settings/store.py makes them: anything else names no tenant.
-TENANT_ID_PATTERN = f"^(?:{_TENANT_ID.pattern})$"
+TENANT_ID_PATTERN = f"^(?:{TENANT_ID.pattern})$"
 MAX_ADDRESS_LENGTH = 320  # RFC 3696 errata: 64 + "@" + 255
 _MAX_BASE64 = (DEFAULT_MAX_SIZE + 2) // 3 * 4
 

@@ -146,8 +146,8 @@ def _server(scope: str) -> str:
     return "the global mail server" if scope == "global" else f"the mail server of tenant {scope}"
 
 
-def load_keyring(env_value: str | None, key_file: Path | None, *, create: bool = True) -> Keyring:
-    """Keys from the environment, else from `key_file` (created when missing, if `create`), else an
+def load_keyring(env_value: str | None, key_file: Path | None) -> Keyring:
+    """Keys from the environment, else from `key_file` (created when missing), else an
     error: without a key file (PostgreSQL) every machine needs the same keys, so they must be given."""
     if env_value:
         return Keyring([k for k in env_value.replace(",", " ").split() if k], ENV_KEYS)
@@ -156,7 +156,7 @@ def load_keyring(env_value: str | None, key_file: Path | None, *, create: bool =
             [(ENV_KEYS, "is not set: with PostgreSQL every machine must use the same keys; "
                         "make one with `mailgate keys generate` and set it everywhere")]
         )  # fmt: skip
-    if create and not key_file.exists():
+    if not key_file.exists():
         _create_key_file(key_file)
     return Keyring.from_file(key_file)
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ..destinations import DestinationPolicy, Destinations
 
 GLOBAL = "global"
-_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what a tenant id is (the API checks it too)
 
 
 @dataclass(frozen=True)
@@ -422,8 +422,9 @@ class Servers(_Part):
                                              "the CA's certificate itself as ca_certificate (PEM text)"))  # fmt: skip
         if self.destinations is not None:
             policy = self.destinations.for_scope(scope)
-            checks = await asyncio.gather(*(_refused(policy, host) for host in _destination_hosts(server).values()))
-            problems += [(f, why) for f, why in zip(_destination_hosts(server), checks, strict=True) if why]
+            hosts = _destination_hosts(server)
+            checks = await asyncio.gather(*(_refused(policy, host) for host in hosts.values()))
+            problems += [(f, why) for f, why in zip(hosts, checks, strict=True) if why]
         if problems:
             raise SettingsError(problems)
 
@@ -680,12 +681,10 @@ async def read_audit_log(db: Database, tenant_id: str | None = None, *, limit: i
         query = query.where(AuditEntry.tenant_id == tenant_id)
         # A tenant removed and added again under the same id is another tenant: its log starts
         # when it was added (its predecessor's history stays in the whole log).
-        added = select(func.max(AuditEntry.id)).where(AuditEntry.tenant_id == tenant_id,
-                                                      AuditEntry.action == "tenant.add")  # fmt: skip
-        async with db.sessions() as s:
-            first = await s.scalar(added)
-        if first is not None:
-            query = query.where(AuditEntry.id >= first)
+        added = select(func.coalesce(func.max(AuditEntry.id), 0)).where(
+            AuditEntry.tenant_id == tenant_id, AuditEntry.action == "tenant.add"
+        )
+        query = query.where(AuditEntry.id >= added.scalar_subquery())
     async with db.sessions() as s:
         return [AuditRecord(e.at, e.actor, e.action, e.tenant_id, e.scope, e.changes) for e in await s.scalars(query)]
 
@@ -739,7 +738,7 @@ def _kept_secrets(
 
 
 def _check_tenant_id(tenant_id: str) -> None:
-    if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
+    if not isinstance(tenant_id, str) or not TENANT_ID.fullmatch(tenant_id):
         raise SettingsError(
             [("tenant", f"{tenant_id!r}: a tenant id is 1-64 letters, digits, '.', '_' or '-', starting "
                         "with a letter or digit")]
@@ -774,7 +773,7 @@ async def _tenant(s: AsyncSession, tenant_id: str, *, lock: bool = False) -> Ten
     # No tenant has an id that is not one (NUL or a lone surrogate would not even reach the
     # database: the driver can't encode it), so such an id is simply not found.
     row = None
-    if isinstance(tenant_id, str) and _TENANT_ID.fullmatch(tenant_id):
+    if isinstance(tenant_id, str) and TENANT_ID.fullmatch(tenant_id):
         query = select(Tenant).where(Tenant.id == tenant_id)
         row = await s.scalar(query.with_for_update() if lock else query)
     if row is None:
@@ -816,22 +815,16 @@ DESTINATION_CHECK_TIMEOUT = 5.0  # seconds to resolve a name when saving (unreso
 def _destination_hosts(server: MailServer) -> dict[str, str]:
     """The hosts a server makes mailgate connect to, by the field that names each. (An
     authorize_url is where the admin's browser goes, not mailgate.)"""
-    from ..destinations import hosts_in
+    from ..destinations import host_of
 
-    fields: dict[str, str | None] = {}
-    if server.smtp is not None:
-        fields["smtp.host"] = server.smtp.host
+    hosts = {"smtp.host": server.smtp.host} if server.smtp is not None else {}
+    urls: dict[str, str | None] = {}
     if isinstance(server.auth, OAuth2AuthSettings):
-        fields["auth.token.token_url"] = server.auth.token.token_url
-        fields["auth.token.authority"] = server.auth.token.authority
+        token = server.auth.token
+        urls = {"auth.token.token_url": token.token_url, "auth.token.authority": token.authority}
     if server.graph is not None:
-        fields["graph.authority"] = server.graph.authority
-        fields["graph.endpoint"] = server.graph.endpoint
-    hosts = {}
-    for field, value in fields.items():
-        found = [value] if field == "smtp.host" and value else hosts_in([value])
-        if found:
-            hosts[field] = found[0]
+        urls = {"graph.authority": server.graph.authority, "graph.endpoint": server.graph.endpoint}
+    hosts |= {field: host for field, url in urls.items() if (host := host_of(url))}
     return hosts
 
 

@@ -167,13 +167,14 @@ class SMTPTransport:
                     room = min(room, self.reuse.max_messages - self._messages)
                 chunk, todo = todo[:room], todo[room:]
                 learnt = self.recipient_limit.learnt
-                batch = []
-                for i in list(chunk):
+                batch, composed = [], []
+                for i in chunk:
                     try:
                         batch.append((envelopes[i], self._compose(items[i][1], client)))
+                        composed.append(i)
                     except Exception as e:  # this message alone can't be built (its own error, as data)
                         out[i] = e
-                        chunk.remove(i)
+                chunk = composed
                 if not chunk:
                     continue
                 try:
