@@ -151,7 +151,7 @@ class Mailgate:
         """The messages with their Message-IDs, and the status to store them in; or SendingDisabled."""
         if resolution.server is None and not self.config.hold_when_disabled:
             raise SendingDisabled(resolution.reason)
-        domain = Address(resolution.server.from_address).ascii_domain if resolution.server else default_domain()
+        domain = Address(resolution.server.sender_address).ascii_domain if resolution.server else default_domain()
         ready = [m if m.message_id is not None else m.with_defaults(domain=domain) for m in messages]
         return ready, "queued" if resolution.server is not None else "held"
 

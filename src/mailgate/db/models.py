@@ -233,6 +233,19 @@ class SignInAttempt(Base):
     window_start: Mapped[float] = mapped_column(Float, index=True)
 
 
+class SystemSetting(Base):
+    """The operator's settings that live in the database rather than the environment, one row a
+    name (`support_address`: where support requests go when the tenant has no own address).
+    `value` is JSON; who changed it is in the audit log."""
+
+    __tablename__ = "system_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime] = mapped_column(default=now)
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
 class AuditEntry(Base):
     """Who changed what, when. `changes` lists {"field", "from", "to"} for plain fields and
     {"field", "secret": "changed" | "removed"} for secrets, never a secret's value. No foreign

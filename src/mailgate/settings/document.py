@@ -219,20 +219,63 @@ class GraphSettings(_Section):
     directory_id: _ID
     client_id: _ID
     client_secret: Secret | None = None
-    mailbox: Annotated[str, Field(min_length=1, max_length=320)]
+    mailbox: Annotated[str, Field(min_length=1, max_length=320)] | None = None  # delegated: from the consent
     allow_delegate: bool = False
     # With allow_delegate, how a message from another address goes out: as that address
     # ("send as": `from` only) or on its behalf (`from`, and `sender` = the mailbox).
     delegate_as: Literal["send_as", "on_behalf"] = "send_as"
     save_to_sent_items: bool = True
     large_attachments: bool = False
+    # How mailgate gets its Graph tokens: as the application (client credentials, Mail.Send
+    # application permission), or delegated by a mailbox's user who signs in once (consent:
+    # authorization code + PKCE; the refresh token is stored in `refresh_token`). With delegated,
+    # the consenting mailbox becomes `mailbox` and the sender address.
+    auth: Literal["client_credentials", "delegated"] = "client_credentials"
+    refresh_token: Secret | None = None
 
     _urls = field_validator("authority", "endpoint")(classmethod(lambda cls, v: _web_url(v)))
 
     @field_validator("mailbox")
     @classmethod
+    def _valid_mailbox(cls, value: str | None) -> str | None:
+        return _address(value)
+
+    @model_validator(mode="after")
+    def _mailbox_known(self) -> GraphSettings:
+        if self.mailbox is None and self.auth != "delegated":
+            raise ValueError("mailbox is required (only a delegated graph server learns it from the consent)")
+        return self
+
+
+EWSVersion = Literal["auto", "Exchange2013", "Exchange2013_SP1", "Exchange2016", "Exchange2019"]
+
+
+class EWSSettings(_Section):
+    """Exchange Web Services on an on-premises Exchange Server (Exchange Online retires EWS on
+    1 April 2027: use kind graph there). Credentials are the document's `auth` section: password
+    (NTLM or Basic, `password_scheme`) or oauth2 (a token source)."""
+
+    url: WebURL | None = None  # https://mail.example.com/EWS/Exchange.asmx
+    autodiscover: bool = False  # find the URL from the mailbox's domain instead
+    exchange_version: EWSVersion = "auto"
+    password_scheme: Literal["ntlm", "basic"] = "ntlm"
+    mailbox: Annotated[str, Field(min_length=1, max_length=320)]
+    # Send as another address than the mailbox (the mailbox needs Send As / Send on Behalf).
+    allow_delegate: bool = False
+    save_to_sent_items: bool = True  # CreateItem with SendAndSaveCopy, else SendOnly
+
+    _urls = field_validator("url")(classmethod(lambda cls, v: _web_url(v)))
+
+    @field_validator("mailbox")
+    @classmethod
     def _valid_mailbox(cls, value: str) -> str | None:
         return _address(value)
+
+    @model_validator(mode="after")
+    def _url_or_autodiscover(self) -> EWSSettings:
+        if self.url is None and not self.autodiscover:
+            raise ValueError("give the EWS url (https://…/EWS/Exchange.asmx) or turn autodiscover on")
+        return self
 
 
 # Bounds that keep one tenant's settings from holding a worker's senders, memory or the
@@ -241,7 +284,8 @@ class GraphSettings(_Section):
 
 class ConnectionSettings(_Section):
     pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
-    check_idle_after: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # 0: check every connection before it is reused (Genesys' setting); a NOOP costs a round trip.
+    check_idle_after: Annotated[float, Field(ge=0, le=3600)] = 30.0
     max_idle: Annotated[float, Field(gt=0, le=3600)] = 300.0
     connect_timeout: Annotated[float, Field(gt=0, le=120)] = 30.0
     protocol_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
@@ -260,16 +304,28 @@ class DebugSettings(_Section):
     protocol_log: bool = False
 
 
+FromPolicy = Literal["fixed", "domains", "any"]
+MAX_FROM_DOMAINS = 100
+_Domain = Annotated[str, Field(min_length=1, max_length=253)]
+
+
 class MailServer(_Section):
-    kind: Literal["smtp", "graph"] = "smtp"
+    kind: Literal["smtp", "graph", "ews"] = "smtp"
     enabled: bool = True
-    from_address: str
+    # Required, except for a delegated graph server, whose consenting mailbox becomes the sender.
+    from_address: str | None = None
     from_name: Annotated[str, Field(max_length=256)] = ""
     reply_to: str | None = None
     envelope_from: str | None = None
+    # Which From a message may carry through this server: `fixed` (always from_address; the
+    # message's own From becomes its Reply-To), `domains` (From in one of `from_domains`), `any`.
+    # None: the scope's default, fixed for the global server and any for a tenant's own.
+    from_policy: FromPolicy | None = None
+    from_domains: Annotated[list[_Domain], Field(max_length=MAX_FROM_DOMAINS)] = []
     smtp: SMTPSettings | None = None
     auth: AuthSettings = NoAuth(method="none")
     graph: GraphSettings | None = None
+    ews: EWSSettings | None = None
     connection: ConnectionSettings = ConnectionSettings()
     quota: QuotaSettings = QuotaSettings()
     debug: DebugSettings = DebugSettings()
@@ -286,28 +342,61 @@ class MailServer(_Section):
             raise ValueError("line breaks are not allowed in the sender name")
         return value
 
+    @field_validator("from_domains")
+    @classmethod
+    def _valid_domains(cls, value: list[str]) -> list[str]:
+        domains = []
+        for domain in value:
+            name = domain.strip().rstrip(".").lower()
+            if not _HOST.fullmatch(name) or "." not in name:
+                raise ValueError(f"{domain!r} is not a domain name")
+            domains.append(name)
+        return domains
+
+    @property
+    def sender_address(self) -> str:
+        """The server's own sender address: from_address, or the mailbox a delegated graph
+        server was connected to. SettingsError when neither is known yet."""
+        address = self.from_address or (self.graph.mailbox if self.graph is not None else None)
+        if address is None:
+            raise SettingsError([("from_address", "no sender address yet: connect the mailbox (consent) first")])
+        return address
+
     def fill_in(self, message: Message) -> Message:
         """`message` with what it leaves out taken from this server: From and Reply-To."""
-        from_, reply_to = _sender_defaults(self.from_address, self.from_name, self.reply_to)
+        from_, reply_to = _sender_defaults(self.sender_address, self.from_name, self.reply_to)
         return message.with_defaults(from_=from_, reply_to=reply_to)
 
     @model_validator(mode="after")
     def _sections_match_kind(self) -> MailServer:
-        if self.kind == "smtp":
-            if self.smtp is None:
-                raise ValueError("a mail server of kind smtp needs an smtp section with at least a host")
-            if self.graph is not None:
-                raise ValueError("a graph section belongs to kind graph; this server is kind smtp")
-        else:
-            if self.graph is None:
-                raise ValueError("a mail server of kind graph needs a graph section")
-            if self.smtp is not None or not isinstance(self.auth, NoAuth):
-                raise ValueError("smtp and auth sections belong to kind smtp; this server is kind graph")
-            if self.from_address.lower() != self.graph.mailbox.lower() and not self.graph.allow_delegate:
-                raise ValueError(
-                    f"from_address {self.from_address} is not the graph mailbox {self.graph.mailbox}: set "
-                    "graph.allow_delegate (and grant the mailbox Send As or Send on Behalf), or send from the mailbox"
-                )
+        sections = {"smtp": self.smtp, "graph": self.graph, "ews": self.ews}
+        if sections[self.kind] is None:
+            need = "an smtp section with at least a host" if self.kind == "smtp" else f"a {self.kind} section"
+            raise ValueError(f"a mail server of kind {self.kind} needs {need}")
+        for kind, section in sections.items():
+            if kind != self.kind and section is not None:
+                raise ValueError(f"{kind} settings belong to kind {kind}; this server is kind {self.kind}")
+        if self.kind == "graph" and not isinstance(self.auth, NoAuth):
+            raise ValueError("auth settings belong to kind smtp (and ews); this server is kind graph")
+        if self.kind == "ews" and isinstance(self.auth, NoAuth):
+            raise ValueError("a mail server of kind ews needs an auth section: password (NTLM or Basic) or oauth2")
+        if self.from_address is None and not (self.graph is not None and self.graph.auth == "delegated"):
+            raise ValueError("from_address is required")
+        mailbox = self.graph or self.ews
+        if (
+            mailbox is not None
+            and mailbox.mailbox is not None
+            and self.from_address is not None
+            and self.from_address.lower() != mailbox.mailbox.lower()
+            and not mailbox.allow_delegate
+        ):
+            raise ValueError(
+                f"from_address {self.from_address} is not the {self.kind} mailbox {mailbox.mailbox}: set "
+                f"{self.kind}.allow_delegate (and grant the mailbox Send As or Send on Behalf), "
+                "or send from the mailbox"
+            )
+        if self.from_policy == "domains" and not self.from_domains:
+            raise ValueError("from_policy domains needs from_domains: the domains a message's From may use")
         return self
 
 
@@ -366,7 +455,10 @@ def _problem(err: Any) -> tuple[str, str]:
 
 # Every field that holds a secret, by its path. Reading a server shows each as {"set": true|false};
 # a write may send that marker back to mean "keep" (true) or "remove" (false).
-SECRET_FIELDS = ("auth.password", "auth.token.client_secret", "auth.token.refresh_token", "graph.client_secret")
+SECRET_FIELDS = (
+    "auth.password", "auth.token.client_secret", "auth.token.refresh_token", "graph.client_secret",
+    "graph.refresh_token",
+)  # fmt: skip
 
 # Where a stored secret would be sent. When any of these changes, a stored secret is not carried
 # over: it must be given again, so it can never reach a destination it was not saved for.
@@ -375,13 +467,16 @@ DESTINATION_FIELDS = (
     "smtp.ca_file", "auth.method",
     "auth.token.grant", "auth.token.provider", "auth.token.token_url", "auth.token.authority",
     "auth.token.directory_id", "auth.token.client_id", "auth.token.authorize_url",
-    "graph.authority", "graph.directory_id", "graph.client_id", "graph.endpoint",
+    "graph.authority", "graph.directory_id", "graph.client_id", "graph.endpoint", "graph.auth",
+    "ews.url", "ews.autodiscover", "ews.password_scheme",
 )  # fmt: skip
 
 
 def secret_fields(server: MailServer) -> tuple[str, ...]:
     """The secret fields this document's kind and auth method have."""
-    if server.kind == "graph":
+    if server.graph is not None:
+        if server.graph.auth == "delegated":
+            return ("graph.client_secret", "graph.refresh_token")
         return ("graph.client_secret",)
     if isinstance(server.auth, PasswordAuthSettings):
         return ("auth.password",)
@@ -393,7 +488,7 @@ def secret_fields(server: MailServer) -> tuple[str, ...]:
 def required_secrets(server: MailServer) -> tuple[str, ...]:
     """The secrets a saved server can't send without. A delegated grant gets its refresh token
     from the consent flow, after the save."""
-    if server.kind == "graph":
+    if server.graph is not None:
         return ("graph.client_secret",)
     auth = server.auth
     if isinstance(auth, PasswordAuthSettings):

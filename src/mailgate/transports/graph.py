@@ -94,7 +94,7 @@ class GraphTransport:
         self.connection = server.connection
         self.tokens = tokens
         self.http = http
-        self.mailbox = Address(server.graph.mailbox)
+        self.mailbox = Address(server.graph.mailbox or server.sender_address)
         self._base = f"{server.graph.endpoint.rstrip('/')}/v1.0/users/{quote(self.mailbox.address, safe='@')}"
         self._slots = (slots or MailboxSlots())(server.graph.endpoint, self.mailbox.address)
         self._log = protocol_log
