@@ -135,6 +135,7 @@ class SentMail:
     body_type: str | None = None  # "text" | "html" (JSON only)
     body: str | None = None
     at: float = 0.0
+    token: IssuedToken | None = None  # the bearer token it came with (whose: token.subject; how: token.grant)
 
 
 @dataclass
@@ -401,6 +402,7 @@ class FakeGraph(ThreadedFake):
         if len(request.body) > MAX_REQUEST_BYTES:
             raise _GraphError(413, "RequestEntityTooLarge", "The request entity is too large (limit: 4 MB).")
         token = self._authenticate(request.headers)
+        self._tls.token = token  # this request's (one thread per connection), for the SentMail
         with self._lock:
             refusal = self._refusals.pop(0) if self._refusals else None
         if refusal is not None:
@@ -925,6 +927,7 @@ class FakeGraph(ThreadedFake):
             body_type=parsed.body_type,
             body=parsed.body,
             at=time.time(),
+            token=getattr(self._tls, "token", None),
         )
         with self._lock:
             self.sent.append(mail)

@@ -387,6 +387,7 @@ class _Code:
     challenge: str
     expires_at: float
     redeemed: bool = False
+    email: str | None = None  # the user's mail attribute (the id_token's `email` claim)
 
 
 @dataclass
@@ -464,6 +465,7 @@ class FakeIdentityProvider(ThreadedFake):
         self._refresh: dict[str, _RefreshGrant] = {}
         self._codes: dict[str, _Code] = {}
         self._failures: list[_Failure] = []
+        self.authorizations: list[dict[str, str]] = []  # each authorize URL's parameters, as consent() saw them
 
     # ---- configuration -------------------------------------------------------------------
 
@@ -535,12 +537,17 @@ class FakeIdentityProvider(ThreadedFake):
 
     # ---- the browser leg -----------------------------------------------------------------
 
-    def consent(self, authorize_url: str, *, subject: str) -> tuple[str, str]:
+    def consent(self, authorize_url: str, *, subject: str, email: str | None = None) -> tuple[str, str]:
         """Simulate `subject` opening `authorize_url` and consenting.
 
         Validates the URL like the real authorize endpoint (raises ValueError with the reason) and
         returns (redirect_uri + "?code=…&state=…", code). The code is single-use, lives 10 minutes
-        and is bound to client_id, redirect_uri, scope, subject and the code_challenge.
+        and is bound to client_id, redirect_uri, scope, subject and the code_challenge. Every
+        authorize URL's parameters are kept in `authorizations`.
+
+        Microsoft: with `openid` in the scope, the code's redemption also returns an id_token (v2.0)
+        naming the user: `preferred_username` is `subject` (the sign-in name, the UPN), and with the
+        `email` scope `email` is `email` (the user's mail address; default: `subject`).
         """
         split = urlsplit(authorize_url)
         if f"{split.scheme}://{split.netloc}" != self.url:
@@ -560,6 +567,15 @@ class FakeIdentityProvider(ThreadedFake):
         query = dict(pairs)
         if len(query) != len(pairs):
             raise ValueError("duplicate query parameters in the authorize URL")
+        with self._lock:
+            self.authorizations.append(query)
+        if flavour == "microsoft":
+            if query.get("response_mode", "query") not in ("query", "fragment", "form_post"):
+                raise ValueError(f"AADSTS900144: response_mode {query.get('response_mode')!r} is not supported")
+            resources = {p[0] for part in query.get("scope", "").split() if (p := _split_scope(part)) is not None}
+            if len(resources - self.resources) or "client_secret" in query:
+                raise ValueError(f"AADSTS70011: The provided value for the input parameter 'scope' is not valid "
+                                 f"(or a secret in the URL): {query.get('scope')!r}")
         with self._lock:
             if directory_id is not None and directory_id not in self._tenants:
                 raise ValueError(f"AADSTS90002: Tenant '{directory_id}' not found.")
@@ -598,6 +614,7 @@ class FakeIdentityProvider(ThreadedFake):
                 subject=subject,
                 challenge=challenge,
                 expires_at=time.time() + _CODE_LIFETIME,
+                email=email,
             )
         separator = "&" if "?" in redirect_uri else "?"
         return f"{redirect_uri}{separator}{urlencode({'code': code, 'state': state})}", code
@@ -1218,7 +1235,36 @@ class FakeIdentityProvider(ThreadedFake):
             scopes=scopes,
             subject=code.subject,
         )
-        return self._success(flavour, issued, reply_scope=reply_scope, refresh_token=refresh_token)
+        response = self._success(flavour, issued, reply_scope=reply_scope, refresh_token=refresh_token)
+        if ms and "openid" in code.scope.split():
+            payload = json.loads(response.body)
+            payload["id_token"] = self._id_token(app.client_id, directory_id, code)
+            response.body = json.dumps(payload).encode()
+        return response
+
+    def _id_token(self, client_id: str, directory_id: str | None, code: _Code) -> str:
+        """A v2.0 id_token as Entra ID issues it at the code's redemption (claims per the id_token
+        reference: aud is the app, tid the directory, preferred_username the sign-in name; email
+        only with the email scope)."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "aud": client_id,
+            "iss": f"https://login.microsoftonline.com/{directory_id}/v2.0",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "name": code.subject.split("@")[0],
+            "oid": str(uuid.uuid5(uuid.NAMESPACE_URL, code.subject)),
+            "preferred_username": code.subject,
+            "sub": _b64url(hashlib.sha256(f"{client_id}:{code.subject}".encode()).digest()),
+            "tid": directory_id,
+            "ver": "2.0",
+        }
+        if "email" in code.scope.split():
+            claims["email"] = code.email or code.subject
+        header = {"typ": "JWT", "alg": "RS256", "kid": _b64url(secrets.token_bytes(20))}
+        parts = (json.dumps(header, separators=(",", ":")), json.dumps(claims, separators=(",", ":")))
+        return ".".join(_b64url(p.encode()) for p in parts) + "." + _b64url(secrets.token_bytes(32))
 
     # ---- tokens --------------------------------------------------------------------------
 

@@ -154,7 +154,8 @@ async def oauth_callback(
         try:
             connected = await mg.complete_consent(state, code)
         except InvalidInput as e:
-            result = "no_refresh_token" if e.field.startswith("auth.token") else "expired"
+            otherwise = "no_refresh_token" if e.field.startswith("auth.token") else "expired"
+            result = _CONSENT_PROBLEMS.get(e.field, otherwise)
         except DeliveryError as e:
             # Its text quotes the token endpoint, which whoever set up the mail server chose: the
             # operator's log has it, no page does.
@@ -189,6 +190,16 @@ CONSENT_RESULTS: dict[str, tuple[bool, str]] = {
     "failed": (False, "The provider's token endpoint refused the consent or could not be reached: connect again; "
                       "if it keeps failing, the operator's log has the error."),
 }  # fmt: skip
+CONSENT_RESULTS |= {
+    "not_granted": (False, "The consent did not grant what the Graph mail server needs (Mail.Send, and Mail.ReadWrite "
+                           "for large attachments): add these delegated permissions to the app registration and "
+                           "connect again."),
+    "no_mailbox": (False, "The provider did not say which mailbox consented (no usable id_token): connect again, "
+                          "signing in with the mailbox's own account."),
+}  # fmt: skip
+# A delegated Graph consent's problems, by the field they name (oauth/consent.py).
+_CONSENT_PROBLEMS = {"graph.refresh_token": "no_refresh_token", "graph.permissions": "not_granted",
+                     "graph.mailbox": "no_mailbox"}  # fmt: skip
 _UNKNOWN_RESULT = (False, "mailgate can't tell from this link how the consent ended: the mail server's page in "
                           "mailgate says whether it is connected.")  # fmt: skip
 # RFC 6749 4.1.2.1 and OpenID Connect Core 3.1.2.6: the codes a provider sends back.

@@ -56,7 +56,9 @@ AADSTS: dict[int, Explanation] = {
     90094: _e("An administrator must consent to this app's permissions (AADSTS90094).",
               "A Global or Privileged Role Administrator grants admin consent for the app in Entra ID "
               "(API permissions → Grant admin consent)."),
-    65001: _e("Nobody has consented to the permissions this app asks for (AADSTS65001).",
+    65001: _e("Nobody has consented to the permissions this app asks for (AADSTS65001). With a delegated grant: "
+              "the consent did not cover them (for Graph: Mail.ReadWrite, needed since graph.large_attachments was "
+              "turned on).",
               "Grant consent: for client credentials an admin presses \"Grant admin consent\" under API permissions; "
               "for a delegated grant, connect the mailbox again."),
     70011: _e("The scope is not valid (AADSTS70011): SMTP.SendAsApp asked for delegated, or a malformed resource URL.",
@@ -65,11 +67,17 @@ AADSTS: dict[int, Explanation] = {
     1002012: _e("The scope is not valid for a client credentials grant (AADSTS1002012): it must be a resource's "
                 "/.default.", "Use https://outlook.office365.com/.default for SMTP or "
                 "https://graph.microsoft.com/.default for Graph."),
+    70000: _e("The grant is not valid (AADSTS70000, invalid_grant): the refresh token or code was issued to "
+              "another app or directory, was revoked, or the consent no longer covers what is asked.",
+              _SIGN_IN_AGAIN),
     700082: _e("The refresh token expired because it was not used for a long time (AADSTS700082).", _SIGN_IN_AGAIN),
     70008: _e("The refresh token or authorization code has expired (AADSTS70008).", _SIGN_IN_AGAIN),
     50173: _e("The grant was revoked (AADSTS50173): the user's password changed or an admin revoked the sessions.",
               _SIGN_IN_AGAIN),
-    50076: _e("Multi-factor authentication is required (AADSTS50076).", _SIGN_IN_AGAIN),
+    50076: _e("Multi-factor authentication is required (AADSTS50076): a Conditional Access policy now wants it "
+              "for this sign-in, and the stored grant does not satisfy it.", _SIGN_IN_AGAIN),
+    50158: _e("An external security challenge was not satisfied (AADSTS50158), e.g. a Conditional Access control.",
+              _SIGN_IN_AGAIN),
     50079: _e("The user must register for multi-factor authentication (AADSTS50079).", _SIGN_IN_AGAIN),
     53003: _e("Conditional Access blocked the sign-in (AADSTS53003).",
               "An Entra ID admin reviews the Conditional Access policies (sign-in logs show which one applied)."),
@@ -174,8 +182,28 @@ def explain_token_error(error: str | None, codes: list[int] | None = None, statu
     return _e(what, "Check the token source settings (token URL, client id, secret, scope).")
 
 
-def explain_graph_error(status: int, code: str | None) -> Explanation:
-    """What a Graph refusal means: by its error code, else by the HTTP status."""
+# The same refusals when the token is a consenting mailbox's (graph.auth delegated): its
+# permissions come from the consent, not from an admin's grant to the app.
+GRAPH_DELEGATED: dict[str, Explanation] = {
+    "ErrorAccessDenied": _e("Graph refused access to the mailbox (ErrorAccessDenied): the consent did not grant "
+                            "the permission this needs (Mail.Send; Mail.ReadWrite for large attachments), or "
+                            "an admin withdrew it.",
+                            "Add the delegated Microsoft Graph permissions Mail.Send (and Mail.ReadWrite for large "
+                            "attachments) to the app registration, then connect the mailbox again."),
+    "InvalidAuthenticationToken": _e("Graph refused the mailbox's access token (InvalidAuthenticationToken): "
+                                     "expired or revoked, or for another cloud than the Graph endpoint.",
+                                     "Connect the mailbox again; check that the Graph endpoint and the authority "
+                                     "are of the same cloud."),
+}  # fmt: skip
+
+
+def explain_graph_error(status: int, code: str | None, *, delegated: bool = False) -> Explanation:
+    """What a Graph refusal means: by its error code, else by the HTTP status. `delegated`: the
+    token was a consenting mailbox's (graph.auth delegated)."""
+    if delegated and code is not None and code in GRAPH_DELEGATED:
+        return GRAPH_DELEGATED[code]
+    if delegated and code not in GRAPH and status in (401, 403):
+        return GRAPH_DELEGATED["InvalidAuthenticationToken" if status == 401 else "ErrorAccessDenied"]
     if code and code in GRAPH:
         return GRAPH[code]
     if status == 429 or status >= 500:
@@ -469,12 +497,20 @@ def granted_permissions(claims: dict[str, Any]) -> list[str]:
     return sorted(set(roles if isinstance(roles, list) else []) | set(str(claims.get("scp") or "").split()))
 
 
-def permission_problem(claims: dict[str, Any], *, large_attachments: bool) -> Explanation | None:
-    """What a Graph access token lacks for sending; None when nothing (or an opaque token)."""
+def permission_problem(
+    claims: dict[str, Any], *, large_attachments: bool, delegated: bool = False
+) -> Explanation | None:
+    """What a Graph access token lacks for sending; None when nothing (or an opaque token).
+    `delegated`: the token is a consenting mailbox's, whose permissions come from the consent."""
     if not claims:
         return None  # an opaque token: nothing to check before sending
     granted = granted_permissions(claims)
     missing = [p for p in needed_permissions(large_attachments) if p not in granted]
+    if missing and delegated:
+        what = " and ".join(missing)
+        return _e(f"The mailbox's access token does not grant {what} (it has: {', '.join(granted) or 'nothing'}).",
+                  f"Add the delegated Microsoft Graph permission {what} to the app registration (API permissions), "
+                  "then connect the mailbox again: the consent asks for it.")  # fmt: skip
     if missing:
         what = " and ".join(missing)
         return _e(f"The access token does not grant {what} (it has: {', '.join(granted) or 'nothing'}).",

@@ -141,8 +141,9 @@ class _Run:
 
 
 def probe_message(server: MailServer, to: str) -> Message:
+    sender = server.sender_address  # a delegated graph server's: the consenting mailbox
     return Message(
-        from_=server.from_address if not server.from_name else f"{server.from_name} <{server.from_address}>",
+        from_=sender if not server.from_name else f"{server.from_name} <{sender}>",
         to=to,
         subject="mailgate test e-mail",
         text="This is a test e-mail from mailgate: the mail server settings work.\r\n",
@@ -408,22 +409,30 @@ async def _graph(
 
     assert server.graph is not None
     g = server.graph
+    delegated = g.auth == "delegated"
     run = _Run(GRAPH_STEPS, server, on_step)
-    handle = tokens.handle(graph_token_source(server, destinations=destinations))
+    handle: Any = None
     claims: dict[str, Any] = {}
 
     async def resolve(step: Step) -> None:
+        nonlocal handle
         step.details.update(scope=scope, settings=source, kind="graph", endpoint=g.endpoint, mailbox=g.mailbox,
-                            directory_id=g.directory_id, client_id=g.client_id,
+                            directory_id=g.directory_id, client_id=g.client_id, auth=g.auth,
                             large_attachments=g.large_attachments)  # fmt: skip
+        # A delegated server nobody connected yet fails here, saying so.
+        handle = tokens.handle(graph_token_source(server, name=f"the {scope} mail server", destinations=destinations))
 
     async def token(step: Step) -> None:
         access = await handle()
         claims.update(jwt_claims(access.value) or {})
+        if delegated:  # whose grant, and what it holds (the refresh token itself is never shown)
+            step.details.update(token="delegated (the consenting mailbox's refresh token)", mailbox=g.mailbox)
+        else:
+            step.details["token"] = "client credentials (the app's own)"
         step.details.update(_token_details(access.value, access.expires_at, access.scope))
 
     async def permissions(step: Step) -> None:
-        problem = permission_problem(claims, large_attachments=g.large_attachments)
+        problem = permission_problem(claims, large_attachments=g.large_attachments, delegated=delegated)
         step.details["needed"] = needed_permissions(g.large_attachments)
         step.details["granted"] = granted_permissions(claims)
         if problem is not None:
@@ -443,7 +452,7 @@ async def _graph(
         if result.outcome.value != "accepted":
             from .catalogue import explain_graph_error
 
-            raise run.fail(step, explain_graph_error(result.code or 0, None))
+            raise run.fail(step, explain_graph_error(result.code or 0, None, delegated=delegated))
 
     for name, work in zip(GRAPH_STEPS, (resolve, token, permissions, send_mail), strict=True):
         await run.step(name, work)

@@ -247,7 +247,8 @@ def _retrieve(task: asyncio.Task[AccessToken]) -> None:
 
 def not_connected(server: str) -> TokenError:
     explanation = Explanation(
-        f"The {server} has a delegated token source, but no mailbox is connected (no refresh token).",
+        f"The {server} has delegated tokens (a delegated token source, or graph.auth delegated), but no mailbox "
+        "is connected (no refresh token).",
         "An admin connects the mailbox: Connect (consent) in the mail server settings.",
     )
     return TokenError(f"no refresh token: {explanation}", explanation=explanation, transient=False)
@@ -285,14 +286,33 @@ def smtp_token_source(
     )
 
 
-def graph_token_source(server: MailServer, *, destinations: DestinationPolicy | None = None) -> TokenSource:
-    """The app-only token source of a Graph server."""
-    assert server.graph is not None
+def graph_token_source(
+    server: MailServer,
+    *,
+    name: str = "mail server",
+    store_refresh_token: RefreshStore | None = None,
+    destinations: DestinationPolicy | None = None,
+) -> TokenSource:
+    """The token source of a Graph server: the app's own token (client credentials), or for
+    `graph.auth` delegated the consented mailbox's refresh token (rotations stored through
+    `store_refresh_token`, as for SMTP). TokenError when nobody connected the mailbox yet."""
+    g = server.graph
+    assert g is not None
     c = server.connection
+    timeout = (c.connect_timeout, c.protocol_timeout)
+    if g.auth == "client_credentials":
+        return TokenSource(graph_endpoint(g), "client_credentials", margin=c.token_expiry_margin, timeout=timeout,
+                           destinations=destinations)  # fmt: skip
+    refresh_token = g.refresh_token.get_secret_value() if g.refresh_token else None
+    if refresh_token is None:
+        raise not_connected(name)
     return TokenSource(
-        graph_endpoint(server.graph),
-        "client_credentials",
+        graph_endpoint(g),
+        "refresh_token",
+        refresh_token,
+        subject=g.mailbox.lower() if g.mailbox else None,
         margin=c.token_expiry_margin,
-        timeout=(c.connect_timeout, c.protocol_timeout),
+        timeout=timeout,
+        store_refresh_token=store_refresh_token,
         destinations=destinations,
     )

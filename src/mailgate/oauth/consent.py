@@ -4,6 +4,11 @@ and mailgate keeps the refresh token.
 `begin` returns the authorize URL; the state (only its hash is stored) and the PKCE verifier
 (encrypted) stay server-side for ten minutes. `complete` takes the state and code the provider
 sent to the redirect URI, exchanges them once, and stores the refresh token. `reset` forgets it.
+
+Two kinds of server have a delegated grant: SMTP with an XOAUTH2 token source whose grant is
+`delegated` (the mailbox is `auth.username`), and Graph with `graph.auth` delegated, whose
+consent also asks for the OpenID Connect scopes: the id_token names the mailbox that consented,
+which becomes `graph.mailbox` and the sender address.
 """
 
 from __future__ import annotations
@@ -22,18 +27,27 @@ from ..access import token_hash
 from ..db.engine import Database
 from ..db.models import ConsentRequest, now
 from ..errors import Conflict, NotFound, SettingsError
-from ..settings.document import OAuth2AuthSettings
+from ..message import Address
+from ..settings.document import MailServer, OAuth2AuthSettings
 from ..settings.secrets import Keyring
 from ..settings.store import LoadedServer, ServerInfo, Servers
 from .cache import TokenCache
-from .endpoints import Endpoint, smtp_endpoint
-from .tokens import request_token
+from .endpoints import GRAPH_MAIL_READWRITE, GRAPH_MAIL_SEND, Endpoint, graph_consent_endpoint, smtp_endpoint
+from .tokens import decode_claims, request_token
 
 if TYPE_CHECKING:
     from ..destinations import Destinations
 
 CONSENT_LIFETIME = timedelta(minutes=10)  # authorization codes live about as long (reference §8)
 VERIFIER_FIELD = "consent.code_verifier"
+# Which id_token claim names the consenting mailbox, best first. `email` (asked for with the email
+# scope) is the user's mail attribute: the mailbox's primary SMTP address, the From that Graph's
+# sendMail gives the user's mail. `preferred_username` is the sign-in name (the UPN), which is often
+# the same address but need not be (an onmicrosoft.com UPN, a renamed mailbox); `upn` is its v1.0
+# form. None is trusted for anything but the From: Graph sends as the token's user whatever we think.
+MAILBOX_CLAIMS = ("email", "preferred_username", "upn")
+# Authorities' directory ids that are not one directory: an id_token from them has its own tid.
+_MULTI_TENANT = ("common", "organizations", "consumers")
 
 
 @dataclass(frozen=True)
@@ -84,8 +98,6 @@ class Consents:
                 verifier=self.keyring.encrypt(scope, VERIFIER_FIELD, verifier), redirect_uri=redirect_uri,
                 actor=self.actor, expires_at=now() + CONSENT_LIFETIME,
             ))  # fmt: skip
-        auth = loaded.server.auth
-        assert isinstance(auth, OAuth2AuthSettings)
         params = {
             "client_id": endpoint.client_id,
             "response_type": "code",
@@ -95,8 +107,10 @@ class Consents:
             "state": state,
             "code_challenge": challenge,
             "code_challenge_method": "S256",
-            "login_hint": auth.username,
         }
+        hint = _mailbox_of(loaded.server)
+        if hint:
+            params["login_hint"] = hint
         if endpoint.provider == "google":  # a refresh token only with offline access (reference §6)
             params |= {"access_type": "offline", "prompt": "consent"}
             del params["response_mode"]
@@ -127,17 +141,21 @@ class Consents:
         c = loaded.server.connection
         http = self.cache.http_for(self.destinations.for_scope(loaded.scope) if self.destinations else None)
         reply = await request_token(http, endpoint, grant, timeout=(c.connect_timeout, c.protocol_timeout))
+        graph = loaded.server.graph
         if not reply.refresh_token:
             hint = "access_type=offline" if endpoint.provider == "google" else "the offline_access scope"
-            raise SettingsError([("auth.token.scope", f"the provider granted no refresh token: ask for {hint}")])
+            where = "graph.refresh_token" if graph is not None else "auth.token.scope"
+            raise SettingsError([(where, f"the provider granted no refresh token: ask for {hint}")])
+        learnt = None
+        if graph is not None:
+            _check_granted(reply.scope, graph.large_attachments)
+            learnt = _consenting_mailbox(reply.id_token, endpoint.client_id, graph.directory_id)
         stored = await self.servers.store_refresh_token(
-            loaded.id, loaded.version, reply.refresh_token, consent=True, actor=request.actor
+            loaded.id, loaded.version, reply.refresh_token, consent=True, actor=request.actor, mailbox=learnt
         )
         if not stored:
             raise Conflict([("state", "the mail server's settings changed during the consent: connect again")])
-        auth = loaded.server.auth
-        assert isinstance(auth, OAuth2AuthSettings)
-        return ConsentResult(loaded.scope, auth.username, reply.scope)
+        return ConsentResult(loaded.scope, learnt or _mailbox_of(loaded.server) or "", reply.scope)
 
     async def reset(self, scope: str) -> ServerInfo:
         """Forget the stored refresh token and any consent under way."""
@@ -148,13 +166,66 @@ class Consents:
         loaded = await self.servers.loaded(scope)
         if loaded is None:
             raise NotFound([("server", f"no mail server is set for {scope}")])
-        auth = loaded.server.auth
-        if not isinstance(auth, OAuth2AuthSettings) or auth.token.grant != "delegated":
+        graph, auth = loaded.server.graph, loaded.server.auth
+        if graph is not None:
+            if graph.auth != "delegated":
+                why = "consent is for a graph server whose auth is delegated; this one sends as the app itself"
+                raise SettingsError([("graph.auth", why)])
+        elif not isinstance(auth, OAuth2AuthSettings) or auth.token.grant != "delegated":
             raise SettingsError([("auth.token.grant", "consent is for a mail server whose token source is delegated")])
         return loaded
 
 
 def _endpoint(loaded: LoadedServer) -> Endpoint:
+    if loaded.server.graph is not None:
+        return graph_consent_endpoint(loaded.server.graph)
     auth = loaded.server.auth
     assert isinstance(auth, OAuth2AuthSettings)
     return smtp_endpoint(auth.token)
+
+
+def _mailbox_of(server: MailServer) -> str | None:
+    """The mailbox the server's grant is for, as far as the settings know it (before a Graph
+    consent: the address the admin expects, if any: a login hint)."""
+    if server.graph is not None:
+        return server.graph.mailbox or server.from_address
+    auth = server.auth
+    return auth.username if isinstance(auth, OAuth2AuthSettings) else None
+
+
+def _check_granted(granted: str | None, large_attachments: bool) -> None:
+    """SettingsError when the reply says the grant lacks a permission the Graph server needs (an
+    admin may have consented to fewer; Entra ID lists what the token carries in `scope`)."""
+    if granted is None:
+        return  # the reply does not say: the first send will
+    have = {s.rsplit("/", 1)[-1] for s in granted.split()}
+    needed = [GRAPH_MAIL_SEND] + ([GRAPH_MAIL_READWRITE] if large_attachments else [])
+    missing = [n.rsplit("/", 1)[-1] for n in needed if n.rsplit("/", 1)[-1] not in have]
+    if missing:
+        raise SettingsError([("graph.permissions", f"the consent did not grant {' and '.join(missing)}: add the "
+                                                   "delegated permission to the app registration and connect "
+                                                   "again")])  # fmt: skip
+
+
+def _consenting_mailbox(id_token: str | None, client_id: str, directory_id: str) -> str:
+    """The mailbox address the id_token names (MAILBOX_CLAIMS). The token came straight from the
+    token endpoint over TLS (OpenID Connect Core 3.1.3.7: no signature check needed then), but it
+    must be for this app and, with a directory id, from that directory."""
+    claims = decode_claims(id_token) if id_token else None
+    if claims is None:
+        raise SettingsError([("graph.mailbox", "the provider sent no id_token, so mailgate can't tell which mailbox "
+                                               "consented: the consent asks for openid and email")])  # fmt: skip
+    if claims.get("aud") != client_id:
+        raise SettingsError([("graph.mailbox", "the id_token is for another application (aud): connect again")])
+    if directory_id.lower() not in _MULTI_TENANT and str(claims.get("tid", "")).lower() != directory_id.lower():
+        raise SettingsError([("graph.mailbox", "the id_token comes from another directory (tid) than "
+                                               "graph.directory_id: connect again")])  # fmt: skip
+    for claim in MAILBOX_CLAIMS:
+        value = claims.get(claim)
+        if isinstance(value, str) and 0 < len(value) <= 320 and "@" in value:
+            try:
+                return Address(value).address
+            except ValueError:
+                continue
+    raise SettingsError([("graph.mailbox", "the id_token names no mailbox address (email or preferred_username): "
+                                           "the account that consented has no mailbox")])  # fmt: skip

@@ -7,6 +7,7 @@ so sovereign clouds work by changing them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +23,13 @@ SMTP_APP_SCOPE = "https://outlook.office365.com/.default"
 # Exchange Online SMTP, delegated; offline_access brings the refresh token.
 SMTP_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send offline_access"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+# Graph, delegated (a mailbox's user consents): Mail.Send, and Mail.ReadWrite for the drafts and
+# upload sessions of large attachments (reference §5.5); offline_access brings the refresh token.
+GRAPH_MAIL_SEND = "https://graph.microsoft.com/Mail.Send"
+GRAPH_MAIL_READWRITE = "https://graph.microsoft.com/Mail.ReadWrite"
+# OpenID Connect: the id_token whose claims name the consenting mailbox (reference §8: besides
+# one resource, a token request may carry only these).
+OIDC_SCOPES = "openid email profile"
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
 
 Provider = Literal["microsoft", "google", "generic"]
@@ -69,8 +77,27 @@ def smtp_endpoint(token: TokenSourceSettings) -> Endpoint:
     return Endpoint(token.provider, token_url, token.client_id, secret, scope, token.client_auth, authorize_url)
 
 
+def graph_permissions(graph: GraphSettings) -> str:
+    """The delegated Graph permissions a server needs, as scopes of one resource."""
+    return GRAPH_MAIL_SEND + (f" {GRAPH_MAIL_READWRITE}" if graph.large_attachments else "")
+
+
 def graph_endpoint(graph: GraphSettings) -> Endpoint:
-    """The endpoint of a Graph server's app-only token (client credentials)."""
+    """The endpoint of a Graph server's tokens: app-only (client credentials, `.default`), or for
+    a delegated server the refresh of its grant (the permissions it needs, and offline_access so
+    the refresh token is replaced)."""
     secret = graph.client_secret.get_secret_value() if graph.client_secret else None
     token_url = _microsoft(graph.authority, graph.directory_id, "token")
+    if graph.auth == "delegated":
+        scope = f"{graph_permissions(graph)} offline_access"
+        return Endpoint("microsoft", token_url, graph.client_id, secret, scope,
+                        authorize_url=_microsoft(graph.authority, graph.directory_id, "authorize"))  # fmt: skip
     return Endpoint("microsoft", token_url, graph.client_id, secret, GRAPH_SCOPE)
+
+
+def graph_consent_endpoint(graph: GraphSettings) -> Endpoint:
+    """The endpoint of a delegated Graph server's consent: the authorize URL and the code's
+    redemption ask for the permissions, offline_access and the OpenID Connect scopes (the
+    id_token tells which mailbox consented)."""
+    endpoint = graph_endpoint(graph)
+    return dataclasses.replace(endpoint, scope=f"{graph_permissions(graph)} offline_access {OIDC_SCOPES}")

@@ -46,6 +46,7 @@ class TokenReply:
     expires_in: float
     scope: str | None
     refresh_token: str | None = field(repr=False, default=None)
+    id_token: str | None = field(repr=False, default=None)  # OpenID Connect: who signed in (a consent)
 
 
 class TokenError(DeliveryError):
@@ -116,6 +117,7 @@ async def request_token(
             _seconds(body.get("expires_in")),
             body.get("scope") if isinstance(body.get("scope"), str) else None,
             body.get("refresh_token") if isinstance(body.get("refresh_token"), str) else None,
+            body.get("id_token") if isinstance(body.get("id_token"), str) else None,
         )
     # Never shown, even when the endpoint echoes them.
     secrets = (endpoint.client_secret, grant.get("refresh_token"), grant.get("code"), grant.get("code_verifier"))

@@ -345,6 +345,9 @@ class Servers(_Part):
             if row is not None:
                 stored = {x.field: x for x in await s.scalars(_secrets_of(row))}
                 old = _stored_server(row)
+            server, stale = _consented(server, old, given, cleared, set(stored))
+            if stale:
+                cleared = cleared | {GRAPH_REFRESH_TOKEN}
             kept = _kept_secrets(server, fields, given, cleared, set(stored), old)
 
             old_public = _server_info(row, set(stored)).document if row is not None else {}
@@ -383,7 +386,11 @@ class Servers(_Part):
             if old_enabled != server.enabled:
                 changes.insert(0, {"field": "enabled", "from": old_enabled, "to": server.enabled})
             changes += [{"field": p, "secret": "changed"} for p in sorted(given)]
-            changes += [{"field": p, "secret": "removed"} for p in sorted(set(stored) - kept - set(given))]
+            removed = sorted(set(stored) - kept - set(given))
+            changes += [{"field": p, "secret": "removed", **({"why": stale} if stale and p == GRAPH_REFRESH_TOKEN
+                                                             else {})} for p in removed]  # fmt: skip
+            if any(p in REFRESH_TOKENS for p in removed):  # the grant is gone: connect the mailbox again
+                row.consented_at = row.token_expires_at = None
             self._audit(s, "server.set", _tenant_of(scope), scope, changes)
         return info
 
@@ -400,6 +407,9 @@ class Servers(_Part):
             row = await _server_row(s, scope)
             stored = {x.field: x for x in await s.scalars(_secrets_of(row))} if row is not None else {}
             old = _stored_server(row) if row is not None else None
+        server, stale = _consented(server, old, given, cleared, set(stored))
+        if stale:
+            cleared = cleared | {GRAPH_REFRESH_TOKEN}
         kept = _kept_secrets(server, fields, given, cleared, set(stored), old)
         values = {**given, **{p: self.keyring.decrypt(scope, p, stored[p].ciphertext) for p in kept}}
         doc = {**storable_document(server), "enabled": server.enabled}
@@ -565,17 +575,25 @@ class Servers(_Part):
     # ---- OAuth2 refresh tokens (delegated consent and rotation) -------------------------------
 
     async def store_refresh_token(
-        self, server_id: int, version: int, value: str, *, consent: bool = False, actor: str | None = None
+        self,
+        server_id: int,
+        version: int,
+        value: str,
+        *,
+        consent: bool = False,
+        actor: str | None = None,
+        mailbox: str | None = None,
     ) -> bool:
-        """Store (encrypted) the refresh token of the server's token source, unless its settings
-        changed since `version`. A rotation (the token endpoint replaced the refresh token) is
-        stored quietly; a consent is a settings change: new version, audited (as `actor`, the admin
-        who started it), the server mended."""
-        path = "auth.token.refresh_token"
+        """Store (encrypted) the refresh token of the server's token source (SMTP) or of its Graph
+        delegated grant, unless its settings changed since `version`. A rotation (the token
+        endpoint replaced the refresh token) is stored quietly; a consent is a settings change: new
+        version, audited (as `actor`, the admin who started it), the server mended. `mailbox`: the
+        mailbox a Graph consent was given by, which becomes graph.mailbox and from_address."""
         async with self.db.write() as s:
             row = await s.get(MailServerRow, server_id, with_for_update=True)
             if row is None or row.version != version:
                 return False
+            path = _refresh_token_path(row.document)
             secret = await s.get(ServerSecret, (server_id, path))
             ciphertext = self.keyring.encrypt(row.scope, path, value)
             if secret is None:
@@ -584,32 +602,38 @@ class Servers(_Part):
                 secret.ciphertext, secret.updated_at = ciphertext, now()
             if consent:
                 who = actor or self.actor
+                changes: list[Any] = []
+                if mailbox is not None and path == GRAPH_REFRESH_TOKEN:
+                    changes = _set_sender(row, mailbox)
                 row.version += 1
                 row.updated_at, row.updated_by = now(), who
                 row.consented_at = now()
                 await _mend(s, row)
-                changes = [{"field": path, "secret": "changed"}]
+                changes.append({"field": path, "secret": "changed"})
                 self._audit(s, "server.consent", _tenant_of(row.scope), row.scope, changes, actor=who)
             return True
 
     async def forget_refresh_token(self, scope: str) -> ServerInfo:
         """Forget the stored refresh token (the seed's "Reset"): the server can't send until
-        the mailbox is connected again."""
-        path = "auth.token.refresh_token"
+        the mailbox is connected again. A delegated Graph server forgets the mailbox it learnt
+        too: graph.mailbox and from_address are cleared (the next consent sets them)."""
         async with self.db.write() as s:
             await _check_scope(s, scope)
             row = await _server_row(s, scope, lock=True)
             if row is None:
                 raise NotFound([("server", f"no mail server is set for {scope}")])
+            path = _refresh_token_path(row.document)
             secret = await s.get(ServerSecret, (row.id, path))
             await s.execute(delete(ConsentRequest).where(ConsentRequest.server_id == row.id))
+            changes = _set_sender(row, None) if path == GRAPH_REFRESH_TOKEN else []
             if secret is not None:
                 await s.delete(secret)
+                changes.append({"field": path, "secret": "removed"})
+            if changes:
                 row.version += 1
                 row.updated_at, row.updated_by = now(), self.actor
                 row.consented_at = row.token_expires_at = None
-                self._audit(s, "server.consent_reset", _tenant_of(scope), scope,
-                       [{"field": path, "secret": "removed"}])  # fmt: skip
+                self._audit(s, "server.consent_reset", _tenant_of(scope), scope, changes)
             await s.flush()
             return _server_info(row, {x.field for x in await s.scalars(_secrets_of(row))})
 
@@ -735,6 +759,61 @@ def _kept_secrets(
     if problems:
         raise SettingsError(problems)
     return kept
+
+
+GRAPH_REFRESH_TOKEN = "graph.refresh_token"
+REFRESH_TOKENS = ("auth.token.refresh_token", GRAPH_REFRESH_TOKEN)
+
+
+def _refresh_token_path(document: Mapping[str, Any]) -> str:
+    """Where a stored server keeps the refresh token of its delegated grant."""
+    return GRAPH_REFRESH_TOKEN if document.get("kind") == "graph" else "auth.token.refresh_token"
+
+
+def _set_sender(row: MailServerRow, mailbox: str | None) -> list[dict[str, Any]]:
+    """Make `mailbox` (None: nobody) the delegated Graph server's mailbox and sender address;
+    the changes, for the audit log."""
+    doc = dict(row.document)
+    graph = dict(doc.get("graph") or {})
+    before = {"graph.mailbox": graph.get("mailbox"), "from_address": doc.get("from_address")}
+    graph["mailbox"] = mailbox
+    doc["graph"], doc["from_address"] = graph, mailbox
+    parse_server({**doc, "enabled": row.enabled})  # still a valid document (it is: both the same)
+    row.document = doc  # a new object: the JSON column sees the change
+    return [{"field": k, "from": v, "to": mailbox} for k, v in before.items() if v != mailbox]
+
+
+def _consented(
+    server: MailServer, old: MailServer | None, given: Mapping[str, str], cleared: set[str], stored: set[str]
+) -> tuple[MailServer, str | None]:
+    """A delegated Graph server's document against the consent its stored grant came from: the
+    mailbox and sender address the consent set are carried over when the document leaves them
+    out; and why the grant no longer fits (None: it does), when a change makes it wrong — it is
+    then dropped (not refused: only a new consent can bring one), and the mailbox connected again."""
+    g, before = server.graph, old.graph if old is not None else None
+    path = GRAPH_REFRESH_TOKEN
+    if (
+        g is None or g.auth != "delegated" or before is None or before.auth != "delegated" or old is None
+        or path not in stored or path in given or path in cleared
+    ):  # fmt: skip
+        if g is not None and g.auth == "delegated" and path in given and g.mailbox is None:
+            raise SettingsError([("graph.mailbox", "a refresh token given directly needs the mailbox it belongs to "
+                                                   "(or connect the mailbox: the consent learns it)")])  # fmt: skip
+        return server, None
+    if g.mailbox is None or server.from_address is None:  # left out: what the consent learnt
+        g = g.model_copy(update={"mailbox": g.mailbox or before.mailbox})
+        server = server.model_copy(update={"graph": g, "from_address": server.from_address or old.from_address})
+    moved = [k for k, v in destination(server).items() if destination(old).get(k) != v]
+    if moved:
+        return server, f"{', '.join(moved)} changed: connect the mailbox again"
+    if (g.mailbox or "").lower() != (before.mailbox or "").lower():
+        return server, "graph.mailbox changed: the grant is the consenting mailbox's; connect the mailbox again"
+    if (server.from_address or "").lower() != (old.from_address or "").lower():
+        return server, "from_address changed: the sender is the consenting mailbox; connect the mailbox again"
+    if g.large_attachments and not before.large_attachments:
+        return server, ("graph.large_attachments was turned on: the consent must grant Mail.ReadWrite too; "
+                        "connect the mailbox again")  # fmt: skip
+    return server, None
 
 
 def _check_tenant_id(tenant_id: str) -> None:
@@ -873,7 +952,7 @@ def _health(row: MailServerRow) -> ServerHealth:
             if row.consented_at else ""  # fmt: skip
         notes.append(f"A Google refresh token of an app in Testing status ends about 7 days after consent{until}; "
                      "publish the app to keep it.")  # fmt: skip
-    elif grant == "delegated":
+    elif grant == "delegated" or graph.get("auth") == "delegated":
         notes.append("A Microsoft refresh token lasts 90 days and is replaced at each use (mailgate keeps the "
                      "newest); unused for 90 days, revoked, or after a password change it ends: "
                      "connect again.")  # fmt: skip

@@ -1,4 +1,5 @@
-"""The Microsoft Graph transport: `sendMail` on the sending mailbox, app-only token.
+"""The Microsoft Graph transport: `sendMail` on the sending mailbox, with the app's own token
+(`/users/{mailbox}`) or, for `graph.auth` delegated, the consenting mailbox's (`/me`).
 
 The message goes as MIME (base64, `text/plain`) — the same composer as SMTP, so headers,
 attachments and non-ASCII survive identically. Where MIME can't serve, it goes as JSON: Bcc
@@ -95,7 +96,11 @@ class GraphTransport:
         self.tokens = tokens
         self.http = http
         self.mailbox = Address(server.graph.mailbox or server.sender_address)
-        self._base = f"{server.graph.endpoint.rstrip('/')}/v1.0/users/{quote(self.mailbox.address, safe='@')}"
+        self.delegated = server.graph.auth == "delegated"
+        # A delegated token is the consenting user's: /me is its mailbox, however Graph names it
+        # (reference §5.1); an app-only token names the mailbox (it may send as any).
+        user = "me" if self.delegated else f"users/{quote(self.mailbox.address, safe='@')}"
+        self._base = f"{server.graph.endpoint.rstrip('/')}/v1.0/{user}"
         self._slots = (slots or MailboxSlots())(server.graph.endpoint, self.mailbox.address)
         self._log = protocol_log
 
@@ -269,7 +274,7 @@ class GraphTransport:
             code = error.get("code")
             graph_code = code if isinstance(code, str) and _GRAPH_CODE.fullmatch(code) else None
             message = foreign_text(error["message"]) if isinstance(error.get("message"), str) else None
-        explanation = explain_graph_error(status, graph_code)
+        explanation = explain_graph_error(status, graph_code, delegated=self.delegated)
         said = f"HTTP {status}" + (f" {graph_code}" if graph_code else "") + (f": {message}" if message else "")
         text = f"Graph refused{' the upload' if upload else ''} ({said}). {explanation}"
         retry_after = http_retry_after(retry_after_header)

@@ -340,7 +340,17 @@ class Pools:
         size = pool_size(server)
         policy = self._destinations.for_scope(scope) if self._destinations is not None else None
         if server.kind == "graph":
-            handle = self.tokens.handle(graph_token_source(server, destinations=policy))
+            keep_graph = self._store_refresh_token
+            graph_store = None
+            if keep_graph is not None:  # a delegated grant's rotated refresh token, stored back
+
+                async def graph_store(value: str) -> None:
+                    await keep_graph(server_id, version, value)
+
+            source = graph_token_source(
+                server, name=f"mail server {server_id}", store_refresh_token=graph_store, destinations=policy
+            )
+            handle = self.tokens.handle(source)
             self.token_handles[server_id] = handle
             http = self.tokens.http_for(policy)
             graph = GraphTransport(server, handle, http, slots=self._mailbox_slots, protocol_log=log)

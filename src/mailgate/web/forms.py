@@ -120,10 +120,14 @@ GROUPS: tuple[Group, ...] = (
             ("form", "In the form"), ("basic", "HTTP Basic"))),
     ), when=OAUTH),
     Group("graph", "Microsoft Graph", (
+        Field("graph.auth", "Sends as", "select", choices=(
+            ("client_credentials", "The app (application permission Mail.Send; give the mailbox)"),
+            ("delegated", "A mailbox that connects (delegated Mail.Send; its user signs in and consents)"))),
         Field("graph.directory_id", "Directory (tenant) id", required=True),
         Field("graph.client_id", "Client id", required=True),
         Field("graph.client_secret", "Client secret", "secret"),
-        Field("graph.mailbox", "Sending mailbox", "email", required=True),
+        Field("graph.mailbox", "Sending mailbox", "email", required=True,
+              when=(("graph.auth", ("client_credentials",)),)),
         Field("graph.authority", "Authority", "url", placeholder="https://login.microsoftonline.com"),
         Field("graph.endpoint", "Graph endpoint", "url", "Sovereign clouds differ.",
               placeholder="https://graph.microsoft.com"),
@@ -159,7 +163,7 @@ NEW_SERVER: dict[str, Any] = {
     "enabled": True, "kind": "smtp", "smtp.security": "starttls-required", "smtp.verify_certificate": True,
     "auth.method": "none", "auth.mechanism": "auto", "auth.token.grant": "client_credentials",
     "auth.token.provider": "microsoft", "auth.token.client_auth": "form", "graph.delegate_as": "send_as",
-    "graph.save_to_sent_items": True,
+    "graph.save_to_sent_items": True, "graph.auth": "client_credentials",
 }  # fmt: skip
 
 

@@ -192,7 +192,16 @@ async def _server_context(mg: Mailgate, scope: str, form: forms.ServerForm | Non
         and form.values.get("auth.method") == "oauth2"
         and form.values.get("auth.token.grant") == "delegated"
     )
-    return {"scope": scope, "info": info, "health": health, "form": form, "delegated": delegated}
+    # A delegated Graph server: the same Connect and Reset; the mailbox is the one that consented.
+    graph_delegated = form.values.get("kind") == "graph" and form.values.get("graph.auth") == "delegated"
+    connected_mailbox = None
+    if info is not None and delegated:
+        connected_mailbox = form.value("auth.username")
+    elif info is not None and graph_delegated:
+        graph = info.document.get("graph") or {}
+        connected_mailbox = graph.get("mailbox") if (graph.get("refresh_token") or {}).get("set") else None
+    return {"scope": scope, "info": info, "health": health, "form": form, "delegated": delegated or graph_delegated,
+            "connected_mailbox": connected_mailbox}  # fmt: skip
 
 
 async def _scope(request: Request, user: UserInfo, scope: str) -> Mailgate:
