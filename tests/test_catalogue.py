@@ -33,6 +33,7 @@ AADSTS_CASES: dict[int, tuple[int, str]] = {
     7000215: (401, "invalid_client"), 7000222: (401, "invalid_client"), 7000218: (401, "invalid_client"),
     700016: (400, "unauthorized_client"), 90002: (400, "invalid_request"), 90094: (400, "invalid_grant"),
     65001: (400, "invalid_grant"), 70011: (400, "invalid_scope"), 1002012: (400, "invalid_scope"),
+    70000: (400, "invalid_grant"),
     700082: (400, "invalid_grant"), 70008: (400, "invalid_grant"), 50173: (400, "invalid_grant"),
     50076: (400, "invalid_grant"), 50079: (400, "invalid_grant"), 53003: (400, "invalid_grant"),
     530035: (400, "invalid_grant"), 54005: (400, "invalid_grant"), 501481: (400, "invalid_grant"),

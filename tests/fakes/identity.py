@@ -573,9 +573,11 @@ class FakeIdentityProvider(ThreadedFake):
             if query.get("response_mode", "query") not in ("query", "fragment", "form_post"):
                 raise ValueError(f"AADSTS900144: response_mode {query.get('response_mode')!r} is not supported")
             resources = {p[0] for part in query.get("scope", "").split() if (p := _split_scope(part)) is not None}
-            if len(resources - self.resources) or "client_secret" in query:
-                raise ValueError(f"AADSTS70011: The provided value for the input parameter 'scope' is not valid "
-                                 f"(or a secret in the URL): {query.get('scope')!r}")
+            if resources - self.resources:
+                raise ValueError(f"AADSTS70011: The provided value for the input parameter 'scope' is not valid: "
+                                 f"{query.get('scope')!r}")  # fmt: skip
+            if "client_secret" in query:  # a confidential client's secret never goes through the browser
+                raise ValueError("AADSTS900144: client_secret does not belong in the authorize request")
         with self._lock:
             if directory_id is not None and directory_id not in self._tenants:
                 raise ValueError(f"AADSTS90002: Tenant '{directory_id}' not found.")

@@ -76,8 +76,6 @@ AADSTS: dict[int, Explanation] = {
               _SIGN_IN_AGAIN),
     50076: _e("Multi-factor authentication is required (AADSTS50076): a Conditional Access policy now wants it "
               "for this sign-in, and the stored grant does not satisfy it.", _SIGN_IN_AGAIN),
-    50158: _e("An external security challenge was not satisfied (AADSTS50158), e.g. a Conditional Access control.",
-              _SIGN_IN_AGAIN),
     50079: _e("The user must register for multi-factor authentication (AADSTS50079).", _SIGN_IN_AGAIN),
     53003: _e("Conditional Access blocked the sign-in (AADSTS53003).",
               "An Entra ID admin reviews the Conditional Access policies (sign-in logs show which one applied)."),

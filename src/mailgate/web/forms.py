@@ -126,8 +126,8 @@ GROUPS: tuple[Group, ...] = (
         Field("graph.directory_id", "Directory (tenant) id", required=True),
         Field("graph.client_id", "Client id", required=True),
         Field("graph.client_secret", "Client secret", "secret"),
-        Field("graph.mailbox", "Sending mailbox", "email", required=True,
-              when=(("graph.auth", ("client_credentials",)),)),
+        Field("graph.mailbox", "Sending mailbox", "email", required=True,  # "": a form from before graph.auth
+              when=(("graph.auth", ("client_credentials", "")),)),
         Field("graph.authority", "Authority", "url", placeholder="https://login.microsoftonline.com"),
         Field("graph.endpoint", "Graph endpoint", "url", "Sovereign clouds differ.",
               placeholder="https://graph.microsoft.com"),
