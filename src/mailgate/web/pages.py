@@ -245,7 +245,8 @@ async def confirm(request: Request, scope: str, action: str, user: User) -> HTML
     """Asks before what can't be undone: forgetting the tokens, removing the server."""
     await _scope(request, user, scope)
     questions = {
-        "reset": "Forget the stored tokens? Mail waits until an admin connects the mailbox again.",
+        "reset": "Forget the stored tokens? Mail waits until an admin connects the mailbox again. (A Graph mail "
+        "server also forgets the mailbox and the sender address the consent set.)",
         "delete": "Remove this mail server? A tenant then sends through the global server; without a global "
         "server no tenant can send.",
     }
