@@ -23,6 +23,7 @@ from mailgate import Attachment, Mailgate, Message
 from mailgate.config import Config
 from mailgate.db.models import ServerSecret
 from mailgate.errors import SettingsError
+from mailgate.oauth import TokenError
 from mailgate.oauth.consent import _consenting_mailbox, challenge_of
 from test_api import Api, api_of
 from test_web import UI, text_of, ui  # noqa: F401  (the fixture)
@@ -488,3 +489,31 @@ async def test_graph_refusing_the_mailbox_says_to_connect_it_again(
     assert resolution.broken_reason is not None and "ErrorAccessDenied" in resolution.broken_reason
     assert "delegated Microsoft Graph permissions" in resolution.broken_reason
     assert "connect the mailbox again" in resolution.broken_reason
+
+
+async def test_a_consent_by_an_account_without_a_mailbox_address_connects_nothing(
+    idp: FakeIdentityProvider, graph: FakeGraph, api: Api
+) -> None:
+    await api.mg.servers.set("acme", delegated_doc(idp, graph))
+    url = await api.mg.begin_consent("acme")
+    redirect, _ = idp.consent(url, subject="+4912345678")  # a phone-number sign-in: no address in the id_token
+    callback = urlsplit(redirect)
+    back = await api.client.get(f"{callback.path}?{callback.query}")
+    assert back.headers["location"] == "/v1/oauth/callback/done?result=no_mailbox"
+    page = await api.client.get(back.headers["location"])
+    assert "did not say which mailbox consented" in page.text
+    assert await stored_refresh_token(api.mg) is None
+    assert (await api.mg.servers.health("acme")).consented_at is None
+
+
+async def test_a_consent_to_fewer_permissions_is_refused_at_the_redemption(
+    idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
+) -> None:
+    await mg.servers.set("acme", delegated_doc(idp, graph))
+    url = await mg.begin_consent("acme")
+    fewer = url.replace("Mail.Send", "User.Read")  # what the account consented to: not Mail.Send
+    redirect, code = idp.consent(fewer, subject=MAILBOX)
+    with pytest.raises(TokenError) as refused:
+        await mg.complete_consent(parse_qs(urlsplit(redirect).query)["state"][0], code)
+    assert refused.value.error_codes == [65001] and "connect the mailbox again" in refused.value.explanation.fix
+    assert await stored_refresh_token(mg) is None

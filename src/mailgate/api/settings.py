@@ -191,15 +191,11 @@ CONSENT_RESULTS: dict[str, tuple[bool, str]] = {
                       "if it keeps failing, the operator's log has the error."),
 }  # fmt: skip
 CONSENT_RESULTS |= {
-    "not_granted": (False, "The consent did not grant what the Graph mail server needs (Mail.Send, and Mail.ReadWrite "
-                           "for large attachments): add these delegated permissions to the app registration and "
-                           "connect again."),
     "no_mailbox": (False, "The provider did not say which mailbox consented (no usable id_token): connect again, "
                           "signing in with the mailbox's own account."),
 }  # fmt: skip
 # A delegated Graph consent's problems, by the field they name (oauth/consent.py).
-_CONSENT_PROBLEMS = {"graph.refresh_token": "no_refresh_token", "graph.permissions": "not_granted",
-                     "graph.mailbox": "no_mailbox"}  # fmt: skip
+_CONSENT_PROBLEMS = {"graph.refresh_token": "no_refresh_token", "graph.mailbox": "no_mailbox"}
 _UNKNOWN_RESULT = (False, "mailgate can't tell from this link how the consent ended: the mail server's page in "
                           "mailgate says whether it is connected.")  # fmt: skip
 # RFC 6749 4.1.2.1 and OpenID Connect Core 3.1.2.6: the codes a provider sends back.

@@ -32,7 +32,7 @@ from ..settings.document import MailServer, OAuth2AuthSettings
 from ..settings.secrets import Keyring
 from ..settings.store import LoadedServer, ServerInfo, Servers
 from .cache import TokenCache
-from .endpoints import GRAPH_MAIL_READWRITE, GRAPH_MAIL_SEND, Endpoint, graph_consent_endpoint, smtp_endpoint
+from .endpoints import Endpoint, graph_consent_endpoint, smtp_endpoint
 from .tokens import decode_claims, request_token
 
 if TYPE_CHECKING:
@@ -148,7 +148,6 @@ class Consents:
             raise SettingsError([(where, f"the provider granted no refresh token: ask for {hint}")])
         learnt = None
         if graph is not None:
-            _check_granted(reply.scope, graph.large_attachments)
             learnt = _consenting_mailbox(reply.id_token, endpoint.client_id, graph.directory_id)
         stored = await self.servers.store_refresh_token(
             loaded.id, loaded.version, reply.refresh_token, consent=True, actor=request.actor, mailbox=learnt
@@ -191,20 +190,6 @@ def _mailbox_of(server: MailServer) -> str | None:
         return server.graph.mailbox or server.from_address
     auth = server.auth
     return auth.username if isinstance(auth, OAuth2AuthSettings) else None
-
-
-def _check_granted(granted: str | None, large_attachments: bool) -> None:
-    """SettingsError when the reply says the grant lacks a permission the Graph server needs (an
-    admin may have consented to fewer; Entra ID lists what the token carries in `scope`)."""
-    if granted is None:
-        return  # the reply does not say: the first send will
-    have = {s.rsplit("/", 1)[-1] for s in granted.split()}
-    needed = [GRAPH_MAIL_SEND] + ([GRAPH_MAIL_READWRITE] if large_attachments else [])
-    missing = [n.rsplit("/", 1)[-1] for n in needed if n.rsplit("/", 1)[-1] not in have]
-    if missing:
-        raise SettingsError([("graph.permissions", f"the consent did not grant {' and '.join(missing)}: add the "
-                                                   "delegated permission to the app registration and connect "
-                                                   "again")])  # fmt: skip
 
 
 def _consenting_mailbox(id_token: str | None, client_id: str, directory_id: str) -> str:

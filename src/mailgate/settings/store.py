@@ -386,11 +386,13 @@ class Servers(_Part):
             if old_enabled != server.enabled:
                 changes.insert(0, {"field": "enabled", "from": old_enabled, "to": server.enabled})
             changes += [{"field": p, "secret": "changed"} for p in sorted(given)]
-            removed = sorted(set(stored) - kept - set(given))
-            changes += [{"field": p, "secret": "removed", **({"why": stale} if stale and p == GRAPH_REFRESH_TOKEN
-                                                             else {})} for p in removed]  # fmt: skip
-            if any(p in REFRESH_TOKENS for p in removed):  # the grant is gone: connect the mailbox again
-                row.consented_at = row.token_expires_at = None
+            for p in sorted(set(stored) - kept - set(given)):
+                removed: dict[str, Any] = {"field": p, "secret": "removed"}
+                if stale and p == GRAPH_REFRESH_TOKEN:
+                    removed["why"] = stale
+                changes.append(removed)
+                if p in REFRESH_TOKENS:  # the grant is gone: the mailbox is not connected any more
+                    row.consented_at = row.token_expires_at = None
             self._audit(s, "server.set", _tenant_of(scope), scope, changes)
         return info
 
