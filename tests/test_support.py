@@ -166,6 +166,21 @@ async def test_no_support_address_is_a_409_of_its_own(desk: Desk) -> None:
     assert (await desk.mg.queue.stats())["by_status"]["queued"] == 0
 
 
+async def test_a_request_through_a_broken_server_waits_and_says_so(desk: Desk) -> None:
+    """The tenant's own server is marked broken: the request is stored all the same (the outbox
+    sends a tenant's mail only through the server it resolves to), and the reply and the form warn."""
+    await desk.mg.system.update(support_address="ops@operator.example")
+    await desk.mg.servers.set("acme", smtp_doc(desk.smtp, from_address="mail@acme.example"))
+    own = await desk.mg.servers.loaded("acme")
+    assert own is not None
+    await desk.mg.servers.mark_broken(own.id, own.version, "535 5.7.3 Authentication unsuccessful")
+    reply = await desk.request(REQUEST)
+    assert reply.status_code == 202 and reply.json()["sends_through"] == "tenant"
+    assert "marked broken" in reply.json()["warning"] and "5.7.3" in reply.json()["warning"]
+    await desk.mg.run_worker(until_idle=True)
+    assert desk.smtp.messages == [] and (await desk.mg.queue.get(reply.json()["id"])).summary.status == "deferred"
+
+
 # ---- who may ------------------------------------------------------------------------------------
 
 
@@ -372,7 +387,11 @@ async def test_the_support_form_is_the_tenants_admins_and_checks_its_csrf_token(
     assert (await globex.get("/admin/tenants/acme/support")).status_code == 404
     acme = await ui.signed_in(ACME)
     form = await acme.get("/admin/tenants/acme/support")
-    assert form.status_code == 200 and f'value="{ACME}"' in form.text
+    assert form.status_code == 200 and f'value="{ACME}"' in form.text and "marked broken" not in form.text
+    glob = await ui.mg.servers.loaded("global")
+    assert glob is not None
+    await ui.mg.servers.mark_broken(glob.id, glob.version, "535 5.7.3 Authentication unsuccessful")
+    assert "is marked broken" in page_text(await acme.get("/admin/tenants/acme/support"))
     request = {"subject": "Help", "text": "Mail is stuck", "attach_system_info": "on"}
     assert (await acme.post("/admin/tenants/acme/support", request, csrf=False)).status_code == 403
     assert (await globex.post("/admin/tenants/acme/support", request)).status_code == 404

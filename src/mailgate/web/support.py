@@ -34,8 +34,9 @@ async def _context(request: Request, user: UserInfo, tenant_id: str) -> dict[str
     except NoSupportAddress:
         route = None
     preview = attachment_bytes(await system_information(mg, tenant_id)).decode()
+    resolution = await mg.servers.resolve(tenant_id, secrets=False)
     return {"tenant": tenant, "route": route, "preview": preview, "attachment_name": ATTACHMENT_NAME,
-            "max_subject": MAX_SUBJECT, "max_text": MAX_TEXT}  # fmt: skip
+            "max_subject": MAX_SUBJECT, "max_text": MAX_TEXT, "resolution": resolution}  # fmt: skip
 
 
 @router.get("/tenants/{tenant_id}/support")
