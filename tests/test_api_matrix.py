@@ -135,6 +135,13 @@ ROUTES = [
     route("GET", "/v1/audit", None, {S: 200, A: 200, N: 403}),
     route("GET", "/v1/audit?tenant={t}", None, {S: 200, f"{A}/own": 200, f"{A}/other": 404, N: 403}),
     route("GET", "/metrics", None, {S: 200, A: 403, N: 403}),
+    # acme has no support address (and no global one is set): 409; globex has its own.
+    route("POST", "/v1/support-requests", lambda t: {"tenant": t, "subject": "hello", "text": "hi"},
+          {f"{S}/own": 409, f"{S}/other": 202, f"{A}/own": 409, f"{A}/other": 404, f"{N}/own": 409,
+           f"{N}/other": 404}),
+    route("GET", "/v1/system-settings", None, {S: 200, A: 403, N: 403}),
+    route("PATCH", "/v1/system-settings", lambda t: {"support_address": "help@operator.example"},
+          {S: 200, A: 403, N: 403}),
     route("GET", "/healthz", None, {S: 200, A: 200, N: 200, "anonymous": 200}, public=True),
     route("GET", "/readyz", None, {S: 200, A: 200, N: 200, "anonymous": 200}, public=True),
     route("GET", "/v1/oauth/callback?state=unknown&code=x", None, {S: 303, A: 303, N: 303, "anonymous": 303},

@@ -36,6 +36,8 @@ from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenant
 
 if TYPE_CHECKING:
     from .diagnostics.testmail import OnStep, StepReport
+    from .settings.system import SystemSettings
+    from .support import SupportRequest
 
 CALLBACK_PATH = "/v1/oauth/callback"
 # Not in an idempotency key: control characters, and lone surrogates (not text: no database stores them).
@@ -224,6 +226,26 @@ class Mailgate:
     async def reset_consent(self, scope: str) -> ServerInfo:
         """Forget the stored tokens of `scope`'s mail server (the seed's "Reset")."""
         return await self._consents.reset(scope)
+
+    # ---- support requests and the system settings (support.py, settings/system.py) ---------------
+
+    @property
+    def system(self) -> SystemSettings:
+        """The operator's settings kept in the database (the global support address)."""
+        from .settings.system import SystemSettings
+
+        return SystemSettings(self.db, self.actor, self._settings_changed)
+
+    async def support_request(
+        self, tenant: str, *, subject: str, text: str, reply_to: str | None = None, attach_system_info: bool = True
+    ) -> SupportRequest:
+        """Write to support for `tenant`: to its own support address when it has one and may set
+        it, else the global one (NoSupportAddress: neither). Stored in the tenant's outbox like any
+        message; `attach_system_info` adds mailgate-system-info.json (never a secret)."""
+        from .support import send_support_request
+
+        return await send_support_request(self, tenant, subject=subject, text=text, reply_to=reply_to,
+                                          attach_system_info=attach_system_info)  # fmt: skip
 
     @classmethod
     def open(

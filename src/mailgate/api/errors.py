@@ -10,6 +10,7 @@ MAX_PROBLEMS of them, then one saying how many more were left out.
 | 404 | `not_found` (also: another tenant's data — it does not exist, as far as the caller can tell) |
 | 405 | `method_not_allowed` |
 | 409 | `conflict`, `sending_disabled`, `secret_unreadable` (a stored secret can't be decrypted with these keys) |
+| 409 | `no_support_address` (a support request, and neither the tenant nor the system has a support address) |
 | 413 | `payload_too_large` |
 | 415 | `unsupported_media_type` |
 | 422 | `invalid_input` |

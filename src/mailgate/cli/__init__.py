@@ -6,6 +6,7 @@ queue), `settings` (tenants, servers, keys, db), `serve` (the API and admin UI, 
 """
 
 from . import queue, send, serve, settings, testmail, users  # noqa: F401  (registers the commands)
+from . import support as support_commands  # noqa: F401  (support request, system show|set)
 from ._common import app
 
 

@@ -215,7 +215,8 @@ async def _scope(request: Request, user: UserInfo, scope: str) -> Mailgate:
 @router.get("/global")
 async def global_page(request: Request, user: User) -> HTMLResponse:
     mg = await _scope(request, user, "global")
-    return page(request, user, "server_page.html", tenant=None, **await _server_context(mg, "global"))
+    return page(request, user, "server_page.html", tenant=None, system=await mg.system.get(),
+                **await _server_context(mg, "global"))  # fmt: skip
 
 
 @router.post("/servers/{scope}")
@@ -608,6 +609,9 @@ def install(app: Any) -> None:
     from .session import CsrfRefused
 
     app.include_router(router)
+    from .support import router as support_router
+
+    app.include_router(support_router)  # the support form and the system settings (web/support.py)
     app.mount(f"{ADMIN}/static", StaticFiles(directory=HERE / "static"), name="admin-static")
     app.add_middleware(AdminHeaders)
     for kind, handler in list(app.exception_handlers.items()):
