@@ -231,7 +231,13 @@ def checked_data(declared: Mapping[str, Any], data: Mapping[str, Any] | None, *,
         problems.append(("data", f"is at most {MAX_DATA:,} characters of values together"))
     if problems:
         raise TemplateError(problems)
-    return {name: data.get(name) for name in declared}
+    # An optional variable left out is None, printed as nothing; an optional list, empty (a loop
+    # over it runs no times).
+    values: dict[str, Any] = {}
+    for name in declared:
+        value = data.get(name)
+        values[name] = ([] if types.get(name) == "list" else None) if value is None else value
+    return values
 
 
 def _value_problem(kind: str, value: Any) -> tuple[str | None, int]:

@@ -25,6 +25,7 @@ from .engine import TemplateError
 from .kinds import LOCALES, Kind, fallbacks, kinds, normalize_locale
 
 LOOKUP_TTL = 1.0  # seconds another process's template change may take to reach submits here
+_Rows = list[TemplateOverride]  # (`Templates.list` hides the builtin inside the class)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class Templates:
         self.db = db
         self.actor = actor
         self._on_change = on_change
-        self._cached: dict[tuple[str, str], tuple[float, list[TemplateOverride]]] = {}
+        self._cached: dict[tuple[str, str], tuple[float, _Rows]] = {}
 
     def acting_as(self, actor: str) -> Templates:
         view = Templates(self.db, actor, self._on_change)
@@ -244,7 +245,7 @@ class Templates:
         kind = _kind(name)
         return _render(kind, _pick(kind, await self._overrides(kind.name, tenant), locale, tenant), data)
 
-    async def _overrides(self, name: str, tenant: str | None, *, cached: bool = True) -> list[TemplateOverride]:
+    async def _overrides(self, name: str, tenant: str | None, *, cached: bool = True) -> _Rows:
         # Submits look the overrides up once a second per (tenant, template); changes made here
         # clear that at once. Reads for admins always go to the database.
         key = (tenant or GLOBAL, name)
