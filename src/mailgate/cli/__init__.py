@@ -2,10 +2,10 @@
 
 Modules: `_common` (the app, exit statuses, shared plumbing), `send`, `queue` (worker and
 queue), `settings` (tenants, servers, keys, db), `serve` (the API and admin UI, tokens),
-`testmail` (`mailgate test`), `users` (admin UI users).
+`testmail` (`mailgate test`), `users` (admin UI users), `templates` (notification templates).
 """
 
-from . import queue, send, serve, settings, testmail, users  # noqa: F401  (registers the commands)
+from . import queue, send, serve, settings, templates, testmail, users  # noqa: F401  (registers the commands)
 from ._common import app
 
 

@@ -150,6 +150,10 @@ class Templates:
             )))  # fmt: skip
         return out
 
+    def sample_data(self, name: str) -> dict[str, Any]:
+        """The sample values of `name`'s variables (what a preview or a test of it fills in)."""
+        return _kind(name).sample_data
+
     async def get(self, name: str, locale: str | None = None, tenant: str | None = None) -> TemplateText:
         """The text `tenant` (None: the global scope) uses for `name` in `locale` (after fallback)."""
         kind = _kind(name)
@@ -241,7 +245,9 @@ class Templates:
         self, name: str, locale: str | None, tenant: str | None, data: Mapping[str, Any] | None
     ) -> Rendered:
         """The parts of a message: TemplateError names each missing, unknown or bad variable as
-        data.<name>, and nothing is half-rendered."""
+        data.<name>, and nothing is half-rendered. An unknown template is a TemplateError too
+        (field "template"): here it is part of a message's input, not a resource looked up."""
+        _known(name)
         kind = _kind(name)
         return _render(kind, _pick(kind, await self._overrides(kind.name, tenant), locale, tenant), data)
 
@@ -270,6 +276,19 @@ class Templates:
         self._cached.clear()
         if self._on_change is not None:
             self._on_change()
+
+
+def render_built_in(name: str, locale: str | None, data: Mapping[str, Any] | None) -> Rendered:
+    """A built-in template rendered without a database (`mailgate send --server FILE --template`):
+    no override can apply. TemplateError as for `Templates.render`."""
+    _known(name)
+    kind = kinds()[name]
+    return _render(kind, _pick(kind, [], locale, None), data)
+
+
+def _known(name: str) -> None:
+    if not isinstance(name, str) or name not in kinds():
+        raise TemplateError([("template", f"there is no template {str(name)[:64]!r}; there are {', '.join(kinds())}")])
 
 
 def _kind(name: str) -> Kind:
