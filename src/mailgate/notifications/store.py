@@ -8,6 +8,7 @@ whole (subject, text and HTML together), so a mail never mixes two authors' part
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -167,11 +168,7 @@ class Templates:
         text-only message). TemplateError lists every problem by part. Audited."""
         kind = _kind(name)
         tag = _locale(locale)
-        declared = {v.name: v for v in kind.variables}
-        problems = engine.check("subject", subject, declared, limit=engine.MAX_SUBJECT_SOURCE)
-        if isinstance(subject, str) and ("\n" in subject or "\r" in subject):
-            problems.append(("subject", "is one line"))
-        problems += engine.check("text", text, declared) + engine.check("html", html, declared)
+        problems = await asyncio.to_thread(_problems, kind, subject, text, html)
         if isinstance(text, str) and not text.strip():
             problems.append(("text", "may not be empty: every message has a text part"))
         if problems:
@@ -284,6 +281,16 @@ def render_built_in(name: str, locale: str | None, data: Mapping[str, Any] | Non
     _known(name)
     kind = kinds()[name]
     return _render(kind, _pick(kind, [], locale, None), data)
+
+
+def _problems(kind: Kind, subject: str, text: str, html: str) -> list[tuple[str, str]]:
+    # In a thread: parsing 64 KB of template takes a good part of a second, the event loop's
+    # other requests and deliveries should not wait for it.
+    declared = {v.name: v for v in kind.variables}
+    problems = engine.check("subject", subject, declared, limit=engine.MAX_SUBJECT_SOURCE)
+    if isinstance(subject, str) and ("\n" in subject or "\r" in subject):
+        problems.append(("subject", "is one line"))
+    return problems + engine.check("text", text, declared) + engine.check("html", html, declared)
 
 
 def _known(name: str) -> None:
