@@ -48,7 +48,7 @@ async def test_a_template_message_is_delivered_rendered_in_its_locale(api: Templ
         await api.mg.servers.set("global", smtp_doc(smtp.host, smtp.port))
         reply = await api.submit({"template": "invitation", "locale": "nl-BE", "data": INVITATION,
                                   "to": ["bob@example.org"]})  # fmt: skip
-        assert reply.status_code == 202, reply.text
+        assert reply.status_code == 202 and reply.json()["locale"] == "nl", reply.text
         stats = await api.mg.run_worker(until_idle=True)
         (received,) = await smtp.wait_for_messages(1)
     assert stats.sent == 1 and received.rcpt_tos == ["bob@example.org"]
@@ -202,6 +202,12 @@ def test_cli_send_names_a_missing_variable_and_stores_nothing(tmp_path: Path) ->
     assert "queued" not in cli(tmp_path, "queue", "list").stdout
     both = cli(tmp_path, "send", "--tenant", "acme", "--template", "invitation", "--subject", "x", "--to", "b@e.org")
     assert both.returncode == 2 and "leave out --subject" in both.stderr
+    assert cli(tmp_path, "servers", "set", "global", "--file", server_file(tmp_path, "127.0.0.1", 2525)).returncode == 0
+    sample = {"inviter_name": "A", "organization": "B", "accept_url": "https://c.example", "expires_at": "D"}
+    queued = cli(tmp_path, "send", "--tenant", "acme", "--template", "invitation", "--locale", "de-AT", "--data",
+                 json.dumps(sample), "--to", "bob@example.org", "--json")  # fmt: skip
+    assert queued.returncode == 0, queued.stderr
+    assert json.loads(queued.stdout)["locale"] == "de" and json.loads(queued.stdout)["status"] == "queued"
 
 
 def test_cli_send_with_a_server_file_uses_the_built_in_template(tmp_path: Path) -> None:

@@ -38,12 +38,14 @@ async def submit(
     the same tenant answers the first message (200, `replayed: true`) and stores nothing new."""
     who.must_be("system-admin", "sender")
     tenant = _tenant_of(body.tenant, who)
-    message = body.to_message(await _rendered(mg, tenant, body))
+    rendered = await _rendered(mg, tenant, body)
+    message = body.to_message(rendered)
     done = await mg.accept(tenant, message, idempotency_key=idempotency_key)
     response.headers["Location"] = f"/v1/messages/{done.id}"
     if done.replayed:  # the first message's answer again; nothing new was stored
         response.status_code = 200
-    return {"id": done.id, "tenant": tenant, "status": done.status, "replayed": done.replayed}
+    locale = rendered.locale if rendered is not None else None
+    return {"id": done.id, "tenant": tenant, "status": done.status, "replayed": done.replayed, "locale": locale}
 
 
 @router.get("")

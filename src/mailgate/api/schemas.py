@@ -166,6 +166,7 @@ class Submitted(BaseModel):
     tenant: str
     status: str
     replayed: bool = False
+    locale: str | None = Field(None, description="With a template: the locale used (after fallback).")
 
 
 TenantName = Annotated[str, Field(max_length=200), OneLine]

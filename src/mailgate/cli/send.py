@@ -56,6 +56,7 @@ class Content:
     headers: list[tuple[str, str]]
     attachments: list[Attachment] = field(default_factory=list)
     template: tuple[str, str | None, dict[str, Any]] | None = None  # name, locale, data: the body to render
+    locale: str | None = None  # the template's locale used (after fallback)
 
 
 @app.command()
@@ -147,7 +148,8 @@ def send(
             fail(EXIT_PERMANENT, str(e), as_json)
         except InvalidInput as e:
             fail_input(e, as_json)
-        print(dumps({"status": status, "id": pk}) if as_json else f"{status}: message {pk}")
+        where = {"locale": content.locale} if content.locale else {}
+        print(dumps({"status": status, "id": pk, **where}) if as_json else f"{status}: message {pk}")
         raise typer.Exit(EXIT_OK)
     log = _stderr_log if protocol_log else None
     try:
@@ -326,6 +328,7 @@ async def _render(content: Content, mg: Mailgate | None, tenant: str | None) -> 
     else:
         rendered = await mg.templates.render(name, locale, tenant, data)
     content.subject, content.text, content.html = rendered.subject, rendered.text, rendered.html
+    content.locale = rendered.locale
 
 
 def _message(doc: MailServer | None, c: Content) -> Message:

@@ -125,6 +125,9 @@ def _refused(tree: nodes.Template) -> list[str]:
             problems.append(f"{where}an item is taken by a constant index only")
         elif isinstance(node, nodes.Filter | nodes.Test) and (node.dyn_args or node.dyn_kwargs):
             problems.append(f"{where}filters take plain arguments only")
+        elif isinstance(node, nodes.Filter) and node.name == "join" and not _short_separator(node):
+            # "abc"|join(sep) puts sep between every character: 4,000 × a 64 KB separator is 256 M.
+            problems.append(f"{where}join takes a constant separator of at most 10 characters")
         elif isinstance(node, nodes.Const) and isinstance(node.value, int | float) and abs(node.value) > 10**6:
             problems.append(f"{where}numbers are at most 1,000,000 here")
         elif not isinstance(node, _STATEMENTS + _EXPRESSIONS):
@@ -135,6 +138,11 @@ def _refused(tree: nodes.Template) -> list[str]:
 
     walk(tree, False)
     return problems
+
+
+def _short_separator(node: nodes.Filter) -> bool:
+    args = [*node.args, *(k.value for k in node.kwargs)]
+    return all(isinstance(a, nodes.Const) and isinstance(a.value, str) and len(a.value) <= 10 for a in args)
 
 
 def _describe(node: nodes.Node) -> str:
