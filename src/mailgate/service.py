@@ -25,7 +25,8 @@ from .accounts import AdminUsers
 from .config import Config
 from .db.engine import Database, connect, database_url, ensure_schema
 from .errors import MessageError, NotFound, SendingDisabled, SettingsError
-from .message import Address, Message
+from .message import Address, AddressesInput, AddressInput, HeadersInput, Message
+from .notifications.store import Templates
 from .oauth.cache import TokenCache
 from .oauth.consent import ConsentResult, Consents
 from .outbox.group import GroupCommit
@@ -79,6 +80,7 @@ class Mailgate:
         # One token cache for every tenant's servers (and one HTTP client, made when first used).
         self.tokens = TokenCache()
         self._consents = Consents(db, keyring, self.servers, self.tokens, actor, config.destinations)
+        self.templates = Templates(db, actor)
 
     def acting_as(self, actor: str) -> Mailgate:
         """The same service (database, caches, connections) with changes audited as `actor`: the
@@ -89,6 +91,7 @@ class Mailgate:
         view.servers = Servers(self.db, self._keyring, actor, self._settings_changed,
                                destinations=self.config.destinations)  # fmt: skip
         view._consents = Consents(self.db, self._keyring, view.servers, self.tokens, actor, self.config.destinations)
+        view.templates = self.templates.acting_as(actor)
         return view
 
     def _settings_changed(self) -> None:
@@ -118,6 +121,48 @@ class Mailgate:
         [ready], status = self._prepare(resolution, [message])
         pk = await self._group.submit(Entry(tenant, ready, idempotency_key, status))
         return Submission(pk, status, replayed=False)
+
+    async def submit_template(
+        self,
+        tenant: str,
+        template: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        to: AddressesInput,
+        locale: str | None = None,
+        **fields: Any,
+    ) -> int:
+        """Render the notification template `template` (notifications/: invitation, password_reset,
+        …) in `locale` (fallback: its language, then English) with `data`, as `tenant` has it, and
+        submit it to `to`; returns the message's id. A missing, unknown or bad variable is a
+        TemplateError naming each as data.<name>, and nothing is stored. `fields`: the rest of a
+        Message (cc, bcc, reply_to, from_, headers, attachments) and idempotency_key."""
+        return (await self.accept_template(tenant, template, data, to=to, locale=locale, **fields)).id
+
+    async def accept_template(
+        self,
+        tenant: str,
+        template: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        to: AddressesInput,
+        locale: str | None = None,
+        idempotency_key: str | None = None,
+        from_: AddressInput | None = None,
+        cc: AddressesInput = None,
+        bcc: AddressesInput = None,
+        reply_to: AddressesInput = None,
+        headers: HeadersInput = None,
+        attachments: Sequence[Any] = (),
+        message_id: str | None = None,
+    ) -> Submission:
+        """`submit_template`, saying also the status and whether the idempotency key was used."""
+        rendered = await self.templates.render(template, locale, tenant, data)
+        message = Message(
+            from_=from_, to=to, cc=cc, bcc=bcc, reply_to=reply_to, subject=rendered.subject, text=rendered.text,
+            html=rendered.html, headers=headers, attachments=attachments, message_id=message_id,
+        )  # fmt: skip
+        return await self.accept(tenant, message, idempotency_key)
 
     async def _resolve_for_submit(self, tenant: str) -> Resolution:
         # Busy APIs submit for the same tenants over and over: whether and where they may send is

@@ -1,5 +1,6 @@
-"""/v1/messages: submit, read, retry and cancel messages. A sender or tenant-admin token sees only
-its tenant's messages; another tenant's message does not exist for it (404)."""
+"""/v1/messages: submit (whole, or as a notification template and its data), read, retry and
+cancel messages. A sender or tenant-admin token sees only its tenant's messages; another tenant's
+message does not exist for it (404)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Response
 
 from ..access import Principal
+from ..notifications.store import Rendered
 from ..outbox.store import MAX_ID, STATUSES
+from ..service import Mailgate
 from .deps import Service, Who
 from .errors import ErrorReply
 from .schemas import Json, MessageIn, Submitted, TenantQuery
@@ -35,12 +38,14 @@ async def submit(
     the same tenant answers the first message (200, `replayed: true`) and stores nothing new."""
     who.must_be("system-admin", "sender")
     tenant = _tenant_of(body.tenant, who)
-    message = body.to_message()
+    rendered = await _rendered(mg, tenant, body)
+    message = body.to_message(rendered)
     done = await mg.accept(tenant, message, idempotency_key=idempotency_key)
     response.headers["Location"] = f"/v1/messages/{done.id}"
     if done.replayed:  # the first message's answer again; nothing new was stored
         response.status_code = 200
-    return {"id": done.id, "tenant": tenant, "status": done.status, "replayed": done.replayed}
+    locale = rendered.locale if rendered is not None else None
+    return {"id": done.id, "tenant": tenant, "status": done.status, "replayed": done.replayed, "locale": locale}
 
 
 @router.get("")
@@ -83,6 +88,17 @@ async def cancel(message_id: MessageId, mg: Service, who: Who) -> Json:
     """Cancel a message that is waiting (queued, deferred or held)."""
     who.must_be("system-admin", "tenant-admin")
     return (await mg.queue.cancel(message_id, tenant_id=who.tenant_for(None))).to_dict()
+
+
+async def _rendered(mg: Mailgate, tenant: str, body: MessageIn) -> Rendered | None:
+    """A template's parts, as the tenant has it; a missing or unknown variable is a 422 naming it."""
+    from ..errors import InvalidInput
+
+    if problems := body.template_problems():
+        raise InvalidInput(problems)
+    if body.template is None:
+        return None
+    return await mg.templates.render(body.template, body.locale, tenant, body.data)
 
 
 def _tenant_of(named: str | None, who: Principal) -> str:

@@ -103,9 +103,27 @@ class MessageIn(_Input):
     message_id: str | None = Field(
         None, max_length=MAX_MESSAGE_ID_LENGTH, description="<unique@domain>; made by mailgate when left out."
     )
+    template: str | None = Field(
+        None, max_length=64, examples=["invitation"],
+        description="A notification template (GET /v1/templates) instead of subject, text and html.",
+    )  # fmt: skip
+    locale: str | None = Field(
+        None, max_length=16, examples=["nl"], description="The template's locale: nl-BE falls back to nl, then en."
+    )
+    data: dict[Annotated[str, Field(max_length=64)], Any] | None = Field(
+        None, max_length=100, description="The template's variables; a missing or unknown one is a 422 naming it."
+    )
 
-    def to_message(self) -> Message:
-        """The Message (validated; MessageError lists every problem)."""
+    def template_problems(self) -> list[tuple[str, str]]:
+        """A template or subject/text/html, not both; locale and data only with a template."""
+        if self.template is None:
+            return [(f, "is given with a template only") for f in ("locale", "data") if getattr(self, f) is not None]
+        given = [f for f in ("subject", "text", "html") if getattr(self, f)]
+        return [(f, "is made by the template: give either a template or subject, text and html") for f in given]
+
+    def to_message(self, rendered: Any = None) -> Message:
+        """The Message (validated; MessageError lists every problem). `rendered`: a template's
+        parts (notifications.Rendered), in place of subject, text and html."""
         from ..errors import MessageError
 
         problems: list[tuple[str, str]] = []
@@ -135,9 +153,11 @@ class MessageIn(_Input):
             attachments.append(Attachment(a.filename, a.content_type, data, a.content_id))
         if problems:
             raise MessageError(problems)
+        parts = rendered if rendered is not None else self
+        subject, text, html = parts.subject, parts.text, parts.html
         return Message(
-            from_=sender, to=to, cc=cc, bcc=bcc, reply_to=reply_to, subject=self.subject, text=self.text,
-            html=self.html, headers=self.headers, attachments=attachments, message_id=self.message_id,
+            from_=sender, to=to, cc=cc, bcc=bcc, reply_to=reply_to, subject=subject, text=text,
+            html=html, headers=self.headers, attachments=attachments, message_id=self.message_id,
         )  # fmt: skip
 
 
@@ -146,6 +166,7 @@ class Submitted(BaseModel):
     tenant: str
     status: str
     replayed: bool = False
+    locale: str | None = Field(None, description="With a template: the locale used (after fallback).")
 
 
 TenantName = Annotated[str, Field(max_length=200), OneLine]

@@ -2,11 +2,11 @@
 
 Modules: `_common` (the app, exit statuses, shared plumbing), `send`, `queue` (worker and
 queue), `settings` (tenants, servers, keys, db), `serve` (the API and admin UI, tokens),
-`testmail` (`mailgate test`), `users` (admin UI users).
+`testmail` (`mailgate test`), `users` (admin UI users), `templates` (notification templates),
+`support` (support requests, system settings).
 """
 
-from . import queue, send, serve, settings, testmail, users  # noqa: F401  (registers the commands)
-from . import support as support_commands  # noqa: F401  (support request, system show|set)
+from . import queue, send, serve, settings, support, templates, testmail, users  # noqa: F401  (registers the commands)
 from ._common import app
 
 

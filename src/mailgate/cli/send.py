@@ -1,5 +1,6 @@
 """`mailgate send`: a message for a tenant into the outbox (the worker delivers it), or, with
-`--now` or `--server FILE`, sent at once, directly.
+`--now` or `--server FILE`, sent at once, directly. `--template NAME` makes the subject and body
+from a notification template (with --server FILE, the built-in one: no database to hold overrides).
 
 Exit status: 0 queued or all recipients accepted, 1 some refused, 2 bad input, 3 transient
 failure (try again later), 4 permanent failure (sending disabled for the tenant included).
@@ -11,7 +12,7 @@ import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from ..destinations import Destinations
     from ..message import Attachment, Message
     from ..oauth.cache import TokenCache
+    from ..service import Mailgate
     from ..settings import MailServer
     from ..smtp.protocol import ProtocolLog
     from ..transports.pool import RefreshTokenStore
@@ -53,6 +55,8 @@ class Content:
     html: str | None
     headers: list[tuple[str, str]]
     attachments: list[Attachment] = field(default_factory=list)
+    template: tuple[str, str | None, dict[str, Any]] | None = None  # name, locale, data: the body to render
+    locale: str | None = None  # the template's locale used (after fallback)
 
 
 @app.command()
@@ -85,6 +89,14 @@ def send(
     html_file: Annotated[Path | None, typer.Option("--html-file", help="HTML body from a file.")] = None,
     attach: Annotated[list[Path], typer.Option("--attach", help="Attach a file; repeat for more.")] = [],  # noqa: B006
     header: Annotated[list[str], typer.Option("--header", help="Extra header 'Name: value'; repeat.")] = [],  # noqa: B006
+    template: Annotated[
+        str | None, typer.Option("--template", help="A notification template (mailgate templates list) for the body.")
+    ] = None,
+    locale: Annotated[str | None, typer.Option("--locale", help="The template's locale (nl-BE → nl → en).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="The template's variables as a JSON object.")] = None,
+    data_file: Annotated[
+        Path | None, typer.Option("--data-file", help="The template's variables from a JSON file ('-': stdin).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-recipient outcome as JSON.")] = False,
     protocol_log: Annotated[
         bool, typer.Option("--protocol-log", help="Print the SMTP conversation to stderr, secrets redacted.")
@@ -112,11 +124,13 @@ def send(
     if tenant is not None and password_stdin:
         fail(EXIT_INPUT, "--password-stdin goes with --server; a tenant's server uses its stored secret", as_json)
     readers = [n for n, on in (("--password-stdin", password_stdin), ("--access-token-stdin", access_token_stdin),
-                               ("--text-file -", str(text_file) == "-")) if on]  # fmt: skip
+                               ("--text-file -", str(text_file) == "-"), ("--data-file -", str(data_file) == "-"))
+               if on]  # fmt: skip
     if len(readers) > 1:
         fail(EXIT_INPUT, f"only one of {', '.join(readers)} can read stdin", as_json)
     try:
         content = _read_content(from_, to, cc, bcc, reply_to, subject, text, text_file, html_file, attach, header)
+        content.template = _read_template(template, locale, data, data_file, content)
         password = read_secret(password_stdin, "MAILGATE_SMTP_PASSWORD") if tenant is None else None
         token = read_secret(access_token_stdin, "MAILGATE_ACCESS_TOKEN")
     except InvalidInput as e:
@@ -124,7 +138,7 @@ def send(
     except OSError as e:
         fail(EXIT_INPUT, f"cannot read {e.filename}: {e.strerror}", as_json)
     except UnicodeDecodeError:
-        fail(EXIT_INPUT, "--text-file and --html-file must be UTF-8 text", as_json)
+        fail(EXIT_INPUT, "--text-file, --html-file and --data-file must be UTF-8 text", as_json)
 
     if queue:
         assert tenant is not None
@@ -134,7 +148,8 @@ def send(
             fail(EXIT_PERMANENT, str(e), as_json)
         except InvalidInput as e:
             fail_input(e, as_json)
-        print(dumps({"status": status, "id": pk}) if as_json else f"{status}: message {pk}")
+        where = {"locale": content.locale} if content.locale else {}
+        print(dumps({"status": status, "id": pk, **where}) if as_json else f"{status}: message {pk}")
         raise typer.Exit(EXIT_OK)
     log = _stderr_log if protocol_log else None
     try:
@@ -155,6 +170,7 @@ async def _queue(database_url: str | None, tenant: str, content: Content, key: s
     from ..service import Mailgate
 
     async with Mailgate.open(database_url, actor=cli_actor()) as mg:
+        await _render(content, mg, tenant)
         pk = await mg.submit(tenant, _message(None, content), key)
         return pk, (await mg.queue.get(pk)).summary.status
 
@@ -175,6 +191,7 @@ async def _main(
         doc = load_server(server_file)
         if not doc.enabled:
             raise SettingsError([("enabled", f'the mail server in {server_file} is switched off ("enabled": false)')])
+        await _render(content, None, None)
         message = _message(doc, content)
         return message, await _deliver(doc, message, password, token, log)
     from ..service import Mailgate
@@ -185,6 +202,7 @@ async def _main(
         if resolution.server is None:
             raise SendingDisabled(resolution.reason)
         doc = resolution.server
+        await _render(content, mg, tenant)
         message = _message(doc, content)
         # A rotated refresh token goes back to the stored settings, as the worker does it; and its
         # connections obey the destination policy of the server's scope, as the worker's do.
@@ -266,6 +284,51 @@ def _read_content(
         for p in attach
     ]
     return Content(from_, to, cc, bcc, reply_to, subject, text, html, headers, attachments)
+
+
+def _read_template(
+    name: str | None, locale: str | None, data: str | None, data_file: Path | None, content: Content
+) -> tuple[str, str | None, dict[str, Any]] | None:
+    """--template with its --locale and --data (or --data-file), checked against the body options."""
+    import json
+
+    from ..errors import MessageError
+
+    if name is None:
+        given = [o for o, v in (("--locale", locale), ("--data", data), ("--data-file", data_file)) if v is not None]
+        if given:
+            raise MessageError([("template", f"{', '.join(given)} go with --template")])
+        return None
+    if content.subject or content.text is not None or content.html is not None:
+        raise MessageError([("template", "the template makes the subject and body: leave out --subject, --text, "
+                                         "--text-file and --html-file")])  # fmt: skip
+    if data is not None and data_file is not None:
+        raise MessageError([("data", "give --data or --data-file, not both")])
+    if data_file is not None:
+        data = sys.stdin.read() if str(data_file) == "-" else data_file.read_text(encoding="utf-8")
+    try:
+        values = json.loads(data) if data is not None else {}
+    except ValueError as e:
+        raise MessageError([("data", f"is not JSON: {e}")]) from None
+    if not isinstance(values, dict):
+        raise MessageError([("data", "is a JSON object of the template's variables")])
+    return name, locale, values
+
+
+async def _render(content: Content, mg: Mailgate | None, tenant: str | None) -> None:
+    """Fill the subject and body from the template, as the tenant has it (without a database:
+    the built-in one)."""
+    if content.template is None:
+        return
+    from ..notifications.store import render_built_in
+
+    name, locale, data = content.template
+    if mg is None or tenant is None:
+        rendered = render_built_in(name, locale, data)
+    else:
+        rendered = await mg.templates.render(name, locale, tenant, data)
+    content.subject, content.text, content.html = rendered.subject, rendered.text, rendered.html
+    content.locale = rendered.locale
 
 
 def _message(doc: MailServer | None, c: Content) -> Message:

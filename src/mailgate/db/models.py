@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -242,6 +243,25 @@ class SystemSetting(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime] = mapped_column(default=now)
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class TemplateOverride(Base):
+    """A notification template's text for one scope ("global" or a tenant's id), name and locale,
+    in place of the built-in one (notifications/). Deleted with its tenant."""
+
+    __tablename__ = "template_overrides"
+    __table_args__ = (UniqueConstraint("scope", "name", "locale"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    locale: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    html: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(default=now)
     updated_by: Mapped[str] = mapped_column(String(200))
 
