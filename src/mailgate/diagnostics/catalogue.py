@@ -10,6 +10,7 @@ trying again unchanged cannot help, so the server is marked broken and its messa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -457,9 +458,8 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
                 "Gmail); a password needs PLAIN, LOGIN or CRAM-MD5 over TLS.",
             )
         explained = explain_smtp_reply(e.code, e.enhanced, e.reply or "", app_only=app_only, mechanism=e.mechanism)
-        tries = getattr(e, "tries", None)  # auth.EveryMechanismRefused: the fallback tried each in turn
-        if tries:
-            return _every_mechanism_refused(tries, explained)
+        if e.tries:  # mechanism auto tried each in turn, and each was refused
+            return _every_mechanism_refused(e.tries, explained)
         return explained
     code, enhanced = getattr(e, "code", None), getattr(e, "enhanced", None)
     if code is not None:
@@ -467,7 +467,7 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
     return _e(text or type(e).__name__, "Read the details; the protocol log shows the conversation.")
 
 
-def _every_mechanism_refused(tries: list[Any], last: Explanation) -> Explanation:
+def _every_mechanism_refused(tries: Sequence[object], last: Explanation) -> Explanation:
     """Mechanism auto tried each password mechanism both sides have, and the server refused every
     one: the user name or password is wrong (or the account locked), not the mechanism."""
     from ..errors import foreign_text

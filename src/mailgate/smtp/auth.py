@@ -130,22 +130,20 @@ class AuthTry:
         return f"{self.mechanism} ({self.reply})"
 
 
-class EveryMechanismRefused(SMTPAuthError):
+def every_mechanism_refused(tries: list[AuthTry], last: SMTPAuthError) -> SMTPAuthError:
     """The server refused the password with every mechanism both sides have: the credentials'
-    failure, not the mechanisms'. Its code, enhanced code and reply are the last try's; `tries`
+    failure, not the mechanisms'. The code, enhanced code and reply are the last try's; `tries`
     lists each."""
-
-    def __init__(self, tries: list[AuthTry], last: SMTPAuthError) -> None:
-        listed = ", ".join(str(t) for t in tries)
-        super().__init__(
-            f"authentication failed with every mechanism both sides have: {listed}",
-            mechanism=last.mechanism,
-            code=last.code,
-            enhanced=last.enhanced,
-            reply=last.reply,
-            transient=last.transient,
-        )
-        self.tries = tries
+    listed = ", ".join(str(t) for t in tries)
+    return SMTPAuthError(
+        f"authentication failed with every mechanism both sides have: {listed}",
+        mechanism=last.mechanism,
+        tries=tuple(tries),
+        code=last.code,
+        enhanced=last.enhanced,
+        reply=last.reply,
+        transient=last.transient,
+    )
 
 
 class LearntMechanism:

@@ -539,7 +539,7 @@ class SMTPClient:
                     if not last and _auth.falls_back(e) and self.is_connected:
                         continue
                     every = last and len(self.auth_tries) > 1
-                    failure = _auth.EveryMechanismRefused(self.auth_tries, e) if every else e
+                    failure = _auth.every_mechanism_refused(self.auth_tries, e) if every else e
                     if not failure.transient:
                         memory.rounds, memory.failed = memory.rounds + 1, failure
                     raise failure from None
