@@ -538,7 +538,8 @@ class SMTPClient:
                     last = mechanism == mechanisms[-1]
                     if not last and _auth.falls_back(e) and self.is_connected:
                         continue
-                    every = last and len(self.auth_tries) > 1
+                    # A 535 to the last after others were refused: the credentials, not the mechanisms.
+                    every = last and e.code == 535 and _auth.falls_back(e) and len(self.auth_tries) > 1
                     failure = _auth.every_mechanism_refused(self.auth_tries, e) if every else e
                     if not failure.transient:
                         memory.rounds, memory.failed = memory.rounds + 1, failure
