@@ -151,7 +151,7 @@ async def test_a_large_message_without_the_setting_fails_naming_it(
 
 
 async def test_send_as_sets_from(idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate) -> None:
-    await mg.servers.set("global", graph_doc(idp, graph, allow_delegate=True))
+    await mg.servers.set("global", {**graph_doc(idp, graph, allow_delegate=True), "from_policy": "any"})
     [pk] = await deliver(mg, note(from_="billing@contoso.example"))
     assert await status(mg, pk) == "sent"
     [sent] = graph.sent
@@ -159,7 +159,8 @@ async def test_send_as_sets_from(idp: FakeIdentityProvider, graph: FakeGraph, mg
 
 
 async def test_send_on_behalf_sets_from_and_sender(idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate) -> None:
-    await mg.servers.set("global", graph_doc(idp, graph, allow_delegate=True, delegate_as="on_behalf"))
+    await mg.servers.set("global", {**graph_doc(idp, graph, allow_delegate=True, delegate_as="on_behalf"),
+                                    "from_policy": "any"})  # fmt: skip
     pks = await deliver(mg, note(from_="ceo@contoso.example"), note(from_="ceo@contoso.example", bcc="x@example.org"))
     assert [await status(mg, pk) for pk in pks] == ["sent", "sent"], (await mg.queue.get(pks[0])).summary.last_error
     assert sorted((s.via, s.from_, s.sender) for s in graph.sent) == [
@@ -169,7 +170,7 @@ async def test_send_on_behalf_sets_from_and_sender(idp: FakeIdentityProvider, gr
 async def test_another_sender_without_allow_delegate_is_refused(
     idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
 ) -> None:
-    await mg.servers.set("global", graph_doc(idp, graph))
+    await mg.servers.set("global", {**graph_doc(idp, graph), "from_policy": "any"})
     [pk] = await deliver(mg, note(from_="ceo@contoso.example"))
     detail = await mg.queue.get(pk)
     assert detail.summary.status == "failed" and "graph.allow_delegate" in (detail.summary.last_error or "")
@@ -186,7 +187,7 @@ def test_a_from_address_other_than_the_mailbox_needs_allow_delegate(
 async def test_send_as_denied_fails_the_message_with_the_fix(
     idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
 ) -> None:
-    await mg.servers.set("global", graph_doc(idp, graph, allow_delegate=True))
+    await mg.servers.set("global", {**graph_doc(idp, graph, allow_delegate=True), "from_policy": "any"})
     [pk] = await deliver(mg, note(from_="someone.else@contoso.example"))
     detail = await mg.queue.get(pk)
     assert detail.summary.status == "failed"

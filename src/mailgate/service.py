@@ -198,6 +198,12 @@ class Mailgate:
         """The messages with their Message-IDs, and the status to store them in; or SendingDisabled."""
         if resolution.server is None and not self.config.hold_when_disabled:
             raise SendingDisabled(resolution.reason)
+        if resolution.server is not None:  # the server's sender policy: a From it won't send is refused now
+            server = resolution.server
+            policy = server.effective_from_policy(is_global=resolution.source == "global")
+            refused = [(i, why) for i, m in enumerate(messages) if (why := server.from_refusal(m, policy=policy))]
+            if refused:
+                raise MessageError([("from" if len(messages) == 1 else f"[{i}].from", why) for i, why in refused])
         domain = Address(resolution.server.sender_address).ascii_domain if resolution.server else default_domain()
         ready = [m if m.message_id is not None else m.with_defaults(domain=domain) for m in messages]
         return ready, "queued" if resolution.server is not None else "held"

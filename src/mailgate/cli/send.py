@@ -203,7 +203,7 @@ async def _main(
             raise SendingDisabled(resolution.reason)
         doc = resolution.server
         await _render(content, mg, tenant)
-        message = _message(doc, content)
+        message = _message(doc, content, is_global=resolution.source == "global")
         # A rotated refresh token goes back to the stored settings, as the worker does it; and its
         # connections obey the destination policy of the server's scope, as the worker's do.
         where = (resolution.server_id or 0, resolution.version or 0, mg.servers.store_refresh_token)
@@ -331,16 +331,24 @@ async def _render(content: Content, mg: Mailgate | None, tenant: str | None) -> 
     content.locale = rendered.locale
 
 
-def _message(doc: MailServer | None, c: Content) -> Message:
+def _message(doc: MailServer | None, c: Content, *, is_global: bool = False) -> Message:
     """The message as given; what it leaves out (sender, Reply-To) comes from the mail server's
-    settings — now for a direct send, at delivery for a queued one."""
+    settings — now for a direct send, at delivery for a queued one — and so does the sender policy
+    (`is_global`: the server is the global one, whose default is fixed; a --server FILE is not)."""
+    from ..errors import MessageError
     from ..message import Message
 
     message = Message(
         from_=c.from_, to=c.to, cc=c.cc, bcc=c.bcc, reply_to=c.reply_to, subject=c.subject, text=c.text,
         html=c.html, attachments=c.attachments, headers=c.headers,
     )  # fmt: skip
-    return message if doc is None else doc.fill_in(message)
+    if doc is None:
+        return message
+    policy = doc.effective_from_policy(is_global=is_global)
+    refusal = doc.from_refusal(message, policy=policy)
+    if refusal is not None:
+        raise MessageError([("from", refusal)])
+    return doc.fill_in(message, policy=policy)
 
 
 def _stderr_log(line: str) -> None:

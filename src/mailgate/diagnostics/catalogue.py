@@ -10,6 +10,7 @@ trying again unchanged cannot help, so the server is marked broken and its messa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -482,11 +483,30 @@ def explain_smtp_error(e: BaseException, *, host: str = "", port: int = 0, secur
                 "Use the method the server offers: oauth2 when it offers XOAUTH2 only (Exchange Online, "
                 "Gmail); a password needs PLAIN, LOGIN or CRAM-MD5 over TLS.",
             )
-        return explain_smtp_reply(e.code, e.enhanced, e.reply or "", app_only=app_only, mechanism=e.mechanism)
+        explained = explain_smtp_reply(e.code, e.enhanced, e.reply or "", app_only=app_only, mechanism=e.mechanism)
+        if e.tries:  # mechanism auto tried each in turn, and each was refused
+            return _every_mechanism_refused(e.tries, explained)
+        return explained
     code, enhanced = getattr(e, "code", None), getattr(e, "enhanced", None)
     if code is not None:
         return explain_smtp_reply(code, enhanced, getattr(e, "reply", None) or "", app_only=app_only)
     return _e(text or type(e).__name__, "Read the details; the protocol log shows the conversation.")
+
+
+def _every_mechanism_refused(tries: Sequence[object], last: Explanation) -> Explanation:
+    """Mechanism auto tried each password mechanism both sides have, and the server refused every
+    one: the user name or password is wrong (or the account locked), not the mechanism."""
+    from ..errors import foreign_text
+
+    listed = "; ".join(foreign_text(str(t), 200) for t in tries)
+    return _e(
+        f"The server refused the password with every mechanism both sides have ({listed}), so the mechanism is "
+        f"not the problem. The last reply: {last.cause}",
+        last.fix + " Each refused try counts as a failed sign-in: an account that locks after a few (Active "
+        "Directory) may be locked now.",
+        transient=last.transient,
+        broken=last.broken,
+    )
 
 
 def granted_permissions(claims: dict[str, Any]) -> list[str]:

@@ -140,6 +140,16 @@ class _Run:
         return _Failed()
 
 
+def sender_policy(server: MailServer, scope: str) -> dict[str, Any]:
+    """The resolve step's account of which From a message may carry through the server."""
+    policy = server.effective_from_policy(is_global=scope == "global")
+    default = "the global server's default" if scope == "global" else "a tenant's own server's default"
+    out: dict[str, Any] = {"from_policy": policy if server.from_policy else f"{policy} ({default})"}
+    if policy == "domains":
+        out["from_domains"] = server.from_domains
+    return out
+
+
 def probe_message(server: MailServer, to: str) -> Message:
     sender = server.sender_address  # a delegated graph server's: the consenting mailbox
     return Message(
@@ -193,6 +203,7 @@ async def _smtp(
         step.details.update(scope=scope, settings=source, kind="smtp", host=s.host, port=s.effective_port,
                             security=s.security, verify_certificate=s.verify_certificate,
                             auth=getattr(auth, "method", "none"), from_address=server.from_address)  # fmt: skip
+        step.details.update(sender_policy(server, scope))
         if isinstance(auth, OAuth2AuthSettings):  # a delegated source nobody connected yet fails here
             token_handle = tokens.handle(
                 smtp_token_source(server, name=f"the {scope} mail server", destinations=destinations)
@@ -258,7 +269,11 @@ async def _smtp(
             step.details["skipped"] = "auth is none"
             return
         step.details["offered"] = client.auth_mechanisms
-        await client.authenticate(client.config.auth)
+        try:
+            await client.authenticate(client.config.auth)
+        finally:  # each mechanism tried (mechanism auto falls back), with the server's reply
+            step.details["tries"] = [{"mechanism": t.mechanism, "code": t.code, "reply": _shown(t.reply)}
+                                     for t in client.auth_tries]  # fmt: skip
         step.details["used"] = client.auth_mechanism
         step.details["username"] = getattr(auth, "username", None)
 
@@ -319,7 +334,7 @@ async def _command(run: _Run, step: Step, command: Awaitable[Reply]) -> None:
         raise run.fail(step, explain_failure(reply, run.server) or _generic(reply))
 
 
-def _shown(reply: Reply) -> str:
+def _shown(reply: Reply | str) -> str:
     """A reply as a step shows it: its first line, bounded (the server is the tenant's choice)."""
     from ..errors import foreign_text
 
@@ -419,6 +434,7 @@ async def _graph(
         step.details.update(scope=scope, settings=source, kind="graph", endpoint=g.endpoint, mailbox=g.mailbox,
                             directory_id=g.directory_id, client_id=g.client_id, auth=g.auth,
                             large_attachments=g.large_attachments)  # fmt: skip
+        step.details.update(sender_policy(server, scope))
         # A delegated server nobody connected yet fails here, saying so.
         handle = tokens.handle(graph_token_source(server, name=f"the {scope} mail server", destinations=destinations))
 

@@ -152,6 +152,7 @@ class _Ready:
     envelope: Envelope
     message: Message
     pending: dict[str, int]
+    note: str | None = None  # for the attempt log: the From was rewritten (the server's sender policy)
 
 
 class Worker:
@@ -621,7 +622,11 @@ class Worker:
                 continue
             pending = {address: pos for pos, address in c.pending}
             try:
-                message = lane.server.fill_in(c.message)
+                # The server's sender policy, as it is now (its settings may have changed since the
+                # submit): a From it does not allow goes as under fixed, and the attempt says so.
+                policy = lane.server.effective_from_policy(is_global=resolution.source == "global")
+                rewritten = lane.server.from_refusal(c.message, policy=policy)
+                message = lane.server.fill_in(c.message, policy=policy)
                 envelope = Envelope(lane.server.envelope_from or message.sender().envelope_form(False), tuple(pending))
             except MessageError as e:
                 refused = _every(c, (REFUSED, None, None, str(e)))
@@ -630,7 +635,8 @@ class Worker:
             except Exception as e:  # this message, not the server: it fails alone
                 conclude(self._could_not_build(c, finish, e, where))
                 continue
-            ready.append(_Ready(c, finish, where, envelope, message, pending))
+            note = None if rewritten is None else f"sent from {message.sender().address} instead: {rewritten}"
+            ready.append(_Ready(c, finish, where, envelope, message, pending, note))
         if not ready:
             return
         assert transport is not None
@@ -657,6 +663,8 @@ class Worker:
             outcome = await self._broken(r.c, r.finish, text, **code, **r.where)
         elif explanation is not None and outcome.outcome not in ("accepted", "quota"):
             outcome.note = _join(outcome.note, str(explanation))
+        if r.note is not None:
+            outcome.note = _join(outcome.note, r.note)
         self._note_health(lane.key[0], result, explanation)
         return outcome
 
@@ -863,7 +871,7 @@ class Worker:
                       "(after the fix), the waiting messages go at once. Run the test e-mail from the mail server "
                       "settings to see each step.\n"),
             )  # fmt: skip
-            message = glob.server.fill_in(message)
+            message = glob.server.fill_in(message, policy=glob.server.effective_from_policy(is_global=True))
             pool = self._pools.get(glob.id, glob.version, glob.server, scope=GLOBAL)
             async with pool.transport() as transport:
                 delivery = await transport.send(message.envelope(mail_from=glob.server.envelope_from), message)

@@ -362,10 +362,52 @@ class MailServer(_Section):
             raise SettingsError([("from_address", "no sender address yet: connect the mailbox (consent) first")])
         return address
 
-    def fill_in(self, message: Message) -> Message:
-        """`message` with what it leaves out taken from this server: From and Reply-To."""
+    def effective_from_policy(self, *, is_global: bool) -> FromPolicy:
+        """`from_policy`, or when it is None the scope's default: fixed for the global server (every
+        tenant sends through it: none may send as an address that is not the operator's), any for
+        a tenant's own server (the tenant's own mailbox and its own business)."""
+        if self.from_policy is not None:
+            return self.from_policy
+        return "fixed" if is_global else "any"
+
+    def from_refusal(self, message: Message, *, policy: FromPolicy) -> str | None:
+        """Why `message` may not go with its own From through this server under `policy`, or None.
+        Only `domains` refuses: a From outside `from_domains` that is not the server's own sender
+        address. `fixed` never refuses (`fill_in` rewrites the From); `any` allows every From."""
+        own = message.from_
+        if policy != "domains" or own is None or self._is_sender(own.address):
+            return None
+        domain = own.address.rpartition("@")[2]
+        if domain in self.from_domains or own.ascii_domain.lower() in self.from_domains:
+            return None
+        return (
+            f"{own.address} is not in the domains this mail server sends from ({', '.join(self.from_domains)}): "
+            "use an address in one of them, or leave from out to send from the server's sender address"
+        )
+
+    def fill_in(self, message: Message, *, policy: FromPolicy | None = None) -> Message:
+        """`message` as it goes through this server under `policy` (None: this document's
+        from_policy, else fixed, the stricter, when the scope is not known).
+
+        What the message leaves out (From, Reply-To) comes from the server. Under `fixed`, and
+        under `domains` for a From it does not allow (the settings changed after the submit), the
+        From becomes the server's sender address and name, and the message's own From its Reply-To
+        — unless the message has a Reply-To of its own, which wins: its sender said where replies
+        go. A From that is the sender address already stays as it is, display name included."""
         from_, reply_to = _sender_defaults(self.sender_address, self.from_name, self.reply_to)
+        own = message.from_
+        policy = policy or self.from_policy or "fixed"
+        rewrite = policy == "fixed" or self.from_refusal(message, policy=policy) is not None
+        if own is not None and rewrite and not self._is_sender(own.address):
+            message = copy.copy(message)  # a Message never changes: this is a new one
+            message.from_, message.reply_to = from_, list(message.reply_to) or [own]
         return message.with_defaults(from_=from_, reply_to=reply_to)
+
+    def _is_sender(self, address: str) -> bool:
+        """Whether `address` is this server's sender address (case aside; False while a delegated
+        graph server has none yet)."""
+        sender = self.from_address or (self.graph.mailbox if self.graph is not None else None)
+        return sender is not None and address.lower() == sender.lower()
 
     @model_validator(mode="after")
     def _sections_match_kind(self) -> MailServer:

@@ -6,6 +6,7 @@ argument is what the protocol log shows instead of the line, so a credential nev
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -35,7 +36,9 @@ class BearerToken(Protocol):
 
 TokenSource = Callable[[], Awaitable[str | BearerToken]]
 
-# Strongest first: CRAM-MD5 never sends the password itself.
+# Strongest first: CRAM-MD5 never sends the password itself; then PLAIN, one round trip where
+# LOGIN takes three (the same password in both). With mechanism auto this is also the order of
+# the fallback (`candidates`).
 PASSWORD_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")
 
 
@@ -82,6 +85,82 @@ def choose_mechanism(creds: Credentials, offered: list[str]) -> str:
     raise SMTPAuthError(
         f"the server offers {offered_text}; mailgate can log in with a password using " + ", ".join(PASSWORD_MECHANISMS)
     )
+
+
+def candidates(creds: Credentials, offered: list[str]) -> list[str]:
+    """The mechanisms to try, in order, or SMTPAuthError (as `choose_mechanism`). More than one
+    only with a password and mechanism auto: when the server refuses one with a reply that blames
+    the mechanism (`falls_back`), the next is tried. An explicit mechanism never falls back."""
+    first = choose_mechanism(creds, offered)
+    if isinstance(creds, OAuth2Auth) or creds.mechanism.lower() != "auto":
+        return [first]
+    return [m for m in PASSWORD_MECHANISMS if m in offered]
+
+
+# Enhanced codes of a 535 that are not about the mechanism: another mechanism with the same
+# password fails the same way and only counts one more failed sign-in against the account
+# (reference §3: 5.7.139 is SMTP AUTH switched off, 5.7.3 Exchange refusing the credentials).
+NOT_THE_MECHANISM = frozenset({"5.7.139", "5.7.3"})
+
+
+def falls_back(e: SMTPAuthError) -> bool:
+    """Whether a refused password mechanism may be followed by the next one: 504 (the server
+    does not do it), or 535 without a code that blames something else (a server that offers
+    CRAM-MD5 but keeps only password hashes answers 535 5.7.8 to it). Not 454 or another 4xx:
+    a temporary failure, tried again later with the same mechanism."""
+    if e.code == 504:
+        return True
+    return e.code == 535 and e.enhanced not in NOT_THE_MECHANISM
+
+
+@dataclass(frozen=True)
+class AuthTry:
+    """One AUTH of a session: the mechanism and the server's final reply to it."""
+
+    mechanism: str
+    code: int | None
+    enhanced: str | None
+    text: str  # the reply's text (with its enhanced code), or what went wrong without one
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.text}".rstrip() if self.code is not None else self.text
+
+    def __str__(self) -> str:
+        return f"{self.mechanism} ({self.reply})"
+
+
+def every_mechanism_refused(tries: list[AuthTry], last: SMTPAuthError) -> SMTPAuthError:
+    """The server refused the password with every mechanism both sides have: the credentials'
+    failure, not the mechanisms'. The code, enhanced code and reply are the last try's; `tries`
+    lists each."""
+    listed = ", ".join(str(t) for t in tries)
+    return SMTPAuthError(
+        f"authentication failed with every mechanism both sides have: {listed}",
+        mechanism=last.mechanism,
+        tries=tuple(tries),
+        code=last.code,
+        enhanced=last.enhanced,
+        reply=last.reply,
+        transient=last.transient,
+    )
+
+
+class LearntMechanism:
+    """Which password mechanism a server takes, learnt once and used by every connection after.
+
+    One per pool, shared by its connections like the recipient limit: a server that refuses a
+    mechanism is tried with the next one once per pool, not once per connection — every refused
+    try is a failed sign-in, and Active Directory locks an account after a few of them. While one
+    connection tries, the others wait for what it learns (`lock`); when every mechanism was
+    refused (the credentials' failure), the connections that waited get the same error without
+    trying again (`failed`, counted by `rounds`), and a later connection starts over."""
+
+    def __init__(self) -> None:
+        self.learnt: str | None = None
+        self.lock = asyncio.Lock()
+        self.rounds = 0  # tries of every mechanism that all failed
+        self.failed: SMTPAuthError | None = None  # the last such round's error
 
 
 def secret_forms(creds: Credentials, access_token: str = "") -> list[str]:

@@ -211,10 +211,13 @@ class SMTPClient:
         *,
         protocol_log: ProtocolLog | None = None,
         recipient_limit: RecipientLimit | None = None,
+        learnt_mechanism: _auth.LearntMechanism | None = None,
     ) -> None:
         self.config = config
         self._log = protocol_log
         self.recipient_limit = recipient_limit or RecipientLimit()
+        # Shared by a pool's connections, like the recipient limit: the password mechanism that worked.
+        self.learnt_mechanism = learnt_mechanism or _auth.LearntMechanism()
         self._refusal: Reply | None = None  # a refusal of our HELO name in the transaction under way
         self._proto: SMTPProtocol | None = None
         self.greeting: Reply | None = None
@@ -223,6 +226,7 @@ class SMTPClient:
         self.peer_certificate: dict[str, object] | None = None
         self.peer_certificate_der: bytes | None = None
         self.auth_mechanism: str | None = None
+        self.auth_tries: list[_auth.AuthTry] = []  # every AUTH of this session, with the server's reply
         # XOAUTH2: the token this connection authenticated with, and when to stop using the
         # connection (the token's expiry less the margin; time.time() seconds).
         self.access_token: str | _auth.BearerToken | None = None
@@ -494,7 +498,10 @@ class SMTPClient:
         self.peer_certificate_der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
 
     async def authenticate(self, creds: Credentials) -> None:
-        """AUTH with the best mechanism both sides have (`auth_mechanism` says which)."""
+        """AUTH with the best mechanism both sides have (`auth_mechanism` says which, `auth_tries`
+        lists every try). With a password and mechanism auto, a mechanism the server refuses for
+        itself (504, or 535 not blaming something else: `auth.falls_back`) is followed by the next
+        one; the pool's `learnt_mechanism` keeps the one that worked for its other connections."""
         cfg = self.config
         if not self.tls_active and cfg.security != "none":
             secret = "access token" if isinstance(creds, _auth.OAuth2Auth) else "password"
@@ -502,7 +509,7 @@ class SMTPClient:
                 f"{cfg.server} did not offer STARTTLS, so the {secret} would cross the network "
                 "unencrypted; mailgate sends it in clear only when security is none"
             )
-        mechanism = _auth.choose_mechanism(creds, self.auth_mechanisms)
+        mechanisms = _auth.candidates(creds, self.auth_mechanisms)
         access_token = ""
         if isinstance(creds, _auth.OAuth2Auth):
             token = await creds.token()
@@ -513,7 +520,41 @@ class SMTPClient:
             self.access_token = token
         # From now on no reply text leaves the client with a credential in it, whatever the server echoes.
         self._proto_().redact(_auth.secret_forms(creds, access_token))
-        await _auth.authenticate(self._exchange, mechanism, creds, access_token)
+        memory = self.learnt_mechanism
+        if len(mechanisms) == 1 or memory.learnt in mechanisms:
+            await self._auth(memory.learnt if memory.learnt in mechanisms else mechanisms[0], creds, access_token)
+            return
+        rounds = memory.rounds
+        async with memory.lock:  # one connection of the pool tries the mechanisms; the others wait for it
+            if memory.learnt in mechanisms:
+                await self._auth(memory.learnt, creds, access_token)
+                return
+            if memory.rounds != rounds and memory.failed is not None:
+                raise memory.failed  # refused while we waited: trying again would only count more failures
+            for mechanism in mechanisms:
+                try:
+                    await self._auth(mechanism, creds, access_token)
+                except SMTPAuthError as e:
+                    last = mechanism == mechanisms[-1]
+                    if not last and _auth.falls_back(e) and self.is_connected:
+                        continue
+                    # A 535 to the last after others were refused: the credentials, not the mechanisms.
+                    every = last and e.code == 535 and _auth.falls_back(e) and len(self.auth_tries) > 1
+                    failure = _auth.every_mechanism_refused(self.auth_tries, e) if every else e
+                    if not failure.transient:
+                        memory.rounds, memory.failed = memory.rounds + 1, failure
+                    raise failure from None
+                memory.learnt = mechanism
+                return
+
+    async def _auth(self, mechanism: str, creds: Credentials, access_token: str) -> None:
+        try:
+            reply = await _auth.authenticate(self._exchange, mechanism, creds, access_token)
+        except SMTPAuthError as e:
+            said = (e.reply or "") if e.code is not None else e.message
+            self.auth_tries.append(_auth.AuthTry(mechanism, e.code, e.enhanced, said))
+            raise
+        self.auth_tries.append(_auth.AuthTry(mechanism, reply.code, reply.enhanced, reply.text))
         self.auth_mechanism = mechanism
 
     async def _exchange(self, line: bytes, log_as: str) -> Reply:

@@ -3,11 +3,14 @@ over. Each carries the server's reply (code, enhanced code, text) as data when t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..delivery import Outcome
 from ..errors import DeliveryError
 from .reply import Reply
+
+if TYPE_CHECKING:
+    from .auth import AuthTry
 
 
 class SMTPError(DeliveryError):
@@ -59,7 +62,9 @@ class SMTPAuthError(SMTPError):
     """Authentication failed or could not be attempted.
 
     `mechanism` is the one tried (or None when none could be chosen); `challenge` holds the decoded
-    XOAUTH2 error challenge (Gmail's `{"status": "401", …}`) when the server sent one.
+    XOAUTH2 error challenge (Gmail's `{"status": "401", …}`) when the server sent one; `tries`,
+    when mechanism auto tried several and the server refused each, lists them (the code and reply
+    are the last one's).
     """
 
     transient = False
@@ -70,11 +75,13 @@ class SMTPAuthError(SMTPError):
         *,
         mechanism: str | None = None,
         challenge: dict[str, object] | None = None,
+        tries: tuple[AuthTry, ...] = (),
         **kw: Any,
     ) -> None:
         super().__init__(message, **kw)
         self.mechanism = mechanism
         self.challenge = challenge
+        self.tries = tries
 
 
 class SMTPNotSupportedError(SMTPError):

@@ -5,7 +5,7 @@ made with the old settings: asking for a newer version drains the old pool (its 
 its connections close). What a server taught one connection (its recipient limit) holds for the
 whole pool. A pool holds up to `pool_size` transports (fewer when the server's quota
 allows fewer concurrent connections); each SMTP transport is one connection, which it checks with
-a NOOP when it was idle longer than `check_idle_after`, replaces after
+a NOOP when it was idle longer than `check_idle_after` (0: before every reuse), replaces after
 `max_messages_per_connection` messages and closes before its XOAUTH2 token expires. The pool
 closes transports idle longer than `max_idle`.
 
@@ -32,6 +32,7 @@ from ..destinations import Destinations
 from ..errors import DeliveryError
 from ..oauth.cache import TokenCache, TokenHandle, graph_token_source, smtp_token_source
 from ..settings.document import MailServer, OAuth2AuthSettings
+from ..smtp.auth import LearntMechanism
 from ..smtp.client import RecipientLimit
 from ..smtp.protocol import ProtocolLog
 from .base import Transport
@@ -370,10 +371,16 @@ class Pools:
             self.token_handles[server_id] = token
         limit = server.quota.max_concurrent_connections
         recipients = RecipientLimit()  # learnt by any of the pool's connections, kept by all
+        mechanism = LearntMechanism()  # likewise: a refused password mechanism is tried once per pool
         resolve = policy.resolve if policy is not None else None
         return ServerPool(
             lambda: SMTPTransport.from_server(
-                server, token=token, protocol_log=log, recipient_limit=recipients, resolve=resolve
+                server,
+                token=token,
+                protocol_log=log,
+                recipient_limit=recipients,
+                resolve=resolve,
+                learnt_mechanism=mechanism,
             ),
             size,
             max_idle=server.connection.max_idle,

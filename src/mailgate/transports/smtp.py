@@ -4,8 +4,8 @@ One connection, opened on first use and reused while it lasts (the pool module k
 server). Before a message, the connection is replaced when it is gone, when it has carried
 `max_messages` messages, or when its XOAUTH2 token is due for renewal (the token's `renew_at`,
 `token_expiry_margin` before it expires: closed by us rather than cut off by the server); after
-`check_idle_after` seconds idle it must first answer a NOOP. Every new connection gets a current
-token.
+`check_idle_after` seconds idle (0: always) it must first answer a NOOP. Every new connection gets
+a current token.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..errors import DeliveryError, MessageError, SettingsError
 from ..message import Envelope, Message
 from ..settings.document import MailServer, NoAuth, OAuth2AuthSettings, PasswordAuthSettings
 from ..smtp import OAuth2Auth, PasswordAuth, SMTPClient, SMTPConfig
-from ..smtp.auth import Credentials, TokenSource
+from ..smtp.auth import Credentials, LearntMechanism, TokenSource
 from ..smtp.client import RecipientLimit, Resolve
 from ..smtp.errors import SMTPAuthError, SMTPError
 from ..smtp.protocol import ProtocolLog
@@ -78,7 +78,8 @@ NOOP_TIMEOUT = 10.0  # seconds
 class Reuse:
     """When a kept connection is checked or replaced (a server document's `connection`)."""
 
-    check_idle_after: float | None = None  # seconds idle after which a NOOP must pass first
+    # Seconds idle after which a NOOP must pass first; 0: before every reuse (Genesys' setting).
+    check_idle_after: float | None = None
     max_messages: int | None = None  # messages per connection, then a new one
 
 
@@ -93,12 +94,14 @@ class SMTPTransport:
         protocol_log: ProtocolLog | None = None,
         reuse: Reuse = Reuse(),
         recipient_limit: RecipientLimit | None = None,
+        learnt_mechanism: LearntMechanism | None = None,
     ) -> None:
         self.config = config
         self.utf8_headers = utf8_headers
         self.reuse = reuse
         # Shared by the transports of a pool: what the server taught one connection, all know.
         self.recipient_limit = recipient_limit or RecipientLimit()
+        self.learnt_mechanism = learnt_mechanism or LearntMechanism()
         self._log = protocol_log
         self._client: SMTPClient | None = None
         self._lock = asyncio.Lock()
@@ -117,6 +120,7 @@ class SMTPTransport:
         protocol_log: ProtocolLog | None = None,
         recipient_limit: RecipientLimit | None = None,
         resolve: Resolve | None = None,
+        learnt_mechanism: LearntMechanism | None = None,
     ) -> SMTPTransport:
         config = smtp_config(server, password=password, token=token, resolve=resolve)
         c = server.connection
@@ -126,6 +130,7 @@ class SMTPTransport:
             protocol_log=protocol_log,
             reuse=Reuse(c.check_idle_after, c.max_messages_per_connection),
             recipient_limit=recipient_limit,
+            learnt_mechanism=learnt_mechanism,
         )
 
     @property
@@ -222,7 +227,8 @@ class SMTPTransport:
         ):
             await client.quit()  # its token is about to expire (the server would cut us off), or used up
             return None
-        if reuse.check_idle_after is not None and time.monotonic() - self._last_used > reuse.check_idle_after:
+        idle = time.monotonic() - self._last_used
+        if reuse.check_idle_after is not None and (reuse.check_idle_after == 0 or idle > reuse.check_idle_after):
             try:  # a live server answers a NOOP at once: don't wait a whole protocol_timeout
                 await asyncio.wait_for(client.noop(), min(self.config.protocol_timeout, NOOP_TIMEOUT))
             except (SMTPError, TimeoutError):
@@ -232,7 +238,7 @@ class SMTPTransport:
         return client
 
     async def _connect(self) -> SMTPClient:
-        client = SMTPClient(self.config, protocol_log=self._log, recipient_limit=self.recipient_limit)
+        client = self._client_()
         try:
             await client.connect()
             return client
@@ -243,9 +249,13 @@ class SMTPTransport:
             if e.mechanism != "XOAUTH2" or e.enhanced == "5.7.139" or invalidate is None:
                 raise
             invalidate(client.access_token if not isinstance(client.access_token, str) else None)
-        client = SMTPClient(self.config, protocol_log=self._log, recipient_limit=self.recipient_limit)
+        client = self._client_()
         await client.connect()
         return client
+
+    def _client_(self) -> SMTPClient:
+        return SMTPClient(self.config, protocol_log=self._log, recipient_limit=self.recipient_limit,
+                          learnt_mechanism=self.learnt_mechanism)  # fmt: skip
 
     async def aclose(self) -> None:
         async with self._lock:

@@ -10,13 +10,15 @@ kind or auth method never reach it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..settings.document import DESTINATION_FIELDS, SECRET_FIELDS
 
-Kind = Literal["text", "email", "url", "int", "float", "select", "checkbox", "secret", "pem"]
+# "list": a text input of items separated by commas or spaces (the document's list of strings).
+Kind = Literal["text", "email", "url", "int", "float", "select", "checkbox", "secret", "pem", "list"]
 When = tuple[tuple[str, tuple[str, ...]], ...]  # ((path, allowed values), …): all must hold
 
 
@@ -67,6 +69,15 @@ GROUPS: tuple[Group, ...] = (
         Field("from_name", "Sender name", placeholder="Example Notifications"),
         Field("reply_to", "Reply-To address", "email", "Where replies go (optional)."),
         Field("envelope_from", "Envelope sender", "email", "Where bounces go (MAIL FROM), if not the sender address."),
+        Field("from_policy", "Messages' own From", "select",
+              "Fixed: every message goes from the sender address (its own From becomes its Reply-To). Domains: a "
+              "message may have its own From in the allowed domains. The default is fixed for the global server, "
+              "any for a tenant's own.",
+              choices=(("", "Default for this server"), ("fixed", "Fixed: always the sender address"),
+                       ("domains", "Only from the allowed domains"), ("any", "Any address"))),
+        Field("from_domains", "Allowed From domains", "list",
+              "Separated by commas or spaces, e.g. example.com, mail.example.com (each exactly; at most 100).",
+              when=(("from_policy", ("domains",)),), placeholder="example.com"),
     )),
     Group("kind", "Kind", (
         Field("kind", "How mail is sent", "select", choices=(
@@ -140,7 +151,9 @@ GROUPS: tuple[Group, ...] = (
     ), when=(("kind", ("graph",)),)),
     Group("connection", "Connection tuning", (
         Field("connection.pool_size", "Pool size", "int", placeholder="10"),
-        Field("connection.check_idle_after", "Check a connection idle for (s)", "float", placeholder="30"),
+        Field("connection.check_idle_after", "Check a connection idle for (s)", "float",
+              "A kept connection idle this long must answer a NOOP before it is used again; 0: before every reuse "
+              "(a round trip more per message).", placeholder="30"),
         Field("connection.max_idle", "Close a connection idle for (s)", "float", placeholder="300"),
         Field("connection.connect_timeout", "Connect timeout (s)", "float", placeholder="30"),
         Field("connection.protocol_timeout", "Protocol timeout (s)", "float", placeholder="60"),
@@ -204,7 +217,7 @@ def from_document(document: Mapping[str, Any] | None, enabled: bool = True, *, s
             elif isinstance(value, Mapping):
                 walk(value, path + ".")
             else:
-                values[path] = value
+                values[path] = ", ".join(value) if isinstance(value, list) else value
 
     walk(document, "")
     values["enabled"] = document.get("enabled", enabled)
@@ -247,6 +260,8 @@ def to_document(
                         "is a whole number" if f.kind == "int" else "is a number (seconds)"
                     )
                     continue
+            elif f.kind == "list":
+                value = [item for item in re.split(r"[\s,;]+", raw) if item]
             else:
                 value = raw.strip()
             _put(doc, f.path, value)
