@@ -256,13 +256,20 @@ async def test_large_attachments_go_by_upload_session_on_the_mailbox_with_mail_r
     assert all(r.path.startswith(("/v1.0/me/", "/upload/")) for r in graph.requests)
 
 
-async def test_a_mailbox_never_connected_has_no_sender_yet_and_sends_nothing(
+async def test_mail_for_a_mailbox_never_connected_waits_until_it_is_connected(
     idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
 ) -> None:
+    # As for an SMTP server whose mailbox is not connected: the message is kept, nothing is sent.
     await mg.servers.set("acme", delegated_doc(idp, graph))
-    with pytest.raises(SettingsError, match="connect the mailbox"):  # the sender is who will consent
-        await mg.submit("acme", Message(to="alice@example.org", subject="s", text="t"))
+    [pk] = await deliver(mg, Message(to="alice@example.org", subject="s", text="t"))
     assert not graph.requests and not idp.token_requests
+    waiting = (await mg.queue.get(pk)).summary
+    assert waiting.status == "deferred" and "no mailbox is connected" in (waiting.last_error or "")
+    await connect(mg, idp)
+    await mg.run_worker(until_idle=True)
+    assert (await mg.queue.get(pk)).summary.status == "sent"
+    [sent] = graph.sent
+    assert sent.from_ in (None, MAILBOX)
 
 
 async def test_a_revoked_grant_marks_the_server_broken_until_the_mailbox_is_connected_again(

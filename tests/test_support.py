@@ -324,10 +324,10 @@ SECRET_DOCUMENTS = [
     {"kind": "graph", "enabled": True, "from_address": "mail@acme.example", "graph": {
         "authority": "https://127.0.0.1:9", "endpoint": "https://127.0.0.1:9", "directory_id": "d1",
         "client_id": "c1", "client_secret": SECRETS["graph.client_secret"], "mailbox": "mail@acme.example"}},
-    {"kind": "graph", "enabled": True, "graph": {
+    {"kind": "graph", "enabled": True, "from_address": "mail@acme.example", "graph": {
         "authority": "https://127.0.0.1:9", "endpoint": "https://127.0.0.1:9", "directory_id": "d1",
         "client_id": "c1", "client_secret": SECRETS["graph.client_secret"], "auth": "delegated",
-        "refresh_token": SECRETS["graph.refresh_token"]}},
+        "mailbox": "mail@acme.example", "refresh_token": SECRETS["graph.refresh_token"]}},
 ]  # fmt: skip
 
 

@@ -204,7 +204,10 @@ class Mailgate:
             refused = [(i, why) for i, m in enumerate(messages) if (why := server.from_refusal(m, policy=policy))]
             if refused:
                 raise MessageError([("from" if len(messages) == 1 else f"[{i}].from", why) for i, why in refused])
-        domain = Address(resolution.server.sender_address).ascii_domain if resolution.server else default_domain()
+        # A delegated graph server not yet connected has no sender: its messages wait, as an SMTP
+        # server's whose mailbox is not connected do.
+        sender = resolution.server.known_sender if resolution.server else None
+        domain = Address(sender).ascii_domain if sender else default_domain()
         ready = [m if m.message_id is not None else m.with_defaults(domain=domain) for m in messages]
         return ready, "queued" if resolution.server is not None else "held"
 

@@ -864,7 +864,7 @@ class Worker:
             if not glob.server.enabled or resolution.server is None:
                 return
             message = Message(
-                from_=glob.server.from_address, to=to,
+                from_=glob.server.sender_address, to=to,
                 subject=f"Mail of {broken.scope} is waiting: its mail server refused mailgate",
                 text=(f"The mail server of {broken.scope} ({broken.server.kind}) refused mailgate for good, so its "
                       f"messages wait instead of being sent:\n\n{reason}\n\nWhen its settings are saved again "

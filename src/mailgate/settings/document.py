@@ -354,10 +354,15 @@ class MailServer(_Section):
         return domains
 
     @property
-    def sender_address(self) -> str:
+    def known_sender(self) -> str | None:
         """The server's own sender address: from_address, or the mailbox a delegated graph
-        server was connected to. SettingsError when neither is known yet."""
-        address = self.from_address or (self.graph.mailbox if self.graph is not None else None)
+        server was connected to; None while a delegated graph server has none yet."""
+        return self.from_address or (self.graph.mailbox if self.graph is not None else None)
+
+    @property
+    def sender_address(self) -> str:
+        """`known_sender`, or SettingsError when there is none yet."""
+        address = self.known_sender
         if address is None:
             raise SettingsError([("from_address", "no sender address yet: connect the mailbox (consent) first")])
         return address
@@ -406,7 +411,7 @@ class MailServer(_Section):
     def _is_sender(self, address: str) -> bool:
         """Whether `address` is this server's sender address (case aside; False while a delegated
         graph server has none yet)."""
-        sender = self.from_address or (self.graph.mailbox if self.graph is not None else None)
+        sender = self.known_sender
         return sender is not None and address.lower() == sender.lower()
 
     @model_validator(mode="after")
