@@ -200,6 +200,19 @@ def test_a_reply_lost_after_the_commit_is_retried_and_the_message_is_sent_once(
     assert len(delivered(mailgate, "Lost reply")) == 1
 
 
+async def test_the_async_client_retries_a_lost_reply_under_the_same_key(
+    mailgate: Mailgate, proxy_for: Callable[[Rule], Proxy]
+) -> None:
+    proxy = proxy_for(lambda n: "lose-reply" if n == 1 else "forward")
+    async with AsyncClient(proxy.url, mailgate.sender, retries=1) as client:
+        sent = await client.send(to="frank@example.org", subject="Lost async reply", text="once",
+                                 idempotency_key="order-1234-shipped")  # fmt: skip
+    assert [s.idempotency_key for s in proxy.seen] == ["order-1234-shipped"] * 2 and sent.replayed
+    delivered(mailgate, "Lost async reply")
+    time.sleep(1)
+    assert len(delivered(mailgate, "Lost async reply")) == 1
+
+
 def test_503_with_retry_after_is_waited_for_then_sent(mailgate: Mailgate, proxy_for: Callable[[Rule], Proxy]) -> None:
     proxy = proxy_for(lambda n: "busy:1" if n == 1 else "forward")
     with Client(proxy.url, mailgate.sender) as client:

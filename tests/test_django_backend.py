@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage as Parsed
 from email.mime.image import MIMEImage
 from email.mime.text import MIMEText
@@ -130,11 +130,11 @@ def test_an_html_only_message(mailgate: Mailgate) -> None:
     ],
 )
 def test_what_mailgate_cannot_carry_is_refused_before_anything_is_sent(
-    mailgate: Mailgate, change: object, refusal: str
+    mailgate: Mailgate, change: Callable[[EmailMultiAlternatives], object], refusal: str
 ) -> None:
     good = EmailMessage("Refused batch", "first", "news@example.com", ["bob@example.org"])
     bad = EmailMultiAlternatives("Refused batch", "second", "news@example.com", ["bob@example.org"])
-    change(bad)  # type: ignore[operator]
+    change(bad)
     before = len(mailgate.smtp.messages)
     with pytest.raises(UnsupportedMessage, match=refusal):
         get_connection(fail_silently=True).send_messages([good, bad])
