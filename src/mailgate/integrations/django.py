@@ -37,8 +37,11 @@ from email.message import Message as MIMEMessage
 from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from django.conf import settings
-from django.core.mail.backends.base import BaseEmailBackend
+try:
+    from django.conf import settings
+    from django.core.mail.backends.base import BaseEmailBackend
+except ImportError as e:  # pragma: no cover - the extra is not installed
+    raise ImportError("mailgate.integrations.django needs Django: pip install 'mailgate[django]'") from e
 
 from ..message import FORBIDDEN_HEADERS
 
