@@ -1,0 +1,1 @@
+"""Backends that let other frameworks send through mailgate (`mailgate.integrations.django`)."""
