@@ -26,7 +26,7 @@ from ..settings.document import OAuth2AuthSettings
 from ..settings.secrets import Keyring
 from ..settings.store import LoadedServer, ServerInfo, Servers
 from .cache import TokenCache
-from .endpoints import Endpoint, smtp_endpoint
+from .endpoints import Endpoint, ews_endpoint, smtp_endpoint
 from .tokens import request_token
 
 if TYPE_CHECKING:
@@ -157,4 +157,4 @@ class Consents:
 def _endpoint(loaded: LoadedServer) -> Endpoint:
     auth = loaded.server.auth
     assert isinstance(auth, OAuth2AuthSettings)
-    return smtp_endpoint(auth.token)
+    return ews_endpoint(auth.token) if loaded.server.kind == "ews" else smtp_endpoint(auth.token)

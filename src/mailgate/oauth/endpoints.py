@@ -7,6 +7,7 @@ so sovereign clouds work by changing them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +23,10 @@ SMTP_APP_SCOPE = "https://outlook.office365.com/.default"
 # Exchange Online SMTP, delegated; offline_access brings the refresh token.
 SMTP_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send offline_access"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+# EWS (kind ews) with Entra ID tokens: app-only (full_access_as_app, with ExchangeImpersonation),
+# or delegated by the mailbox's user.
+EWS_APP_SCOPE = "https://outlook.office365.com/.default"
+EWS_DELEGATED_SCOPE = "https://outlook.office365.com/EWS.AccessAsUser.All offline_access"
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
 
 Provider = Literal["microsoft", "google", "generic"]
@@ -67,6 +72,15 @@ def smtp_endpoint(token: TokenSourceSettings) -> Endpoint:
         token_url, authorize_url, scope = token.token_url, token.authorize_url, token.scope
     secret = token.client_secret.get_secret_value() if token.client_secret else None
     return Endpoint(token.provider, token_url, token.client_id, secret, scope, token.client_auth, authorize_url)
+
+
+def ews_endpoint(token: TokenSourceSettings) -> Endpoint:
+    """The endpoint of an EWS server's token source: an SMTP one's, with EWS's Microsoft scope."""
+    endpoint = smtp_endpoint(token)
+    if token.provider != "microsoft" or token.scope is not None:
+        return endpoint
+    scope = EWS_APP_SCOPE if token.grant == "client_credentials" else EWS_DELEGATED_SCOPE
+    return dataclasses.replace(endpoint, scope=scope)
 
 
 def graph_endpoint(graph: GraphSettings) -> Endpoint:
