@@ -475,3 +475,44 @@ async def test_the_test_e_mail_explains_each_failure(
     failed = next(s for s in report["steps"] if s["status"] == "failed")
     assert failed["name"] == step and (words in failed["cause"] or words in failed["fix"]), failed
     assert failed["fix"]
+
+
+# ---- NTLM over TLS with Extended Protection -------------------------------------------------------
+
+
+@pytest.mark.parametrize("bound", [True, False], ids=["channel-bound", "server-without-ep"])
+async def test_ntlm_over_tls_carries_the_channel_binding(bound: bool) -> None:
+    """Exchange 2019 CU14 turns Extended Protection on: NTLM over TLS must name the server's
+    certificate. The fake's acceptor (pyspnego) refuses a handshake whose binding differs."""
+    import httpx2
+    from cryptography.hazmat.primitives import serialization
+
+    from certs import make_ca
+    from mailgate.message import Envelope
+    from mailgate.settings.document import parse_server
+    from mailgate.transports.ews import EWSTransport
+
+    ca = make_ca("mailgate test CA")
+    cert = ca.issue()
+    der = cert.certificate.public_bytes(serialization.Encoding.DER)
+    with FakeEWS(tls=(cert.server_context(), der), extended_protection=bound) as fake:
+        fake.add_account(ACCOUNT, PASSWORD)
+        fake.add_mailbox(MAILBOX, owner=ACCOUNT)
+        server = parse_server(ews_doc(fake))
+        assert server.ews is not None and server.ews.url is not None and server.ews.url.startswith("https://")
+        clients: list[httpx2.AsyncClient] = []
+
+        def trusting() -> httpx2.AsyncClient:  # the test CA instead of the public ones
+            clients.append(httpx2.AsyncClient(verify=ca.client_context()))
+            return clients[-1]
+
+        transport = EWSTransport(server, trusting(), new_http=trusting)
+        try:
+            message = note(from_=MAILBOX)
+            delivery = await transport.send(Envelope(MAILBOX, ("alice@example.org",)), message)
+        finally:
+            await transport.aclose()
+            for client in clients:
+                await client.aclose()
+        assert [r.outcome for r in delivery.results] == ["accepted"]
+        assert fake.ntlm_handshakes == 1 and len(fake.sent) == 1

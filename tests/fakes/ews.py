@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import secrets
 import shutil
+import ssl
 import struct
 import tempfile
 import threading
@@ -41,7 +43,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
 
-from .identity import FakeIdentityProvider, HTTPRequest, HTTPResponse, RecordedRequest, ThreadedFake
+from .identity import FakeIdentityProvider, HTTPRequest, HTTPResponse, RecordedRequest, ThreadedFake, _Server
 
 __all__ = ["FakeEWS", "SentItem"]
 
@@ -53,10 +55,16 @@ EWS_PATH = "/EWS/Exchange.asmx"
 AUDIENCE = "https://outlook.office365.com"
 VERSIONS = frozenset({"Exchange2007", "Exchange2007_SP1", "Exchange2010", "Exchange2010_SP1", "Exchange2010_SP2",
                       "Exchange2013", "Exchange2013_SP1", "Exchange2016", "Exchange2019", "V2017_07_11"})  # fmt: skip
-# t:Message's elements in the schema's order (ItemType's, then MessageType's): those a sender uses.
-MESSAGE_ORDER = ("MimeContent", "ItemClass", "Subject", "Body", "InternetMessageHeaders", "Sender", "ToRecipients",
-                 "CcRecipients", "BccRecipients", "IsReadReceiptRequested", "IsDeliveryReceiptRequested", "From",
-                 "ReplyTo")  # fmt: skip
+# t:Message's elements in the schema's order (types.xsd: ItemType's sequence, then MessageType's), up
+# to what a message being sent may carry.
+MESSAGE_ORDER = ("MimeContent", "ItemId", "ParentFolderId", "ItemClass", "Subject", "Sensitivity", "Body",
+                 "Attachments", "DateTimeReceived", "Size", "Categories", "Importance", "InReplyTo", "IsSubmitted",
+                 "IsDraft", "IsFromMe", "IsResend", "IsUnmodified", "InternetMessageHeaders", "DateTimeSent",
+                 "DateTimeCreated", "ResponseObjects", "ReminderDueBy", "ReminderIsSet", "ReminderNextTime",
+                 "ReminderMinutesBeforeStart", "DisplayCc", "DisplayTo", "HasAttachments", "ExtendedProperty",
+                 "Culture", "Sender", "ToRecipients", "CcRecipients", "BccRecipients", "IsReadReceiptRequested",
+                 "IsDeliveryReceiptRequested", "ConversationIndex", "ConversationTopic", "From", "InternetMessageId",
+                 "IsRead", "IsResponseRequested", "References", "ReplyTo")  # fmt: skip
 TEXT = {
     "ErrorAccessDenied": "Access is denied. Check credentials and try again.",
     "ErrorNonExistentMailbox": "The SMTP address has no mailbox associated with it.",
@@ -133,8 +141,15 @@ class FakeEWS(ThreadedFake):
         idp: FakeIdentityProvider | None = None,
         max_message_size: int = 10 * 1024 * 1024,
         server_version: tuple[int, int, int, int, str] = (15, 2, 1544, 4, "V2017_07_11"),
+        tls: tuple[ssl.SSLContext, bytes] | None = None,
+        extended_protection: bool = False,
     ) -> None:
+        """`tls`: the server's context and its certificate (DER), to serve https."""
         super().__init__()
+        self.tls = tls
+        # Exchange's Extended Protection: NTLM over TLS must carry the channel binding of this
+        # server's certificate (RFC 5929 tls-server-end-point), or the handshake fails.
+        self.extended_protection = extended_protection
         self.schemes = tuple(schemes)
         self.idp = idp
         self.max_message_size = max_message_size
@@ -157,6 +172,11 @@ class FakeEWS(ThreadedFake):
     @property
     def ews_url(self) -> str:
         return self.url + EWS_PATH
+
+    @property
+    def url(self) -> str:
+        url = super().url
+        return url.replace("http://", "https://", 1) if self.tls is not None else url
 
     def add_account(self, name: str, password: str) -> None:
         """An Active Directory account DOMAIN\\user with its password (NTLM and Basic)."""
@@ -187,7 +207,14 @@ class FakeEWS(ThreadedFake):
         self._saved_env = os.environ.get("NTLM_USER_FILE")
         open(self._user_file, "a").close()
         os.environ["NTLM_USER_FILE"] = self._user_file  # pyspnego's acceptor reads its accounts there
-        return super().start()
+        if self.tls is None:
+            return super().start()
+        server = _TLSServer(self, self.tls[0])
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="FakeEWS",
+                                  daemon=True)  # fmt: skip
+        self._server, self._thread = server, thread
+        thread.start()
+        return self
 
     def close(self) -> None:
         super().close()
@@ -293,7 +320,7 @@ class FakeEWS(ThreadedFake):
         c = self._connection
         c.user = None
         if kind == 1:  # negotiate: a new handshake on this connection
-            c.context = spnego.server(protocol="ntlm")
+            c.context = spnego.server(protocol="ntlm", channel_bindings=self._bindings())
             challenge = c.context.step(token)
             return self._challenge(base64.b64encode(challenge or b"").decode())
         context = getattr(c, "context", None)
@@ -310,6 +337,14 @@ class FakeEWS(ThreadedFake):
             self.ntlm_handshakes += 1
         c.user = str(context.client_principal).lower()
         return c.user
+
+    def _bindings(self) -> Any:
+        if not self.extended_protection or self.tls is None:
+            return None
+        from spnego.channel_bindings import GssChannelBindings
+
+        digest = hashlib.sha256(self.tls[1]).digest()  # the test certificates sign with SHA-256
+        return GssChannelBindings(application_data=b"tls-server-end-point:" + digest)
 
     # ---- SOAP ----------------------------------------------------------------------------
 
@@ -486,6 +521,18 @@ class FakeEWS(ThreadedFake):
                 f"<m:ResponseMessages>{message}</m:ResponseMessages></m:{name}Response></s:Body>"
                 "</s:Envelope>")  # fmt: skip
         return HTTPResponse(200, body.encode(), [("Content-Type", "text/xml; charset=utf-8")])
+
+
+class _TLSServer(_Server):
+    """The fake's HTTP server over TLS: each accepted connection is wrapped before it is served."""
+
+    def __init__(self, fake: ThreadedFake, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__(fake)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        return self._context.wrap_socket(sock, server_side=True), address
 
 
 class _Answered(Exception):

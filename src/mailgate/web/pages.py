@@ -188,7 +188,7 @@ async def _server_context(mg: Mailgate, scope: str, form: forms.ServerForm | Non
     if form is None:
         form = forms.from_document(info.document if info else None, info.enabled if info else True, scope=scope)
     delegated = (
-        form.values.get("kind") == "smtp"
+        form.values.get("kind") in ("smtp", "ews")
         and form.values.get("auth.method") == "oauth2"
         and form.values.get("auth.token.grant") == "delegated"
     )
