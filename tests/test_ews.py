@@ -516,3 +516,26 @@ async def test_ntlm_over_tls_carries_the_channel_binding(bound: bool) -> None:
                 await client.aclose()
         assert [r.outcome for r in delivery.results] == ["accepted"]
         assert fake.ntlm_handshakes == 1 and len(fake.sent) == 1
+
+
+# ---- the CLI ------------------------------------------------------------------------------------
+
+
+def test_mailgate_send_through_ews_with_the_password_from_stdin(ews: FakeEWS, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    doc = ews_doc(ews)
+    del doc["auth"]["password"]
+    path = tmp_path / "ews.json"
+    path.write_text(json.dumps(doc))
+    mailgate = str(Path(sys.executable).with_name("mailgate"))
+    out = subprocess.run([mailgate, "send", "--server", str(path), "--to", "alice@example.org", "--bcc",
+                          "auditor@example.org", "--subject", "s", "--text", "t", "--password-stdin", "--protocol-log",
+                          "--json"], input=PASSWORD + "\n", capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    [sent] = ews.sent
+    assert sent.recipients == ["alice@example.org", "auditor@example.org"] and sent.account == ACCOUNT.lower()
+    assert "C: POST " + ews.ews_url in out.stderr and PASSWORD not in out.stdout + out.stderr
+    assert [r["outcome"] for r in json.loads(out.stdout)["recipients"]] == ["accepted", "accepted"]
