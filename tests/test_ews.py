@@ -539,3 +539,15 @@ def test_mailgate_send_through_ews_with_the_password_from_stdin(ews: FakeEWS, tm
     assert sent.recipients == ["alice@example.org", "auditor@example.org"] and sent.account == ACCOUNT.lower()
     assert "C: POST " + ews.ews_url in out.stderr and PASSWORD not in out.stdout + out.stderr
     assert [r["outcome"] for r in json.loads(out.stdout)["recipients"]] == ["accepted", "accepted"]
+
+
+@pytest.mark.parametrize(("fault", "expected"), [(True, "deferred"), (False, "failed")], ids=["fault", "response"])
+async def test_an_unknown_code_is_about_the_settings_in_a_fault_and_the_message_in_a_response(
+    ews: FakeEWS, mg: Mailgate, fault: bool, expected: str
+) -> None:
+    await mg.servers.set("global", ews_doc(ews))
+    ews.fail_next("ErrorSomethingNew", fault=fault)
+    [pk] = await deliver(mg, note())
+    assert await status(mg, pk) == expected
+    reason = (await mg.resolve("acme")).broken_reason
+    assert (reason is not None and "ErrorSomethingNew" in reason) == fault

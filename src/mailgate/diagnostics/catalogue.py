@@ -296,9 +296,15 @@ def explain_ews_error(status: int, code: str | None, *, scheme: str = "ntlm") ->
             "ews.url answered, but not as EWS does (no SOAP response message).",
             "Check ews.url: it must be the server's EWS endpoint (…/EWS/Exchange.asmx), not a sign-in page.",
         )
-    if status == 200 or status >= 500:
-        what = f"Exchange refused the request ({code or f'HTTP {status}'})."
+    if status == 200:  # a response message about this message
+        what = f"Exchange refused the message ({code})."
         return _e(what, "Read Exchange's message in the attempt log.", broken=False)
+    if status >= 500:  # a SOAP fault: about the request's settings (version, impersonation, …), not the message
+        return _e(
+            f"Exchange refused the request ({code}).",
+            "Read Exchange's message in the attempt log and check "
+            "the ews settings (url, exchange_version, mailbox) and the account's rights.",
+        )
     return _e(
         f"Exchange answered HTTP {status} to the EWS request.",
         "Check ews.url: it must be the server's EWS endpoint (…/EWS/Exchange.asmx).",
