@@ -284,14 +284,67 @@ async def test_no_ews_at_the_url_marks_the_server_broken(ews: FakeEWS, mg: Mailg
     assert reason is not None and "HTTP 404" in reason and "Exchange.asmx" in reason
 
 
-async def test_autodiscover_without_a_url_is_refused_with_the_fix(ews: FakeEWS, mg: Mailgate) -> None:
+def autodiscover_doc(ews: FakeEWS) -> dict[str, Any]:
     doc = ews_doc(ews)
     doc["ews"] = {k: v for k, v in doc["ews"].items() if k != "url"} | {"autodiscover": True}
-    await mg.servers.set("global", doc)
+    return doc
+
+
+async def send_directly(server: Any, message: Message, **kw: Any) -> tuple[Any, Any]:
+    """One EWSTransport of `server`, sending `message` twice: (the first Delivery, the transport)."""
+    from mailgate._http import new_client
+    from mailgate.transports.ews import EWSTransport
+
+    http = new_client()
+    transport = EWSTransport(server, http, new_http=new_client, **kw)
+    try:
+        first = await transport.send(message.envelope(), message)
+        await transport.send(message.envelope(), message)
+    finally:
+        await transport.aclose()
+        await http.aclose()
+    return first, transport
+
+
+async def test_autodiscover_finds_the_ews_url_once(ews: FakeEWS) -> None:
+    from mailgate.settings.document import parse_server
+
+    tried: list[str] = []
+
+    def candidates(domain: str) -> list[str]:  # the fake stands for the domain's web server
+        tried.append(domain)
+        return [ews.url + "/not-here/autodiscover.xml", ews.url + "/autodiscover/autodiscover.xml"]
+
+    first, transport = await send_directly(parse_server(autodiscover_doc(ews)), note(from_=MAILBOX),
+                                           autodiscover_urls=candidates)  # fmt: skip
+    assert [r.outcome for r in first.results] == ["accepted"] and len(ews.sent) == 2
+    assert tried == ["contoso.example"] and transport.url == ews.ews_url  # the external (EXPR) URL
+    discover = [r for r in ews.requests if r.path.startswith("/autodiscover")]
+    assert len(discover) == 2  # the NTLM negotiate leg and the authenticated request, once
+    assert discover[-1].headers["authorization"].startswith("NTLM ") and MAILBOX.encode() in discover[-1].body
+
+
+async def test_autodiscover_follows_no_redirect(ews: FakeEWS) -> None:
+    from mailgate.settings.document import parse_server
+    from mailgate.transports.ews import EWSError
+
+    ews.autodiscover_redirect = "notifications@attacker.example"
+    with pytest.raises(EWSError) as refused:
+        await send_directly(parse_server(autodiscover_doc(ews)), note(from_=MAILBOX),
+                            autodiscover_urls=lambda domain: [ews.url + "/autodiscover/autodiscover.xml"])  # fmt: skip
+    assert (
+        not refused.value.transient and "redirectAddr" in refused.value.message and "ews.url" in refused.value.message
+    )
+    assert not ews.sent and not [r for r in ews.requests if r.path == "/EWS/Exchange.asmx"]
+
+
+async def test_autodiscover_of_a_domain_that_does_not_answer_waits(ews: FakeEWS, mg: Mailgate) -> None:
+    await mg.servers.set("global", autodiscover_doc(ews))  # contoso.example: no such host
     [pk] = await deliver(mg, note())
-    reason = (await mg.resolve("acme")).broken_reason
-    assert await status(mg, pk) == "deferred" and reason is not None and "ews.url" in reason
-    assert not ews.requests
+    detail = await mg.queue.get(pk)
+    assert detail.summary.status == "deferred" and "Autodiscover found no EWS URL for contoso.example" in \
+        detail.attempts[-1]["text"]  # fmt: skip
+    assert (await mg.resolve("acme")).broken_reason is None and not ews.requests
 
 
 async def test_a_reply_that_is_not_ews_is_not_quoted(mg: Mailgate) -> None:
@@ -457,7 +510,7 @@ async def test_a_dry_test_e_mail_sends_nothing(ews: FakeEWS, mg: Mailgate) -> No
         pytest.param("password", "GetFolder", "HTTP 401", id="wrong-password"),
         pytest.param("mailbox", "GetFolder", "ErrorNonExistentMailbox", id="no-mailbox"),
         pytest.param("recipients", "CreateItem", "ErrorInvalidRecipients", id="recipients"),
-        pytest.param("autodiscover", "resolve settings", "ews.url", id="autodiscover"),
+        pytest.param("autodiscover", "GetFolder", "ews.url", id="autodiscover"),
     ],
 )
 async def test_the_test_e_mail_explains_each_failure(

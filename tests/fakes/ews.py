@@ -52,6 +52,10 @@ NS_T = "http://schemas.microsoft.com/exchange/services/2006/types"
 NS_M = "http://schemas.microsoft.com/exchange/services/2006/messages"
 NS_E = "http://schemas.microsoft.com/exchange/services/2006/errors"
 EWS_PATH = "/EWS/Exchange.asmx"
+AUTODISCOVER_PATH = "/autodiscover/autodiscover.xml"
+NS_AD_REQUEST = "http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"
+NS_AD = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
+NS_AD_OUTLOOK = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
 AUDIENCE = "https://outlook.office365.com"
 VERSIONS = frozenset({"Exchange2007", "Exchange2007_SP1", "Exchange2010", "Exchange2010_SP1", "Exchange2010_SP2",
                       "Exchange2013", "Exchange2013_SP1", "Exchange2016", "Exchange2019", "V2017_07_11"})  # fmt: skip
@@ -159,6 +163,7 @@ class FakeEWS(ThreadedFake):
         self.operations: list[tuple[str, str | None]] = []  # (operation, RequestServerVersion)
         self.ntlm_handshakes = 0
         self.impersonators: set[str] = set()  # app ids granted ApplicationImpersonation
+        self.autodiscover_redirect: str | None = None  # answer Autodiscover with redirectAddr to this address
         self._accounts: dict[str, str] = {}  # DOMAIN\\user (lower) → password
         self._mailboxes: dict[str, _Mailbox] = {}
         self._failures: list[_Failure] = []
@@ -236,6 +241,9 @@ class FakeEWS(ThreadedFake):
         return response
 
     def _route(self, request: HTTPRequest) -> HTTPResponse:
+        if request.path.lower() == AUTODISCOVER_PATH and request.method == "POST":
+            who = self._authenticate(request)
+            return who if isinstance(who, HTTPResponse) else self._autodiscover(request)
         if request.path.lower() != EWS_PATH.lower():
             return HTTPResponse(404, b"<html><body>404 - File or directory not found.</body></html>",
                                 [("Content-Type", "text/html")])  # fmt: skip
@@ -262,6 +270,42 @@ class FakeEWS(ThreadedFake):
             if e.fault:
                 return _fault(e.code, TEXT.get(e.code, e.code), self._version_xml(), e.back_off_ms)
             raise
+
+    # ---- Autodiscover (POX) ----------------------------------------------------------------
+
+    def _autodiscover(self, request: HTTPRequest) -> HTTPResponse:
+        try:
+            root = ET.fromstring(request.body)
+        except ET.ParseError:
+            return self._autodiscover_error("600", "Invalid Request")
+        address = root.findtext(f"{{{NS_AD_REQUEST}}}Request/{{{NS_AD_REQUEST}}}EMailAddress")
+        schema = root.findtext(f"{{{NS_AD_REQUEST}}}Request/{{{NS_AD_REQUEST}}}AcceptableResponseSchema")
+        if root.tag != f"{{{NS_AD_REQUEST}}}Autodiscover" or address is None or schema != NS_AD_OUTLOOK:
+            return self._autodiscover_error("600", "Invalid Request")
+        mailbox = self._mailboxes.get(address.strip().lower())
+        if mailbox is None:
+            return self._autodiscover_error("500", "The e-mail address cannot be found.")
+        if self.autodiscover_redirect is not None:
+            account = (f"<AccountType>email</AccountType><Action>redirectAddr</Action>"
+                       f"<RedirectAddr>{escape(self.autodiscover_redirect)}</RedirectAddr>")  # fmt: skip
+        else:
+            account = ("<AccountType>email</AccountType><Action>settings</Action>"
+                       f"<Protocol><Type>EXCH</Type><Server>mbx01.contoso.example</Server>"
+                       f"<EwsUrl>https://mbx01.contoso.example/EWS/Exchange.asmx</EwsUrl></Protocol>"
+                       f"<Protocol><Type>EXPR</Type><Server>mail.contoso.example</Server>"
+                       f"<EwsUrl>{escape(self.ews_url)}</EwsUrl></Protocol>")  # fmt: skip
+        user = (f"<User><DisplayName>{escape(mailbox.address)}</DisplayName><AutoDiscoverSMTPAddress>"
+                f"{escape(mailbox.address)}</AutoDiscoverSMTPAddress></User>")  # fmt: skip
+        body = (f'<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="{NS_AD}">'
+                f'<Response xmlns="{NS_AD_OUTLOOK}">{user}<Account>{account}</Account></Response>'
+                "</Autodiscover>")  # fmt: skip
+        return HTTPResponse(200, body.encode(), [("Content-Type", "text/xml; charset=utf-8")])
+
+    def _autodiscover_error(self, code: str, message: str) -> HTTPResponse:
+        body = (f'<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="{NS_AD}"><Response>'
+                f'<Error Time="12:00:00.0000000" Id="2746789155"><ErrorCode>{code}</ErrorCode>'
+                f"<Message>{escape(message)}</Message><DebugData /></Error></Response></Autodiscover>")  # fmt: skip
+        return HTTPResponse(200, body.encode(), [("Content-Type", "text/xml; charset=utf-8")])
 
     # ---- authentication (per connection, as IIS) -------------------------------------------
 

@@ -250,10 +250,11 @@ EWS: dict[str, Explanation] = {
                                        "connection.pool_size.", transient=True),
     "ErrorTooManyObjectsOpened": _e("Exchange has too many objects open for the account (ErrorTooManyObjectsOpened).",
                                     _RETRY, transient=True),
-    "autodiscover": _e("ews.autodiscover is on and no ews.url is given: mailgate does not run Autodiscover (its "
-                       "redirections would lead a tenant's settings anywhere).", "Give the EWS URL in ews.url, e.g. "
-                       "https://mail.example.com/EWS/Exchange.asmx (Get-WebServicesVirtualDirectory shows its "
-                       "ExternalUrl), and turn ews.autodiscover off."),
+    "autodiscover": _e("Autodiscover found no EWS URL for the mailbox's domain: mailgate asks "
+                       "https://<domain>/autodiscover/autodiscover.xml and https://autodiscover.<domain>/…, and "
+                       "follows no redirection (it could lead the credentials anywhere).",
+                       "Give the EWS URL in ews.url, e.g. https://mail.example.com/EWS/Exchange.asmx "
+                       "(Get-WebServicesVirtualDirectory shows its ExternalUrl), or publish Autodiscover there."),
 }  # fmt: skip
 
 _EWS_401 = {

@@ -476,9 +476,7 @@ async def _ews(
                             exchange_version=e.exchange_version, auth=auth.method,
                             save_to_sent_items=e.save_to_sent_items, allow_delegate=e.allow_delegate)  # fmt: skip
         if e.url is None:
-            from .catalogue import explain_ews_error
-
-            raise run.fail(step, explain_ews_error(0, "autodiscover"))
+            step.details["url"] = "autodiscover (at the GetFolder step)"
 
     async def credentials(step: Step) -> None:
         handle = None
@@ -501,8 +499,8 @@ async def _ews(
     async def get_folder(step: Step) -> None:
         [transport] = made
         folder = await transport.check_mailbox()
-        step.details.update(server_version=transport.server_version, requested_version=transport.version,
-                            sent_items=folder)  # fmt: skip
+        step.details.update(url=transport.url, server_version=transport.server_version,
+                            requested_version=transport.version, sent_items=folder)  # fmt: skip
 
     async def create_item(step: Step) -> None:
         if dry_run:

@@ -56,6 +56,9 @@ NS_SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 NS_TYPES = "http://schemas.microsoft.com/exchange/services/2006/types"
 NS_MESSAGES = "http://schemas.microsoft.com/exchange/services/2006/messages"
 NS_ERRORS = "http://schemas.microsoft.com/exchange/services/2006/errors"
+NS_AUTODISCOVER_REQUEST = "http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"
+NS_AUTODISCOVER = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
+NS_AUTODISCOVER_OUTLOOK = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
 # "auto": every Exchange from 2013 on takes requests of the 2013 schema, and CreateItem with
 # MimeContent needs nothing newer. The server's own version is learnt from ServerVersionInfo.
 DEFAULT_VERSION = "Exchange2013"
@@ -113,6 +116,7 @@ class EWSTransport:
         tokens: Tokens | None = None,
         new_http: Callable[[], httpx2.AsyncClient] | None = None,
         protocol_log: ProtocolLog | None = None,
+        autodiscover_urls: Callable[[str], list[str]] | None = None,
     ) -> None:
         assert server.ews is not None
         self.settings = server.ews
@@ -142,17 +146,18 @@ class EWSTransport:
         self._authenticated: set[httpx2.AsyncClient] = set()
         self._slots = asyncio.Semaphore(EWS_CONCURRENCY)
         self._log = protocol_log
+        self._autodiscover_urls = autodiscover_urls or default_autodiscover_urls
+        self._discovered: str | None = None
+        self._discovering = asyncio.Lock()
 
     @property
     def server(self) -> str:
         return f"ews:{self.mailbox.address}"
 
     @property
-    def url(self) -> str:
-        if self.settings.url is None:
-            explanation = explain_ews_error(0, "autodiscover")
-            raise EWSError(f"no EWS url. {explanation}", explanation=explanation, transient=False)
-        return self.settings.url
+    def url(self) -> str | None:
+        """The EWS URL: ews.url, or what Autodiscover found (None before it ran)."""
+        return self.settings.url or self._discovered
 
     async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery:
         try:
@@ -261,42 +266,52 @@ class EWSTransport:
         )
 
     async def _call(self, body: bytes, *, final: bool) -> ET.Element:
-        """One EWS request with our credentials; the parsed response message. A refused bearer
-        token is renewed once; an NTLM connection whose authentication lapsed authenticates again."""
+        """One EWS request with our credentials; the parsed response message."""
         async with self._slots:
-            if self.scheme == "ntlm":
-                return await self._ntlm_call(body, final)
-            for attempt in (1, 2):
-                token = await self.tokens() if self.tokens is not None else None
-                if token is not None:
-                    authorization = f"Bearer {token.value}"
-                else:
-                    pair = f"{self._username}:{self._password or ''}".encode()
-                    authorization = "Basic " + base64.b64encode(pair).decode("ascii")
-                try:
-                    answer = await self._post(self.http, body, authorization, final=final)
-                except _Unauthorized as u:
-                    if token is not None and attempt == 1 and self.tokens is not None:
-                        self.tokens.invalidate(token)  # expired or revoked: one new token
-                        continue
-                    raise self._unauthorized(u.answer) from None
-                return self._result(answer)
+            url = await self._endpoint()
+            return self._result(await self._exchange(body, url, final=final))
+
+    async def _exchange(self, body: bytes, url: str, *, final: bool, lane: bool = True) -> _Answer:
+        """One request with our credentials: its answer (a 401 raises). A refused bearer token is
+        renewed once; an NTLM connection whose authentication lapsed authenticates again. `lane`:
+        NTLM on a kept lane (EWS), else on a connection of its own, closed after (Autodiscover)."""
+        if self.scheme == "ntlm":
+            return await self._ntlm_exchange(body, url, final, lane)
+        for attempt in (1, 2):
+            token = await self.tokens() if self.tokens is not None else None
+            if token is not None:
+                authorization = f"Bearer {token.value}"
+            else:
+                pair = f"{self._username}:{self._password or ''}".encode()
+                authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+            try:
+                return await self._post(self.http, url, body, authorization, final=final)
+            except _Unauthorized as u:
+                if token is not None and attempt == 1 and self.tokens is not None:
+                    self.tokens.invalidate(token)  # expired or revoked: one new token
+                    continue
+                raise self._unauthorized(u.answer) from None
         raise AssertionError("unreachable")
 
-    async def _ntlm_call(self, body: bytes, final: bool) -> ET.Element:
-        client = self._lanes.pop() if self._lanes else self._new_lane()
+    async def _ntlm_exchange(self, body: bytes, url: str, final: bool, lane: bool) -> _Answer:
+        if lane:
+            client = self._lanes.pop() if self._lanes else self._new_lane()
+        else:
+            assert self._new_http is not None, "NTLM needs a client per connection (new_http)"
+            client = self._new_http()
         keep = False
         try:
             answer = None
             if client in self._authenticated:  # its connection may still be: no handshake then
                 with contextlib.suppress(_Unauthorized):
-                    answer = await self._post(client, body, None, final=final)
+                    answer = await self._post(client, url, body, None, final=final)
             if answer is None:
                 self._authenticated.discard(client)
-                answer = await self._ntlm_handshake(client, body, final)
-                self._authenticated.add(client)
-            keep = True
-            return self._result(answer)
+                answer, authenticated = await self._ntlm_handshake(client, url, body, final)
+                if authenticated:
+                    self._authenticated.add(client)
+            keep = lane
+            return answer
         finally:
             if keep:
                 self._lanes.append(client)
@@ -312,24 +327,25 @@ class EWSTransport:
         self._all_lanes.add(client)
         return client
 
-    async def _ntlm_handshake(self, client: httpx2.AsyncClient, body: bytes, final: bool) -> _Answer:
+    async def _ntlm_handshake(
+        self, client: httpx2.AsyncClient, url: str, body: bytes, final: bool
+    ) -> tuple[_Answer, bool]:
+        """The three legs on one connection, the request riding on the third: its answer, and
+        whether the connection is now authenticated."""
         import spnego
 
-        host = urlsplit(self.url).hostname or ""
+        host = urlsplit(url).hostname or ""
         context = spnego.client(self._username, self._password, hostname=host, service="HTTP", protocol="ntlm",
                                 options=spnego.NegotiateOptions.use_ntlm)  # fmt: skip
         negotiate = base64.b64encode(context.step() or b"").decode("ascii")
         if self._log:
             self._log("C: NTLM negotiate (type 1, without the request)")
         try:  # the first leg carries no body: Exchange answers 401 with its challenge either way
-            other = await self._post(client, b"", f"NTLM {negotiate}", final=False, leg=True)
+            other = await self._post(client, url, b"", f"NTLM {negotiate}", final=False, leg=True)
         except _Unauthorized as u:
             challenge_answer = u.answer
         else:  # not a challenge: what the URL answered instead (404, a fault, not EWS) says why
-            self._result(other)
-            raise EWSError("Exchange did not ask for NTLM authentication (the negotiate leg was not refused); "
-                           "set ews.password_scheme to what the EWS virtual directory offers",
-                           explanation=explain_ews_error(401, None, scheme="ntlm"), transient=False)  # fmt: skip
+            return other, False
         if not challenge_answer.challenge:
             raise self._unauthorized(challenge_answer)
         bindings = _channel_bindings(challenge_answer.tls)
@@ -345,19 +361,19 @@ class EWSTransport:
         if self._log:
             self._log("C: NTLM authenticate (type 3, with the request)")
         try:
-            answer = await self._post(client, body, f"NTLM {base64.b64encode(authenticate or b'').decode()}",
+            answer = await self._post(client, url, body, f"NTLM {base64.b64encode(authenticate or b'').decode()}",
                                       final=final)  # fmt: skip
         except _Unauthorized as u:
             raise self._unauthorized(u.answer) from None
-        return answer
+        return answer, True
 
     async def _post(
-        self, client: httpx2.AsyncClient, body: bytes, authorization: str | None, *, final: bool, leg: bool = False
-    ) -> _Answer:
+        self, client: httpx2.AsyncClient, url: str, body: bytes, authorization: str | None, *, final: bool,
+        leg: bool = False,
+    ) -> _Answer:  # fmt: skip
         import httpx2
 
         c = self.connection
-        url = self.url
         if self._log:
             self._log(f"C: POST {url} ({len(body)} bytes)" + ("" if leg else f" as {self.mailbox.address}"))
         headers = {"Content-Type": "text/xml; charset=utf-8"}
@@ -390,6 +406,52 @@ class EWSTransport:
         if r.status_code == 401:
             raise _Unauthorized(answer)
         return answer
+
+    # ---- Autodiscover ------------------------------------------------------------------------
+
+    async def _endpoint(self) -> str:
+        """ews.url; with autodiscover on and no url, the EWS URL the mailbox's domain publishes
+        (found once per transport)."""
+        if self.settings.url is not None:
+            return self.settings.url
+        if not self.settings.autodiscover:  # the document requires one or the other
+            raise EWSError("no ews.url", transient=False)
+        async with self._discovering:
+            if self._discovered is None:
+                self._discovered = await self._discover()
+        return self._discovered
+
+    async def _discover(self) -> str:
+        """POX Autodiscover, bounded: at most two URLs of the mailbox's domain (no SRV lookup, no
+        redirect followed: a redirect could lead our credentials anywhere), each through the same
+        guarded client and with the same credentials; the answer's EWS URL must be https."""
+        domain = self.mailbox.ascii_domain
+        request = (
+            '<?xml version="1.0" encoding="utf-8"?>'
+            f'<Autodiscover xmlns="{NS_AUTODISCOVER_REQUEST}"><Request><EMailAddress>{_x(self.mailbox)}'
+            f"</EMailAddress><AcceptableResponseSchema>{NS_AUTODISCOVER_OUTLOOK}</AcceptableResponseSchema>"
+            "</Request></Autodiscover>"
+        ).encode()
+        tried: list[str] = []
+        transient = True
+        for candidate in self._autodiscover_urls(domain)[:2]:
+            try:
+                answer = await self._exchange(request, candidate, final=False, lane=False)
+            except EWSError as e:
+                if e.code == 401:
+                    raise
+                tried.append(f"{candidate}: {e.message}")
+                continue
+            found, why = _ews_url_of(answer)
+            if found is not None:
+                if self._log:
+                    self._log(f"Autodiscover: EWS at {found}")
+                return found
+            transient = False
+            tried.append(f"{candidate}: {why}")
+        explanation = explain_ews_error(0, "autodiscover")
+        raise EWSError(f"Autodiscover found no EWS URL for {domain} ({'; '.join(tried)}). {explanation}",
+                       explanation=explanation, transient=transient)  # fmt: skip
 
     def _lost(self, what: str, final: bool) -> EWSError:
         if final:  # the request went out: Exchange may have sent the message
@@ -488,6 +550,47 @@ def _parse(body: bytes) -> ET.Element | None:
     except ET.ParseError:
         return None
     return root if root.tag == f"{{{NS_SOAP}}}Envelope" else None
+
+
+def default_autodiscover_urls(domain: str) -> list[str]:
+    """Where Outlook first looks for a domain's Autodiscover (POX), in its order."""
+    return [
+        f"https://{domain}/autodiscover/autodiscover.xml",
+        f"https://autodiscover.{domain}/autodiscover/autodiscover.xml",
+    ]
+
+
+def _ews_url_of(answer: _Answer) -> tuple[str | None, str]:
+    """The EWS URL of a POX Autodiscover answer (external first), or None and why not."""
+    from ..settings.document import _web_url
+
+    if answer.status != 200:
+        return None, f"HTTP {answer.status}"
+    body = answer.body
+    if not body or b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
+        return None, "not an Autodiscover answer"
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return None, "not an Autodiscover answer"
+    account = root.find(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Response/{{{NS_AUTODISCOVER_OUTLOOK}}}Account")
+    if root.tag != f"{{{NS_AUTODISCOVER}}}Autodiscover" or account is None:
+        error = root.findtext(f".//{{{NS_AUTODISCOVER}}}ErrorCode")
+        return None, f"Autodiscover error {foreign_text(error, 20)}" if error else "not an Autodiscover answer"
+    action = (account.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Action") or "").strip()
+    if action != "settings":
+        return None, f"Autodiscover answered {foreign_text(action, 30)!r}, which mailgate does not follow"
+    protocols = {(p.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Type") or "").strip():
+                 (p.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}EwsUrl") or "").strip()
+                 for p in account.findall(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Protocol")}  # fmt: skip
+    for kind in ("EXPR", "EXCH"):  # outside the organization's network first
+        url = protocols.get(kind)
+        if url:
+            try:
+                return _web_url(url), ""
+            except ValueError:
+                return None, "its EWS URL is not https"
+    return None, "no EwsUrl in the answer"
 
 
 def _back_off(element: ET.Element) -> float | None:

@@ -137,8 +137,11 @@ GROUPS: tuple[Group, ...] = (
         Field("graph.large_attachments", "Large attachments (upload session; needs Mail.ReadWrite)", "checkbox"),
     ), when=(("kind", ("graph",)),)),
     Group("ews", "Exchange Web Services", (
-        Field("ews.url", "EWS URL", "url", "The server's EWS endpoint.", required=True,
+        Field("ews.url", "EWS URL", "url", "The server's EWS endpoint. Empty: found by Autodiscover (below).",
               placeholder="https://mail.example.com/EWS/Exchange.asmx"),
+        Field("ews.autodiscover", "Find the EWS URL by Autodiscover", "checkbox",
+              "Asks https://<domain>/autodiscover/… and https://autodiscover.<domain>/… of the mailbox's domain; "
+              "follows no redirection."),
         Field("ews.mailbox", "Sending mailbox", "email", required=True),
         Field("ews.exchange_version", "Exchange version", "select", choices=(
             ("auto", "Automatic"), ("Exchange2013", "Exchange 2013"), ("Exchange2013_SP1", "Exchange 2013 SP1"),
