@@ -18,7 +18,9 @@ names the mailbox). Answers are mapped by the diagnostics catalogue: ErrorServer
 BackOffMilliseconds; settings and permission refusals (401, ErrorAccessDenied,
 ErrorNonExistentMailbox, ErrorImpersonateUserDenied) mark the server broken; refusals of the
 message (ErrorInvalidRecipients, ErrorMessageSizeExceeded) fail it; 5xx and timeouts are transient.
-Exchange Online retires EWS (reference §9.2): use kind graph there.
+With `autodiscover` and no `url`, the URL comes from POX Autodiscover of the mailbox's domain (two
+well-known URLs, no redirect followed). Exchange Online retires EWS (reference §9.2): use kind
+graph there.
 """
 
 from __future__ import annotations
