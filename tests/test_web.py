@@ -390,8 +390,37 @@ async def test_the_server_form_has_every_group_and_labels_every_input(ui: UI) ->
     assert ids and set(ids) <= labelled, set(ids) - labelled
     # A new server: SMTP shown, the Graph and token source groups hidden.
     assert re.search(r'<fieldset data-when="kind=graph" hidden>', page)
-    assert re.search(r'<fieldset data-when="kind=smtp;auth.method=oauth2" hidden>', page)
+    assert re.search(r'<fieldset data-when="kind=smtp\|ews;auth.method=oauth2" hidden>', page)
     assert re.search(r'<fieldset data-when="kind=smtp">', page)
+    # EWS: its own group hidden; it shares the authentication and token source groups with SMTP.
+    assert re.search(r'<fieldset data-when="kind=ews" hidden>', page)
+    assert "<legend>Exchange Web Services</legend>" in page
+    assert re.search(r'<fieldset data-when="kind=smtp\|ews">', page)
+
+
+async def test_the_form_saves_an_ews_server(ui: UI) -> None:
+    b = await ui.signed_in(ADMIN)
+    await b.get("/admin/global")
+    form = {"enabled": "on", "from_address": "notify@contoso.example", "kind": "ews",
+            "ews.url": "https://mail.contoso.example/EWS/Exchange.asmx", "ews.mailbox": "notify@contoso.example",
+            "ews.exchange_version": "Exchange2016", "ews.password_scheme": "basic", "ews.save_to_sent_items": "on",
+            "auth.method": "password", "auth.username": "CONTOSO\\notify", "auth.password": RELAY_PASSWORD,
+            "auth.mechanism": "PLAIN", "smtp.host": "ignored.example"}  # fmt: skip
+    reply = await b.post("/admin/servers/global", form)
+    assert reply.status_code == 303, text_of(reply)
+    info = await ui.mg.servers.get("global")
+    assert info is not None
+    doc = info.document
+    assert doc["kind"] == "ews" and doc.get("smtp") is None
+    assert doc["ews"] == {"url": "https://mail.contoso.example/EWS/Exchange.asmx", "autodiscover": False,
+                          "mailbox": "notify@contoso.example",
+                          "exchange_version": "Exchange2016", "password_scheme": "basic", "allow_delegate": False,
+                          "save_to_sent_items": True}  # fmt: skip
+    # The SMTP-only mechanism is not sent by the form (the stored document has its default).
+    assert doc["auth"] == {"method": "password", "username": "CONTOSO\\notify", "password": {"set": True},
+                           "mechanism": "auto"}  # fmt: skip
+    page = await b.get("/admin/global")
+    assert RELAY_PASSWORD not in page.text and re.search(r'name="ews.url"[^>]* data-destination', page.text)
 
 
 async def test_saving_the_form_stores_the_document_and_keeps_the_secret_write_only(ui: UI) -> None:

@@ -230,6 +230,14 @@ async def _deliver(
     if doc.debug.protocol_log and log is None:
         log = _stderr_log
     envelope = message.envelope(mail_from=doc.envelope_from)
+    if doc.kind == "ews" and password is not None and token is None:
+        from pydantic import SecretStr
+
+        from ..settings.document import PasswordAuthSettings
+
+        if isinstance(doc.auth, PasswordAuthSettings):  # EWS sends through its pool: the password goes in the doc
+            doc = doc.model_copy(update={"auth": doc.auth.model_copy(update={"password": SecretStr(password)})})
+            password = None
     if password is not None or token is not None:
         from ..errors import SettingsError
 

@@ -217,6 +217,128 @@ def explain_graph_error(status: int, code: str | None, *, delegated: bool = Fals
     return _e(what, "Check the Graph settings; the attempt log has Graph's message.", broken=status in (401, 403, 404))
 
 
+# ---- Exchange Web Services (on-premises Exchange 2013-2019; reference §9) -----------------------
+
+_EWS_MAILBOX_RIGHTS = ("An Exchange admin gives the account mailbox rights on ews.mailbox (Add-MailboxPermission "
+                       "-AccessRights FullAccess, and Send As for a message from another address), or the account "
+                       "sends from its own mailbox.")  # fmt: skip
+
+# EWS ResponseCodes (the ResponseMessage's or the SOAP fault's), by code.
+EWS: dict[str, Explanation] = {
+    "ErrorServerBusy": _e("Exchange is throttling the account (ErrorServerBusy); it said how long to wait "
+                          "(BackOffMilliseconds).", _RETRY + " If it persists, an Exchange admin reviews the "
+                          "throttling policy (EWSMaxConcurrency, EWSPercentTimeInCAS) of the account.", transient=True),
+    "ErrorAccessDenied": _e("Exchange refused access to the mailbox (ErrorAccessDenied): the account may not send "
+                            "from or save into ews.mailbox, or EWS is blocked for it.", _EWS_MAILBOX_RIGHTS),
+    "ErrorNonExistentMailbox": _e("Exchange has no mailbox with the address in ews.mailbox (ErrorNonExistentMailbox).",
+                                  "Set ews.mailbox to the primary SMTP address of a mailbox on this Exchange "
+                                  "organization (Get-Mailbox shows it)."),
+    "ErrorImpersonateUserDenied": _e("The application may not act as the mailbox (ErrorImpersonateUserDenied): "
+                                     "app-only OAuth impersonates ews.mailbox, and the app lacks the right.",
+                                     "An Exchange admin grants the app's service principal the "
+                                     "ApplicationImpersonation role (New-ManagementRoleAssignment) scoped to the "
+                                     "mailbox, or use a password or a delegated token of the mailbox's own user."),
+    "ErrorImpersonationDenied": _e("The account may not impersonate the mailbox (ErrorImpersonationDenied).",
+                                   "Grant the ApplicationImpersonation role for the mailbox, or send as the mailbox's "
+                                   "own user."),
+    "ErrorAccountDisabled": _e("The account is disabled (ErrorAccountDisabled).",
+                               "Enable the account in Active Directory, or use another account."),
+    "ErrorInvalidServerVersion": _e("Exchange does not take requests of the version set in ews.exchange_version "
+                                    "(ErrorInvalidServerVersion).", "Set ews.exchange_version to auto, or to the "
+                                    "Exchange version the server runs (Exchange2013 … Exchange2019)."),
+    "ErrorQuotaExceeded": _e("The mailbox is full (ErrorQuotaExceeded).",
+                             "Free space in the mailbox (Sent Items counts), raise its quota, or turn off "
+                             "ews.save_to_sent_items."),
+    "ErrorSendAsDenied": _e("The account may not send as this message's From address (ErrorSendAsDenied).",
+                            "An Exchange admin grants Send As or Send on Behalf for that address "
+                            "(Add-ADPermission -ExtendedRights Send-As / GrantSendOnBehalfTo), or the message uses "
+                            "the mailbox's own address.", broken=False),
+    "ErrorInvalidRecipients": _e("Exchange refused the recipients (ErrorInvalidRecipients): one is not a valid "
+                                 "address, or there are none.", "Correct the recipients.", broken=False),
+    "ErrorInvalidSmtpAddress": _e("Exchange refused an address as not a valid SMTP address (ErrorInvalidSmtpAddress).",
+                                  "Correct the message's addresses.", broken=False),
+    "ErrorMessageSizeExceeded": _e("The message is larger than Exchange lets the mailbox send "
+                                   "(ErrorMessageSizeExceeded).", "Make it smaller, or have an Exchange admin raise "
+                                   "MaxSendSize (Set-Mailbox, Set-TransportConfig) and the EWS request limit.",
+                                   broken=False),
+    "ErrorMimeContentConversionFailed": _e("Exchange could not convert the message's MIME "
+                                           "(ErrorMimeContentConversionFailed).",
+                                           "Report it: mailgate composed a message Exchange refuses.", broken=False),
+    "ErrorSchemaValidation": _e("Exchange refused the request as not valid EWS (ErrorSchemaValidation).",
+                                "Report it, with the Exchange version (the test e-mail shows it).", broken=False),
+    "ErrorMailboxStoreUnavailable": _e("The mailbox database is not available (ErrorMailboxStoreUnavailable).",
+                                       _RETRY, transient=True),
+    "ErrorMailboxMoveInProgress": _e("The mailbox is being moved (ErrorMailboxMoveInProgress).", _RETRY,
+                                     transient=True),
+    "ErrorInternalServerTransientError": _e("Exchange had a temporary internal error.", _RETRY, transient=True),
+    "ErrorTimeoutExpired": _e("Exchange timed out the request (ErrorTimeoutExpired).", _RETRY, transient=True),
+    "ErrorExceededConnectionCount": _e("The account has too many connections open to Exchange "
+                                       "(ErrorExceededConnectionCount).", _RETRY + " If it persists, lower "
+                                       "connection.pool_size.", transient=True),
+    "ErrorTooManyObjectsOpened": _e("Exchange has too many objects open for the account (ErrorTooManyObjectsOpened).",
+                                    _RETRY, transient=True),
+    "autodiscover": _e("Autodiscover found no EWS URL for the mailbox's domain: mailgate asks "
+                       "https://<domain>/autodiscover/autodiscover.xml and https://autodiscover.<domain>/…, and "
+                       "follows no redirection (it could lead the credentials anywhere).",
+                       "Give the EWS URL in ews.url, e.g. https://mail.example.com/EWS/Exchange.asmx "
+                       "(Get-WebServicesVirtualDirectory shows its ExternalUrl), or publish Autodiscover there."),
+}  # fmt: skip
+
+_EWS_401 = {
+    "ntlm": ("Exchange refused the user name and password (HTTP 401, NTLM).",
+             "Check auth.username (DOMAIN\\user or user@domain) and auth.password; check that the EWS virtual "
+             "directory offers Windows (NTLM) authentication; with Extended Protection on, mailgate binds NTLM to the "
+             "TLS certificate, so a TLS-terminating proxy in front of Exchange breaks it."),
+    "basic": ("Exchange refused the user name and password (HTTP 401, Basic).",
+              "Check auth.username and auth.password, and that Basic authentication is on for the EWS virtual "
+              "directory (Set-WebServicesVirtualDirectory -BasicAuthentication $true); or use ntlm."),
+    "bearer": ("Exchange refused the OAuth access token (HTTP 401): expired, for another audience, or OAuth is not "
+               "set up for on-premises EWS.", "On-premises EWS takes Entra ID tokens only with hybrid modern "
+               "authentication; check the token scope (https://outlook.office365.com/.default app-only, "
+               ".../EWS.AccessAsUser.All delegated) or use a password."),
+}  # fmt: skip
+
+
+def explain_ews_error(status: int, code: str | None, *, scheme: str = "ntlm") -> Explanation:
+    """What an EWS refusal means: by its ResponseCode, else by the HTTP status."""
+    if code and code in EWS:
+        return EWS[code]
+    if status == 401:
+        cause, fix = _EWS_401.get(scheme, _EWS_401["ntlm"])
+        return _e(cause, fix)
+    if status == 403:
+        return _e(
+            "Exchange refused EWS to this account or application (HTTP 403).",
+            "An Exchange admin allows EWS for the mailbox (Set-CASMailbox -EwsEnabled $true) and checks the "
+            "organization's EWS application access policy (EwsApplicationAccessPolicy, EwsAllowList).",
+        )
+    if status == 404:
+        return _e(
+            "There is no EWS at ews.url (HTTP 404).",
+            "Use the EWS URL of the server, e.g. https://mail.example.com/EWS/Exchange.asmx.",
+        )
+    if status in (429, 502, 503, 504) or (status >= 500 and not code):
+        return _e(f"Exchange answered HTTP {status}{f' ({code})' if code else ''}.", _RETRY, transient=True)
+    if status == 200 and not code:
+        return _e(
+            "ews.url answered, but not as EWS does (no SOAP response message).",
+            "Check ews.url: it must be the server's EWS endpoint (…/EWS/Exchange.asmx), not a sign-in page.",
+        )
+    if status == 200:  # a response message about this message
+        what = f"Exchange refused the message ({code})."
+        return _e(what, "Read Exchange's message in the attempt log.", broken=False)
+    if status >= 500:  # a SOAP fault: about the request's settings (version, impersonation, …), not the message
+        return _e(
+            f"Exchange refused the request ({code}).",
+            "Read Exchange's message in the attempt log and check "
+            "the ews settings (url, exchange_version, mailbox) and the account's rights.",
+        )
+    return _e(
+        f"Exchange answered HTTP {status} to the EWS request.",
+        "Check ews.url: it must be the server's EWS endpoint (…/EWS/Exchange.asmx).",
+    )
+
+
 # ---- SMTP (reference §3 Exchange Online, §6 Gmail, §7 RFC 5321) -------------------------------
 
 _CHECK_PASSWORD = ("Check the user name and password in the mail server settings (a mailbox with multi-factor "

@@ -2,10 +2,10 @@
 each with its duration, what it found, and — when it failed — the catalogue's cause and fix.
 
 SMTP: resolve settings → dns → connect → greeting → ehlo → tls → token → auth → mail from →
-rcpt to → data → queued. Graph: resolve settings → token → permissions → sendMail. With
-`dry_run` the SMTP test says RSET instead of DATA and the Graph test stops before sendMail:
-nothing is delivered. A token is never shown: only its decoded claims (audience, roles or
-scopes, tenant, expiry).
+rcpt to → data → queued. Graph: resolve settings → token → permissions → sendMail. EWS: resolve
+settings → credentials → GetFolder → CreateItem. With `dry_run` the SMTP test says RSET instead
+of DATA and the Graph and EWS tests stop before sending: nothing is delivered. A token is never
+shown: only its decoded claims (audience, roles or scopes, tenant, expiry).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import DeliveryError, InvalidInput
 from ..message import Message
 from ..oauth.cache import TokenCache, graph_token_source, smtp_token_source
-from ..settings.document import MailServer, OAuth2AuthSettings
+from ..settings.document import MailServer, OAuth2AuthSettings, PasswordAuthSettings
 from .catalogue import Explanation, explain_failure
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ Status = Literal["ok", "failed", "skipped"]
 SMTP_STEPS = ("resolve settings", "dns", "connect", "greeting", "ehlo", "tls", "token", "auth", "mail from",
               "rcpt to", "data", "queued")  # fmt: skip
 GRAPH_STEPS = ("resolve settings", "token", "permissions", "sendMail")
+EWS_STEPS = ("resolve settings", "credentials", "GetFolder", "CreateItem")
 # Told when a step starts (False) and when it ends (True): the admin UI shows the steps live.
 OnStep = Callable[["Step", bool], None]
 # Where each MTA puts its queue id in the reply to the final dot, most specific first.
@@ -177,6 +178,8 @@ async def run_test(
     args = (scope, server, to, tokens, dry_run, source, on_step, destinations)
     if server.kind == "graph":
         return StepReport(scope, "graph", to, dry_run, await _graph(*args))
+    if server.kind == "ews":
+        return StepReport(scope, "ews", to, dry_run, await _ews(*args))
     return StepReport(scope, "smtp", to, dry_run, await _smtp(*args))
 
 
@@ -472,6 +475,73 @@ async def _graph(
 
     for name, work in zip(GRAPH_STEPS, (resolve, token, permissions, send_mail), strict=True):
         await run.step(name, work)
+    return list(run.steps.values())
+
+
+# ---- Exchange Web Services ---------------------------------------------------------------------
+
+
+async def _ews(
+    scope: str, server: MailServer, to: str, tokens: TokenCache, dry_run: bool, source: str, on_step: OnStep | None,
+    destinations: DestinationPolicy | None,
+) -> list[Step]:  # fmt: skip
+    """resolve settings → credentials (a token, or the password's account) → GetFolder of the
+    mailbox's Sent Items (URL, credentials and rights, without sending; the server's version) →
+    CreateItem (skipped when dry)."""
+    from .._http import new_client
+    from ..transports.ews import EWSTransport
+
+    assert server.ews is not None
+    e, auth = server.ews, server.auth
+    run = _Run(EWS_STEPS, server, on_step)
+    made: list[EWSTransport] = []
+
+    async def resolve(step: Step) -> None:
+        step.details.update(scope=scope, settings=source, kind="ews", url=e.url, mailbox=e.mailbox,
+                            exchange_version=e.exchange_version, auth=auth.method,
+                            save_to_sent_items=e.save_to_sent_items, allow_delegate=e.allow_delegate)  # fmt: skip
+        if e.url is None:
+            step.details["url"] = "autodiscover (at the GetFolder step)"
+
+    async def credentials(step: Step) -> None:
+        handle = None
+        if isinstance(auth, OAuth2AuthSettings):
+            handle = tokens.handle(
+                smtp_token_source(server, name=f"the {scope} mail server", destinations=destinations)
+            )
+            access = await handle()
+            step.details.update(_token_details(access.value, access.expires_at, access.scope))
+            step.details["app_only"] = auth.token.grant == "client_credentials"
+        elif isinstance(auth, PasswordAuthSettings):
+            step.details.update(username=auth.username, scheme=e.password_scheme)
+            if auth.password is None:
+                missing = Explanation("No password is stored for this mail server.",
+                                      "Save the account's password in the mail server settings.")  # fmt: skip
+                raise run.fail(step, missing)
+        made.append(EWSTransport(server, tokens.http_for(destinations), tokens=handle,
+                                 new_http=lambda: new_client(destinations)))  # fmt: skip
+
+    async def get_folder(step: Step) -> None:
+        [transport] = made
+        folder = await transport.check_mailbox()
+        step.details.update(url=transport.url, server_version=transport.server_version,
+                            requested_version=transport.version, sent_items=folder)  # fmt: skip
+
+    async def create_item(step: Step) -> None:
+        if dry_run:
+            step.details["skipped"] = "dry run: nothing was sent"
+            return
+        [transport] = made
+        message = probe_message(server, to)
+        step.details["reply"] = await transport.create_item(message.envelope(), message)
+        step.details["message_id"] = message.message_id
+
+    try:
+        for name, work in zip(EWS_STEPS, (resolve, credentials, get_folder, create_item), strict=True):
+            await run.step(name, work)
+    finally:
+        for transport in made:
+            await transport.aclose()
     return list(run.steps.values())
 
 

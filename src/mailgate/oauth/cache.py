@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ..diagnostics.catalogue import Explanation
 from ..settings.document import MailServer, OAuth2AuthSettings
-from .endpoints import Endpoint, graph_endpoint, smtp_endpoint
+from .endpoints import Endpoint, ews_endpoint, graph_endpoint, smtp_endpoint
 from .tokens import AccessToken, TokenError, TokenReply, request_token
 
 if TYPE_CHECKING:
@@ -261,21 +261,22 @@ def smtp_token_source(
     store_refresh_token: RefreshStore | None = None,
     destinations: DestinationPolicy | None = None,
 ) -> TokenSource:
-    """The token source of an SMTP server with oauth2 auth; `destinations`: where its token
-    endpoint may be (the policy of the server's scope)."""
+    """The token source of an SMTP (or EWS) server with oauth2 auth; `destinations`: where its
+    token endpoint may be (the policy of the server's scope)."""
     auth = server.auth
     assert isinstance(auth, OAuth2AuthSettings)
     t = auth.token
+    endpoint = ews_endpoint(t) if server.kind == "ews" else smtp_endpoint(t)
     c = server.connection
     timeout = (c.connect_timeout, c.protocol_timeout)
     if t.grant == "client_credentials":
-        return TokenSource(smtp_endpoint(t), "client_credentials", margin=c.token_expiry_margin, timeout=timeout,
+        return TokenSource(endpoint, "client_credentials", margin=c.token_expiry_margin, timeout=timeout,
                            destinations=destinations)  # fmt: skip
     refresh_token = t.refresh_token.get_secret_value() if t.refresh_token else None
     if refresh_token is None:
         raise not_connected(name)
     return TokenSource(
-        smtp_endpoint(t),
+        endpoint,
         "refresh_token",
         refresh_token,
         subject=auth.username.lower(),

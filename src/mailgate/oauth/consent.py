@@ -32,7 +32,7 @@ from ..settings.document import MailServer, OAuth2AuthSettings
 from ..settings.secrets import Keyring
 from ..settings.store import LoadedServer, ServerInfo, Servers
 from .cache import TokenCache
-from .endpoints import Endpoint, graph_consent_endpoint, smtp_endpoint
+from .endpoints import Endpoint, ews_endpoint, graph_consent_endpoint, smtp_endpoint
 from .tokens import decode_claims, request_token
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ def _endpoint(loaded: LoadedServer) -> Endpoint:
         return graph_consent_endpoint(loaded.server.graph)
     auth = loaded.server.auth
     assert isinstance(auth, OAuth2AuthSettings)
-    return smtp_endpoint(auth.token)
+    return ews_endpoint(auth.token) if loaded.server.kind == "ews" else smtp_endpoint(auth.token)
 
 
 def _mailbox_of(server: MailServer) -> str | None:

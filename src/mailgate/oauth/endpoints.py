@@ -30,6 +30,11 @@ GRAPH_MAIL_READWRITE = "https://graph.microsoft.com/Mail.ReadWrite"
 # OpenID Connect: the id_token whose claims name the consenting mailbox (reference §8: besides
 # one resource, a token request may carry only these).
 OIDC_SCOPES = "openid email profile"
+
+# EWS (kind ews) with Entra ID tokens: app-only (full_access_as_app, with ExchangeImpersonation),
+# or delegated by the mailbox's user.
+EWS_APP_SCOPE = "https://outlook.office365.com/.default"
+EWS_DELEGATED_SCOPE = "https://outlook.office365.com/EWS.AccessAsUser.All offline_access"
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
 
 Provider = Literal["microsoft", "google", "generic"]
@@ -80,6 +85,15 @@ def smtp_endpoint(token: TokenSourceSettings) -> Endpoint:
 def graph_permissions(graph: GraphSettings) -> str:
     """The delegated Graph permissions a server needs, as scopes of one resource."""
     return GRAPH_MAIL_SEND + (f" {GRAPH_MAIL_READWRITE}" if graph.large_attachments else "")
+
+
+def ews_endpoint(token: TokenSourceSettings) -> Endpoint:
+    """The endpoint of an EWS server's token source: an SMTP one's, with EWS's Microsoft scope."""
+    endpoint = smtp_endpoint(token)
+    if token.provider != "microsoft" or token.scope is not None:
+        return endpoint
+    scope = EWS_APP_SCOPE if token.grant == "client_credentials" else EWS_DELEGATED_SCOPE
+    return dataclasses.replace(endpoint, scope=scope)
 
 
 def graph_endpoint(graph: GraphSettings) -> Endpoint:

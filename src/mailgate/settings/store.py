@@ -905,6 +905,8 @@ def _destination_hosts(server: MailServer) -> dict[str, str]:
         urls = {"auth.token.token_url": token.token_url, "auth.token.authority": token.authority}
     if server.graph is not None:
         urls = {"graph.authority": server.graph.authority, "graph.endpoint": server.graph.endpoint}
+    if server.ews is not None:
+        urls["ews.url"] = server.ews.url
     hosts |= {field: host for field, url in urls.items() if (host := host_of(url))}
     return hosts
 

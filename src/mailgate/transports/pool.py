@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from ..destinations import Destinations
+from ..destinations import DestinationPolicy, Destinations
 from ..errors import DeliveryError
 from ..oauth.cache import TokenCache, TokenHandle, graph_token_source, smtp_token_source
 from ..settings.document import MailServer, OAuth2AuthSettings
@@ -369,6 +369,8 @@ class Pools:
                                        destinations=policy)  # fmt: skip
             token = self.tokens.handle(source)
             self.token_handles[server_id] = token
+        if server.kind == "ews":
+            return SharedPool(self._ews(server, token, policy, log), size)
         limit = server.quota.max_concurrent_connections
         recipients = RecipientLimit()  # learnt by any of the pool's connections, kept by all
         mechanism = LearntMechanism()  # likewise: a refused password mechanism is tried once per pool
@@ -387,6 +389,17 @@ class Pools:
             budget=self.budget,
             admission=(self._admission, server_id, limit) if self._admission is not None and limit else None,
         )
+
+    def _ews(
+        self, server: MailServer, token: TokenHandle | None, policy: DestinationPolicy | None, log: ProtocolLog | None
+    ) -> Transport:
+        """An EWS server's one transport over the scope's guarded HTTP client; NTLM, which
+        authenticates connections, gets clients of its own (guarded by the same policy)."""
+        from .._http import new_client
+        from .ews import EWSTransport
+
+        http = self.tokens.http_for(policy)
+        return EWSTransport(server, http, tokens=token, new_http=lambda: new_client(policy), protocol_log=log)
 
     def sweep(self) -> None:
         """Close connections idle longer than their server's max_idle; forget pools long unused."""

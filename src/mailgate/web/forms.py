@@ -55,7 +55,8 @@ class Group:
 
 
 SMTP: When = (("kind", ("smtp",)),)
-OAUTH: When = (("kind", ("smtp",)), ("auth.method", ("oauth2",)))
+OAUTH: When = (("kind", ("smtp", "ews")), ("auth.method", ("oauth2",)))
+SIGN_IN: When = (("kind", ("smtp", "ews")),)  # EWS takes its credentials from the auth section too
 
 GROUPS: tuple[Group, ...] = (
     Group("switch", "Use mail server", (
@@ -81,7 +82,8 @@ GROUPS: tuple[Group, ...] = (
     )),
     Group("kind", "Kind", (
         Field("kind", "How mail is sent", "select", choices=(
-            ("smtp", "SMTP server (relay, Exchange Online, Gmail)"), ("graph", "Microsoft Graph API"))),
+            ("smtp", "SMTP server (relay, Exchange Online, Gmail)"), ("graph", "Microsoft Graph API"),
+            ("ews", "Exchange on premises (EWS)"))),
     )),
     Group("connection_security", "Connection security", (
         Field("smtp.host", "Host", help="e.g. smtp.office365.com, smtp.gmail.com", required=True,
@@ -107,8 +109,8 @@ GROUPS: tuple[Group, ...] = (
         Field("auth.password", "Password", "secret", when=(("auth.method", ("password",)),)),
         Field("auth.mechanism", "Mechanism", "select", choices=(
             ("auto", "Automatic"), ("PLAIN", "PLAIN"), ("LOGIN", "LOGIN"), ("CRAM-MD5", "CRAM-MD5")),
-            when=(("auth.method", ("password",)),)),
-    ), when=SMTP),
+            when=(("kind", ("smtp",)), ("auth.method", ("password",)))),
+    ), when=SIGN_IN),
     Group("token_source", "Token source", (
         Field("auth.token.grant", "Grant", "select", choices=(
             ("client_credentials", "Client credentials (app-only)"), ("refresh_token", "Refresh token"),
@@ -149,6 +151,24 @@ GROUPS: tuple[Group, ...] = (
         Field("graph.save_to_sent_items", "Save to Sent Items", "checkbox"),
         Field("graph.large_attachments", "Large attachments (upload session; needs Mail.ReadWrite)", "checkbox"),
     ), when=(("kind", ("graph",)),)),
+    Group("ews", "Exchange Web Services", (
+        Field("ews.url", "EWS URL", "url", "The server's EWS endpoint. Empty: found by Autodiscover (below).",
+              placeholder="https://mail.example.com/EWS/Exchange.asmx"),
+        Field("ews.autodiscover", "Find the EWS URL by Autodiscover", "checkbox",
+              "Asks https://<domain>/autodiscover/… and https://autodiscover.<domain>/… of the mailbox's domain; "
+              "follows no redirection."),
+        Field("ews.mailbox", "Sending mailbox", "email", required=True),
+        Field("ews.exchange_version", "Exchange version", "select", choices=(
+            ("auto", "Automatic"), ("Exchange2013", "Exchange 2013"), ("Exchange2013_SP1", "Exchange 2013 SP1"),
+            ("Exchange2016", "Exchange 2016"), ("Exchange2019", "Exchange 2019"))),
+        Field("ews.password_scheme", "Password authentication", "select",
+              choices=(("ntlm", "NTLM (Windows authentication)"), ("basic", "Basic")),
+              when=(("auth.method", ("password",)),)),
+        Field("ews.allow_delegate", "Allow a sender address other than the mailbox", "checkbox",
+              "Needs Send As or Send on Behalf for the mailbox."),
+        Field("ews.save_to_sent_items", "Save to Sent Items", "checkbox"),
+    ), when=(("kind", ("ews",)),), help="Exchange Online retires EWS (blocked from 1 October 2026, off on "
+       "1 April 2027): for Microsoft 365 use the Microsoft Graph API."),
     Group("connection", "Connection tuning", (
         Field("connection.pool_size", "Pool size", "int", placeholder="10"),
         Field("connection.check_idle_after", "Check a connection idle for (s)", "float",
@@ -177,6 +197,7 @@ NEW_SERVER: dict[str, Any] = {
     "auth.method": "none", "auth.mechanism": "auto", "auth.token.grant": "client_credentials",
     "auth.token.provider": "microsoft", "auth.token.client_auth": "form", "graph.delegate_as": "send_as",
     "graph.save_to_sent_items": True, "graph.auth": "client_credentials",
+    "ews.exchange_version": "auto", "ews.password_scheme": "ntlm", "ews.save_to_sent_items": True,
 }  # fmt: skip
 
 

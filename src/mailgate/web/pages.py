@@ -24,7 +24,7 @@ from fastapi.templating import Jinja2Templates
 from ..access import Principal
 from ..accounts import SignInRefused, UserInfo
 from ..api.limits import MAX_TEST_EMAILS_PER_SCOPE
-from ..diagnostics.testmail import GRAPH_STEPS, SMTP_STEPS, Step, StepReport
+from ..diagnostics.testmail import EWS_STEPS, GRAPH_STEPS, SMTP_STEPS, Step, StepReport
 from ..errors import Conflict, InvalidInput, MailgateError, NotFound
 from ..outbox.store import MAX_ID, STATUSES
 from ..service import Mailgate
@@ -188,7 +188,7 @@ async def _server_context(mg: Mailgate, scope: str, form: forms.ServerForm | Non
     if form is None:
         form = forms.from_document(info.document if info else None, info.enabled if info else True, scope=scope)
     delegated = (
-        form.values.get("kind") == "smtp"
+        form.values.get("kind") in ("smtp", "ews")
         and form.values.get("auth.method") == "oauth2"
         and form.values.get("auth.token.grant") == "delegated"
     )
@@ -307,6 +307,8 @@ async def start_test(request: Request, scope: str, user: User) -> Response:
     if loaded is None:
         raise NotFound([("server", f"no mail server is set for {scope}: save one first")])
     names = GRAPH_STEPS if loaded.document.get("kind") == "graph" else SMTP_STEPS
+    if loaded.document.get("kind") == "ews":
+        names = EWS_STEPS
     run = TestRun(secrets.token_urlsafe(12), user.id, scope, to, names)
 
     async def work() -> None:

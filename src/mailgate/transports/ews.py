@@ -1,0 +1,633 @@
+"""The Exchange Web Services transport: CreateItem on an on-premises Exchange Server (2013-2019).
+
+SOAP over mailgate's own httpx2 client, not exchangelib: exchangelib talks through `requests` in
+threads, so its connections would bypass the destination policy (the guarded client that never
+connects to the operator's network) and a send could not be bounded or cancelled. Each send is one
+CreateItem of a Message whose MimeContent is the composed MIME (the same composer as SMTP and
+Graph), with MessageDisposition SendAndSaveCopy (a copy in the mailbox's Sent Items) or SendOnly.
+
+Recipients: Exchange reads To/Cc from the MIME headers; mailgate also names every recipient of the
+envelope in ToRecipients / CcRecipients / BccRecipients (what is not in the To or Cc header goes
+as Bcc), so Bcc recipients — never in the composed headers — and a retry to some of the
+recipients reach exactly the envelope's recipients.
+
+Credentials come from the document's `auth`: a password (NTLM, computed client-side by pyspnego
+on one kept-alive connection per handshake, with channel binding over TLS for Extended
+Protection; or Basic), or an OAuth2 token source (app-only: the ExchangeImpersonation header
+names the mailbox). Answers are mapped by the diagnostics catalogue: ErrorServerBusy waits its
+BackOffMilliseconds; settings and permission refusals (401, ErrorAccessDenied,
+ErrorNonExistentMailbox, ErrorImpersonateUserDenied) mark the server broken; refusals of the
+message (ErrorInvalidRecipients, ErrorMessageSizeExceeded) fail it; 5xx and timeouts are transient.
+With `autodiscover` and no `url`, the URL comes from POX Autodiscover of the mailbox's domain (two
+well-known URLs, no redirect followed). Exchange Online retires EWS (reference §9.2): use kind
+graph there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+from xml.etree import ElementTree as ET
+from xml.sax.saxutils import escape
+
+from .._http import MAX_REPLY, TooLarge, read_capped
+from .._http import retry_after as http_retry_after
+from ..delivery import Delivery, Outcome, RecipientResult
+from ..diagnostics.catalogue import Explanation, explain_ews_error
+from ..errors import DeliveryError, foreign_text
+from ..message import Address, Envelope, Message
+from ..settings.document import MailServer, OAuth2AuthSettings, PasswordAuthSettings
+from ..smtp.protocol import ProtocolLog
+
+if TYPE_CHECKING:
+    import httpx2
+
+    from .graph import Tokens
+
+NS_SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
+NS_TYPES = "http://schemas.microsoft.com/exchange/services/2006/types"
+NS_MESSAGES = "http://schemas.microsoft.com/exchange/services/2006/messages"
+NS_ERRORS = "http://schemas.microsoft.com/exchange/services/2006/errors"
+NS_AUTODISCOVER_REQUEST = "http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"
+NS_AUTODISCOVER = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
+NS_AUTODISCOVER_OUTLOOK = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
+# "auto": every Exchange from 2013 on takes requests of the 2013 schema, and CreateItem with
+# MimeContent needs nothing newer. The server's own version is learnt from ServerVersionInfo.
+DEFAULT_VERSION = "Exchange2013"
+EWS_CONCURRENCY = 10  # requests in flight per mailbox; Exchange's EWSMaxConcurrency default is 27
+MAX_MESSAGE = 64 * 1024 * 1024  # raw bytes; base64 makes ~86 MB, within Exchange's default 150 MB request limit
+MAX_BACKOFF = 3600.0  # seconds: a BackOffMilliseconds beyond is capped (the outbox's own backoff caps too)
+_CODE = re.compile(r"[A-Za-z0-9_]{1,100}")  # ErrorServerBusy, NoError, …
+
+
+class EWSError(DeliveryError):
+    """Exchange refused, or could not be reached. `code` is the HTTP status, `ews_code` the EWS
+    ResponseCode (ErrorAccessDenied, …), `explanation` the catalogue's cause and fix."""
+
+    def __init__(self, message: str, *, ews_code: str | None = None, explanation: Explanation | None = None,
+                 uncertain: bool = False, **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, **kw)
+        self.ews_code = ews_code
+        self.explanation = explanation
+        self.uncertain = uncertain  # the request went out and its answer was lost
+
+
+class _Refused(Exception):
+    """The message itself was refused: every recipient gets this answer."""
+
+    def __init__(self, status: int | None, text: str, explanation: Explanation | None = None) -> None:
+        self.status, self.text, self.explanation = status, text, explanation
+
+
+@dataclass
+class _Answer:
+    status: int
+    body: bytes
+    retry_after: str | None
+    challenge: str | None  # the NTLM token of a 401's WWW-Authenticate, if any
+    tls: Any = None  # the connection's ssl object (channel binding), if any
+
+
+class _Unauthorized(Exception):
+    """HTTP 401 before the request was processed: the credentials did not work."""
+
+    def __init__(self, answer: _Answer) -> None:
+        self.answer = answer
+
+
+class EWSTransport:
+    """Sends through one mailbox of one Exchange server. Concurrent sends are fine: at most
+    EWS_CONCURRENCY requests are in flight; NTLM keeps one authenticated connection per request
+    in flight (NTLM authenticates a connection, not a request)."""
+
+    def __init__(
+        self,
+        server: MailServer,
+        http: httpx2.AsyncClient,
+        *,
+        tokens: Tokens | None = None,
+        new_http: Callable[[], httpx2.AsyncClient] | None = None,
+        protocol_log: ProtocolLog | None = None,
+        autodiscover_urls: Callable[[str], list[str]] | None = None,
+    ) -> None:
+        assert server.ews is not None
+        self.settings = server.ews
+        self.connection = server.connection
+        self.http = http
+        self.tokens = tokens
+        self.mailbox = Address(server.ews.mailbox)
+        self.version = DEFAULT_VERSION if server.ews.exchange_version == "auto" else server.ews.exchange_version
+        self.server_version: str | None = None  # what the server said it runs (ServerVersionInfo)
+        auth = server.auth
+        self._password: str | None = None
+        self._username = ""
+        self._impersonate = False
+        self.scheme: str
+        if isinstance(auth, PasswordAuthSettings):
+            self._username = auth.username
+            self._password = auth.password.get_secret_value() if auth.password else None
+            self.scheme = server.ews.password_scheme
+        elif isinstance(auth, OAuth2AuthSettings):
+            self.scheme = "bearer"
+            self._impersonate = auth.token.grant == "client_credentials"  # app-only: act as the mailbox
+        else:
+            raise ValueError("an ews server needs auth password or oauth2")
+        self._new_http = new_http
+        self._lanes: list[httpx2.AsyncClient] = []  # NTLM: idle clients, each one authenticated connection
+        self._all_lanes: set[httpx2.AsyncClient] = set()
+        self._authenticated: set[httpx2.AsyncClient] = set()
+        self._slots = asyncio.Semaphore(EWS_CONCURRENCY)
+        self._log = protocol_log
+        self._autodiscover_urls = autodiscover_urls or default_autodiscover_urls
+        self._discovered: str | None = None
+        self._discovering = asyncio.Lock()
+
+    @property
+    def server(self) -> str:
+        return f"ews:{self.mailbox.address}"
+
+    @property
+    def url(self) -> str | None:
+        """The EWS URL: ews.url, or what Autodiscover found (None before it ran)."""
+        return self.settings.url or self._discovered
+
+    async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery:
+        try:
+            text = await self._send(envelope, message)
+        except _Refused as r:
+            return self._every(envelope, Outcome.PERMANENT, r.status, r.text)
+        except EWSError as e:
+            if not e.uncertain:
+                raise
+            return self._every(envelope, Outcome.TRANSIENT, None, e.message, uncertain=True)
+        return self._every(envelope, Outcome.ACCEPTED, 200, text)
+
+    async def create_item(self, envelope: Envelope, message: bytes | Message) -> str:
+        """Send as `send` does, but raise EWSError for a refusal of the message too (the test
+        e-mail shows every refusal as a failed step with its cause and fix)."""
+        try:
+            return await self._send(envelope, message)
+        except _Refused as r:
+            raise EWSError(r.text, code=r.status, explanation=r.explanation, transient=False) from None
+
+    async def aclose(self) -> None:
+        lanes, self._lanes = list(self._all_lanes), []
+        self._all_lanes.clear()
+        for client in lanes:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    # ---- the request ---------------------------------------------------------------------------
+
+    async def _send(self, envelope: Envelope, message: bytes | Message) -> str:
+        if isinstance(message, bytes):
+            data = message
+            to, cc = _header_recipients(message)
+            sender: Address | None = None
+        else:
+            sender = message.sender()
+            if sender.address.lower() != self.mailbox.address.lower() and not self.settings.allow_delegate:
+                raise _Refused(None, f"the message is from {sender.address}, not the sending mailbox "
+                                     f"{self.mailbox.address}; set ews.allow_delegate (and grant the mailbox's account "
+                                     "Send As or Send on Behalf) to send from another address")  # fmt: skip
+            data = message.compose(utf8=False)
+            to = {_rcpt(a).lower() for a in message.to}
+            cc = {_rcpt(a).lower() for a in message.cc}
+        if len(data) > MAX_MESSAGE:
+            raise _Refused(None, f"the message is {len(data) / 1e6:.1f} MB, more than mailgate sends through EWS "
+                                 f"({MAX_MESSAGE / 1e6:.0f} MB)")  # fmt: skip
+        recipients: dict[str, list[str]] = {"ToRecipients": [], "CcRecipients": [], "BccRecipients": []}
+        for rcpt in envelope.rcpt_to:
+            key = "ToRecipients" if rcpt.lower() in to else "CcRecipients" if rcpt.lower() in cc else "BccRecipients"
+            recipients[key].append(rcpt)
+        delegated = sender is not None and sender.address.lower() != self.mailbox.address.lower()
+        body = self._create_item(data, recipients, sender if delegated else None)
+        await self._call(body, final=True)
+        how = "SendAndSaveCopy" if self.settings.save_to_sent_items else "SendOnly"
+        return f"accepted by Exchange (EWS CreateItem, {how}): NoError"
+
+    async def check_mailbox(self) -> str:
+        """GetFolder of the mailbox's Sent Items: checks the URL, the credentials and the rights
+        on the mailbox without sending anything (the test e-mail's dry step). Returns the folder id's
+        first characters."""
+        body = self._soap(f"<m:GetFolder><m:FolderShape><t:BaseShape>IdOnly</t:BaseShape></m:FolderShape>"
+                          f"<m:FolderIds>{self._sent_items}</m:FolderIds></m:GetFolder>")  # fmt: skip
+        try:
+            message = await self._call(body, final=False)
+        except _Refused as r:
+            raise EWSError(r.text, code=r.status, explanation=r.explanation, transient=False) from None
+        folder = message.find(f"{{{NS_MESSAGES}}}Folders/*/{{{NS_TYPES}}}FolderId")
+        return foreign_text(folder.get("Id") or "", 24) if folder is not None else ""
+
+    @property
+    def _sent_items(self) -> str:
+        return (f'<t:DistinguishedFolderId Id="sentitems"><t:Mailbox><t:EmailAddress>{_x(self.mailbox)}'
+                "</t:EmailAddress></t:Mailbox></t:DistinguishedFolderId>")  # fmt: skip
+
+    def _soap(self, body: str) -> bytes:
+        header = f'<t:RequestServerVersion Version="{self.version}"/>'
+        if self._impersonate:
+            header += (f"<t:ExchangeImpersonation><t:ConnectingSID><t:PrimarySmtpAddress>{_x(self.mailbox)}"
+                       "</t:PrimarySmtpAddress></t:ConnectingSID></t:ExchangeImpersonation>")  # fmt: skip
+        return (
+            '<?xml version="1.0" encoding="utf-8"?>'
+            f'<soap:Envelope xmlns:soap="{NS_SOAP}" xmlns:t="{NS_TYPES}" xmlns:m="{NS_MESSAGES}">'
+            f"<soap:Header>{header}</soap:Header><soap:Body>{body}</soap:Body></soap:Envelope>"
+        ).encode()
+
+    def _create_item(self, mime: bytes, recipients: dict[str, list[str]], from_: Address | None) -> bytes:
+        if self.settings.save_to_sent_items:
+            disposition = "SendAndSaveCopy"
+            saved = f"<m:SavedItemFolderId>{self._sent_items}</m:SavedItemFolderId>"
+        else:
+            disposition, saved = "SendOnly", ""
+        # Schema order of t:Message: MimeContent (ItemType), then ToRecipients, CcRecipients,
+        # BccRecipients, …, From (MessageType).
+        parts = [f'<t:MimeContent CharacterSet="UTF-8">{base64.b64encode(mime).decode("ascii")}</t:MimeContent>']
+        for key, addresses in recipients.items():
+            if addresses:
+                mailboxes = "".join(f"<t:Mailbox><t:EmailAddress>{escape(a)}</t:EmailAddress></t:Mailbox>"
+                                    for a in addresses)  # fmt: skip
+                parts.append(f"<t:{key}>{mailboxes}</t:{key}>")
+        if from_ is not None:
+            name = f"<t:Name>{escape(from_.name)}</t:Name>" if from_.name else ""
+            parts.append(f"<t:From><t:Mailbox>{name}<t:EmailAddress>{_x(from_)}</t:EmailAddress></t:Mailbox></t:From>")
+        return self._soap(
+            f'<m:CreateItem MessageDisposition="{disposition}">{saved}<m:Items>'
+            f"<t:Message>{''.join(parts)}</t:Message></m:Items></m:CreateItem>"
+        )
+
+    async def _call(self, body: bytes, *, final: bool) -> ET.Element:
+        """One EWS request with our credentials; the parsed response message."""
+        async with self._slots:
+            url = await self._endpoint()
+            return self._result(await self._exchange(body, url, final=final))
+
+    async def _exchange(self, body: bytes, url: str, *, final: bool, lane: bool = True) -> _Answer:
+        """One request with our credentials: its answer (a 401 raises). A refused bearer token is
+        renewed once; an NTLM connection whose authentication lapsed authenticates again. `lane`:
+        NTLM on a kept lane (EWS), else on a connection of its own, closed after (Autodiscover)."""
+        if self.scheme == "ntlm":
+            return await self._ntlm_exchange(body, url, final, lane)
+        for attempt in (1, 2):
+            token = await self.tokens() if self.tokens is not None else None
+            if token is not None:
+                authorization = f"Bearer {token.value}"
+            else:
+                pair = f"{self._username}:{self._password or ''}".encode()
+                authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+            try:
+                return await self._post(self.http, url, body, authorization, final=final)
+            except _Unauthorized as u:
+                if token is not None and attempt == 1 and self.tokens is not None:
+                    self.tokens.invalidate(token)  # expired or revoked: one new token
+                    continue
+                raise self._unauthorized(u.answer) from None
+        raise AssertionError("unreachable")
+
+    async def _ntlm_exchange(self, body: bytes, url: str, final: bool, lane: bool) -> _Answer:
+        if lane:
+            client = self._lanes.pop() if self._lanes else self._new_lane()
+        else:
+            assert self._new_http is not None, "NTLM needs a client per connection (new_http)"
+            client = self._new_http()
+        keep = False
+        try:
+            answer = None
+            if client in self._authenticated:  # its connection may still be: no handshake then
+                with contextlib.suppress(_Unauthorized):
+                    answer = await self._post(client, url, body, None, final=final)
+            if answer is None:
+                self._authenticated.discard(client)
+                answer, authenticated = await self._ntlm_handshake(client, url, body, final)
+                if authenticated:
+                    self._authenticated.add(client)
+            keep = lane
+            return answer
+        finally:
+            if keep:
+                self._lanes.append(client)
+            else:  # a lost or refused connection is not used again
+                self._all_lanes.discard(client)
+                self._authenticated.discard(client)
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    def _new_lane(self) -> httpx2.AsyncClient:
+        assert self._new_http is not None, "NTLM needs a client per connection (new_http)"
+        client = self._new_http()
+        self._all_lanes.add(client)
+        return client
+
+    async def _ntlm_handshake(
+        self, client: httpx2.AsyncClient, url: str, body: bytes, final: bool
+    ) -> tuple[_Answer, bool]:
+        """The three legs on one connection, the request riding on the third: its answer, and
+        whether the connection is now authenticated."""
+        import spnego
+
+        host = urlsplit(url).hostname or ""
+        context = spnego.client(self._username, self._password, hostname=host, service="HTTP", protocol="ntlm",
+                                options=spnego.NegotiateOptions.use_ntlm)  # fmt: skip
+        negotiate = base64.b64encode(context.step() or b"").decode("ascii")
+        if self._log:
+            self._log("C: NTLM negotiate (type 1, without the request)")
+        try:  # the first leg carries no body: Exchange answers 401 with its challenge either way
+            other = await self._post(client, url, b"", f"NTLM {negotiate}", final=False, leg=True)
+        except _Unauthorized as u:
+            challenge_answer = u.answer
+        else:  # not a challenge: what the URL answered instead (404, a fault, not EWS) says why
+            return other, False
+        if not challenge_answer.challenge:
+            raise self._unauthorized(challenge_answer)
+        bindings = _channel_bindings(challenge_answer.tls)
+        if bindings is not None:
+            context = spnego.client(self._username, self._password, hostname=host, service="HTTP", protocol="ntlm",
+                                    options=spnego.NegotiateOptions.use_ntlm,
+                                    channel_bindings=bindings)  # fmt: skip
+            context.step()
+        try:
+            authenticate = context.step(base64.b64decode(challenge_answer.challenge, validate=True))
+        except Exception:  # a challenge we can't use: not our secret's fault, never its text
+            raise EWSError("Exchange's NTLM challenge could not be read", transient=True) from None
+        if self._log:
+            self._log("C: NTLM authenticate (type 3, with the request)")
+        try:
+            answer = await self._post(client, url, body, f"NTLM {base64.b64encode(authenticate or b'').decode()}",
+                                      final=final)  # fmt: skip
+        except _Unauthorized as u:
+            raise self._unauthorized(u.answer) from None
+        return answer, True
+
+    async def _post(
+        self, client: httpx2.AsyncClient, url: str, body: bytes, authorization: str | None, *, final: bool,
+        leg: bool = False,
+    ) -> _Answer:  # fmt: skip
+        import httpx2
+
+        c = self.connection
+        if self._log:
+            self._log(f"C: POST {url} ({len(body)} bytes)" + ("" if leg else f" as {self.mailbox.address}"))
+        headers = {"Content-Type": "text/xml; charset=utf-8"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        timeout = httpx2.Timeout(c.protocol_timeout, connect=c.connect_timeout)
+        tls = None
+        try:
+            async with client.stream("POST", url, headers=headers, content=body, timeout=timeout) as r:
+                content = await read_capped(r, MAX_REPLY)
+                stream = r.extensions.get("network_stream")
+                if stream is not None:
+                    with contextlib.suppress(Exception):
+                        tls = stream.get_extra_info("ssl_object")
+        except httpx2.TimeoutException:
+            raise self._lost(f"Exchange did not answer within {c.protocol_timeout:g} s", final) from None
+        except (httpx2.ProtocolError, httpx2.DecodingError, TooLarge) as e:
+            # Never the peer's bytes: the URL is a setting, it may point anywhere.
+            raise self._lost(f"{url} did not answer as EWS would ({type(e).__name__})", final) from None
+        except httpx2.HTTPError as e:
+            raise self._lost(f"cannot reach Exchange at {url}: {e or type(e).__name__}", final) from None
+        if self._log:
+            self._log(f"S: {r.status_code}")
+        challenge = None
+        for value in r.headers.get_list("WWW-Authenticate"):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "ntlm" and token:
+                challenge = token.strip()
+        answer = _Answer(r.status_code, content, r.headers.get("Retry-After"), challenge, tls)
+        if r.status_code == 401:
+            raise _Unauthorized(answer)
+        return answer
+
+    # ---- Autodiscover ------------------------------------------------------------------------
+
+    async def _endpoint(self) -> str:
+        """ews.url; with autodiscover on and no url, the EWS URL the mailbox's domain publishes
+        (found once per transport)."""
+        if self.settings.url is not None:
+            return self.settings.url
+        if not self.settings.autodiscover:  # the document requires one or the other
+            raise EWSError("no ews.url", transient=False)
+        async with self._discovering:
+            if self._discovered is None:
+                self._discovered = await self._discover()
+        return self._discovered
+
+    async def _discover(self) -> str:
+        """POX Autodiscover, bounded: at most two URLs of the mailbox's domain (no SRV lookup, no
+        redirect followed: a redirect could lead our credentials anywhere), each through the same
+        guarded client and with the same credentials; the answer's EWS URL must be https."""
+        domain = self.mailbox.ascii_domain
+        request = (
+            '<?xml version="1.0" encoding="utf-8"?>'
+            f'<Autodiscover xmlns="{NS_AUTODISCOVER_REQUEST}"><Request><EMailAddress>{_x(self.mailbox)}'
+            f"</EMailAddress><AcceptableResponseSchema>{NS_AUTODISCOVER_OUTLOOK}</AcceptableResponseSchema>"
+            "</Request></Autodiscover>"
+        ).encode()
+        tried: list[str] = []
+        transient = True
+        for candidate in self._autodiscover_urls(domain)[:2]:
+            try:
+                answer = await self._exchange(request, candidate, final=False, lane=False)
+            except EWSError as e:
+                if e.code == 401:
+                    raise
+                tried.append(f"{candidate}: {e.message}")
+                continue
+            found, why = _ews_url_of(answer)
+            if found is not None:
+                if self._log:
+                    self._log(f"Autodiscover: EWS at {found}")
+                return found
+            transient = False
+            tried.append(f"{candidate}: {why}")
+        explanation = explain_ews_error(0, "autodiscover")
+        raise EWSError(f"Autodiscover found no EWS URL for {domain} ({'; '.join(tried)}). {explanation}",
+                       explanation=explanation, transient=transient)  # fmt: skip
+
+    def _lost(self, what: str, final: bool) -> EWSError:
+        if final:  # the request went out: Exchange may have sent the message
+            return EWSError(f"{what}; Exchange may have sent the message, so a retry may send it twice",
+                            transient=True, uncertain=True)  # fmt: skip
+        return EWSError(what, transient=True)
+
+    def _unauthorized(self, answer: _Answer) -> EWSError:
+        explanation = explain_ews_error(401, None, scheme=self.scheme)
+        return EWSError(f"Exchange refused the credentials (HTTP 401). {explanation}", code=401,
+                        explanation=explanation, transient=False)  # fmt: skip
+
+    # ---- the answer ------------------------------------------------------------------------------
+
+    def _result(self, answer: _Answer) -> ET.Element:
+        """The response message of a NoError answer; otherwise raises what the answer means."""
+        root = _parse(answer.body)
+        if root is not None:
+            self._learn_version(root)
+        fault = root.find(f"{{{NS_SOAP}}}Body/{{{NS_SOAP}}}Fault") if root is not None else None
+        if fault is not None:
+            code = fault.findtext(f"detail/{{{NS_ERRORS}}}ResponseCode") or (fault.findtext("faultcode") or "")
+            text = fault.findtext(f"detail/{{{NS_ERRORS}}}Message") or fault.findtext("faultstring")
+            self._refusal(answer, code.strip().rpartition(":")[2], text, _back_off(fault))
+        message = None
+        if root is not None and answer.status == 200:
+            message = root.find(f".//{{{NS_MESSAGES}}}ResponseMessages/*")
+        if message is None:
+            self._refusal(answer, None, None, None)
+        assert message is not None
+        code = (message.findtext(f"{{{NS_MESSAGES}}}ResponseCode") or "").strip()
+        if message.get("ResponseClass") == "Success" and code in ("NoError", ""):
+            return message
+        self._refusal(answer, code, message.findtext(f"{{{NS_MESSAGES}}}MessageText"), _back_off(message))
+        raise AssertionError("unreachable")
+
+    def _learn_version(self, root: ET.Element) -> None:
+        info = root.find(f"{{{NS_SOAP}}}Header/{{{NS_TYPES}}}ServerVersionInfo")
+        if info is not None:
+            numbers = [info.get(n) or "?" for n in ("MajorVersion", "MinorVersion", "MajorBuildNumber",
+                                                     "MinorBuildNumber")]  # fmt: skip
+            schema = info.get("Version")
+            seen = ".".join(n[:10] for n in numbers) + (f" ({foreign_text(schema, 40)})" if schema else "")
+            self.server_version = foreign_text(seen, 80)
+
+    def _refusal(self, answer: _Answer, code: str | None, text: str | None, back_off: float | None) -> None:
+        status = answer.status
+        ews_code = code if code and _CODE.fullmatch(code) else None
+        said_text = foreign_text(text, secrets=(self._password,)) if text else None
+        explanation = explain_ews_error(status, ews_code, scheme=self.scheme)
+        said = f"HTTP {status}" + (f" {ews_code}" if ews_code else "") + (f": {said_text}" if said_text else "")
+        message = f"Exchange refused ({said}). {explanation}"
+        retry_after = back_off if back_off is not None else http_retry_after(answer.retry_after)
+        if retry_after is not None:
+            retry_after = min(retry_after, MAX_BACKOFF)
+        if explanation.transient:
+            raise EWSError(message, code=status, ews_code=ews_code, explanation=explanation, transient=True,
+                           retry_after=retry_after)  # fmt: skip
+        if explanation.broken:
+            raise EWSError(message, code=status, ews_code=ews_code, explanation=explanation, transient=False)
+        raise _Refused(status, message, explanation)
+
+    def _every(
+        self, envelope: Envelope, outcome: Outcome, code: int | None, text: str, *, uncertain: bool = False
+    ) -> Delivery:
+        results = [RecipientResult(r, outcome, code, None, text, uncertain) for r in envelope.rcpt_to]
+        return Delivery(self.server, results)
+
+
+def _x(a: Address) -> str:
+    return escape(a.ascii_address or a.address)
+
+
+def _rcpt(a: Address) -> str:
+    return a.envelope_form(a.requires_smtputf8)
+
+
+def _header_recipients(data: bytes) -> tuple[set[str], set[str]]:
+    """The To and Cc addresses of finished RFC 5322 bytes (lower-cased)."""
+    headers = BytesHeaderParser(policy=compat32).parsebytes(data)
+
+    def of(name: str) -> set[str]:
+        values = [str(v) for v in headers.get_all(name) or []]
+        return {address.lower() for _, address in getaddresses(values) if address}
+
+    return of("To"), of("Cc")
+
+
+def _parse(body: bytes) -> ET.Element | None:
+    """The SOAP envelope, or None when the body is not one. EWS never sends a DTD: a reply with
+    one is refused unread (no entity expansion); the body is already capped at MAX_REPLY."""
+    if not body or b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
+        return None
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return None
+    return root if root.tag == f"{{{NS_SOAP}}}Envelope" else None
+
+
+def default_autodiscover_urls(domain: str) -> list[str]:
+    """Where Outlook first looks for a domain's Autodiscover (POX), in its order."""
+    return [
+        f"https://{domain}/autodiscover/autodiscover.xml",
+        f"https://autodiscover.{domain}/autodiscover/autodiscover.xml",
+    ]
+
+
+def _ews_url_of(answer: _Answer) -> tuple[str | None, str]:
+    """The EWS URL of a POX Autodiscover answer (external first), or None and why not."""
+    from ..settings.document import _web_url
+
+    if answer.status != 200:
+        return None, f"HTTP {answer.status}"
+    body = answer.body
+    if not body or b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
+        return None, "not an Autodiscover answer"
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return None, "not an Autodiscover answer"
+    account = root.find(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Response/{{{NS_AUTODISCOVER_OUTLOOK}}}Account")
+    if root.tag != f"{{{NS_AUTODISCOVER}}}Autodiscover" or account is None:
+        error = root.findtext(f".//{{{NS_AUTODISCOVER}}}ErrorCode")
+        return None, f"Autodiscover error {foreign_text(error, 20)}" if error else "not an Autodiscover answer"
+    action = (account.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Action") or "").strip()
+    if action != "settings":
+        return None, f"Autodiscover answered {foreign_text(action, 30)!r}, which mailgate does not follow"
+    protocols = {(p.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Type") or "").strip():
+                 (p.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}EwsUrl") or "").strip()
+                 for p in account.findall(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Protocol")}  # fmt: skip
+    for kind in ("EXPR", "EXCH"):  # outside the organization's network first
+        url = protocols.get(kind)
+        if url:
+            try:
+                return _web_url(url), ""
+            except ValueError:
+                return None, "its EWS URL is not https"
+    return None, "no EwsUrl in the answer"
+
+
+def _back_off(element: ET.Element) -> float | None:
+    """Seconds of a MessageXml's BackOffMilliseconds (ErrorServerBusy), if given."""
+    for value in element.iter(f"{{{NS_TYPES}}}Value"):
+        if value.get("Name") == "BackOffMilliseconds":
+            try:
+                return max(0.0, int((value.text or "").strip()) / 1000)
+            except ValueError:
+                return None
+    return None
+
+
+def _channel_bindings(tls: Any) -> Any:
+    """RFC 5929 tls-server-end-point bindings of the connection's certificate, for Exchange's
+    Extended Protection (on by default from Exchange 2019 CU14); None over plain HTTP."""
+    if tls is None:
+        return None
+    import spnego.channel_bindings
+
+    try:
+        der = tls.getpeercert(binary_form=True)
+    except (AttributeError, ValueError):
+        return None
+    if not der:
+        return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    algorithm = x509.load_der_x509_certificate(der).signature_hash_algorithm
+    # MD5 and SHA-1 are replaced by SHA-256 (RFC 5929 §4.1).
+    name = algorithm.name if algorithm is not None and not isinstance(algorithm, hashes.MD5 | hashes.SHA1) \
+        else "sha256"  # fmt: skip
+    digest = hashlib.new(name.replace("-", ""), der).digest()
+    return spnego.channel_bindings.GssChannelBindings(application_data=b"tls-server-end-point:" + digest)
+
+
+__all__ = ["EWSError", "EWSTransport"]
