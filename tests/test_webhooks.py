@@ -380,3 +380,20 @@ async def test_webhook_routes_per_role(mg: Mailgate) -> None:
         assert rotated.json()["secret"].startswith("whsec_") and rotated.json()["secret"] != made.json()["secret"]
         assert (await client.delete(f"/v1/tenants/acme/webhooks/{hook}", headers=auth(mine))).status_code == 204
         assert (await client.get(f"/v1/tenants/acme/webhooks/{hook}", headers=auth(mine))).status_code == 404
+
+
+async def test_keys_rotate_re_encrypts_the_signing_secrets(mg: Mailgate, database_url: str) -> None:
+    from cryptography.fernet import Fernet
+
+    new_key = Fernet.generate_key().decode()
+    with WebhookReceiver() as receiver:
+        receiver.secret, _ = await mg.webhooks.create("acme", receiver.hook_url)
+        async with serve(ServerConfig()) as smtp:
+            await mg.servers.set("global", doc(smtp))
+            await mg.submit("acme", Message(to="a@example.org", subject="s", text="t"))
+            await mg.run_worker(until_idle=True)
+        async with Mailgate.open(database_url, secret_keys=f"{new_key},{TEST_KEY}", config=FAST) as both:
+            assert await both.rotate_keys() == 1
+        async with Mailgate.open(database_url, secret_keys=new_key, config=FAST) as only_new:
+            await sender_of(only_new).deliver_due()
+    assert [d.verified for d in receiver.deliveries] == [True]

@@ -180,6 +180,8 @@ def check_url(value: str, policy: DestinationPolicy) -> str:
         c.isspace() or ord(c) < 32 for c in value
     ):  # fmt: skip
         problem = f"is an https URL of at most {MAX_URL} characters"
+    elif not _encodable(host):
+        problem = "names a host that is not a valid domain name or address"
     elif url.username or url.password:
         problem = "carries no user name or password: the signature says who sends"
     elif url.fragment:
@@ -199,6 +201,14 @@ def check_url(value: str, policy: DestinationPolicy) -> str:
     return value
 
 
+def _encodable(host: str) -> bool:
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 async def check_destination(value: str, policy: DestinationPolicy) -> None:
     """422 naming `url` when its host resolves where the tenant policy does not allow (a name that
     does not resolve now is checked again at each delivery)."""
@@ -210,8 +220,8 @@ async def check_destination(value: str, policy: DestinationPolicy) -> None:
             await policy.resolve(host, 0)
     except DestinationRefused as e:
         raise InvalidInput([("url", e.message)]) from None
-    except (OSError, TimeoutError):
-        pass
+    except (OSError, TimeoutError, UnicodeError):
+        pass  # checked again when a delivery connects
 
 
 def _types(value: list[str] | None) -> str:

@@ -675,12 +675,15 @@ async def count_secrets(db: Database) -> int:
     """The encrypted values the database holds that a key can still open: the mail servers'
     secrets and the PKCE verifiers of consents not yet expired (`Mailgate.open` refuses to make a
     new key file for a database that holds any)."""
+    from ..db.models import WebhookRow
+
     async with db.sessions() as s:
         secrets = await s.scalar(select(func.count()).select_from(ServerSecret))
         verifiers = await s.scalar(
             select(func.count()).select_from(ConsentRequest).where(ConsentRequest.expires_at >= now())
         )
-    return int(secrets or 0) + int(verifiers or 0)
+        webhooks = await s.scalar(select(func.count()).select_from(WebhookRow))  # their signing secrets
+    return int(secrets or 0) + int(verifiers or 0) + int(webhooks or 0)
 
 
 async def read_audit_log(db: Database, tenant_id: str | None = None, *, limit: int = 100) -> list[AuditRecord]:
