@@ -597,9 +597,11 @@ def install(app: Any) -> None:
 
     from .session import CsrfRefused
     from .templates_pages import router as templates_router
+    from .webhooks_pages import router as webhooks_router
 
     app.include_router(router)
     app.include_router(templates_router)
+    app.include_router(webhooks_router)
     app.mount(f"{ADMIN}/static", StaticFiles(directory=HERE / "static"), name="admin-static")
     app.add_middleware(AdminHeaders)
     for kind, handler in list(app.exception_handlers.items()):
