@@ -446,6 +446,7 @@ class WebhookSender:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop`; then let the sends under way finish (each is bounded by its timeout)."""
         loop = asyncio.get_running_loop()
+        failure = ""  # the last failure's kind: its traceback is logged once, not every turn
         try:
             while not stop.is_set():
                 try:
@@ -455,8 +456,11 @@ class WebhookSender:
                         if gone:
                             log.info("removed %d events older than their retention", gone)
                     await self.deliver_due(wait=False)
+                    failure = ""
                 except Exception as e:  # the database away, or a bug: never the end of the loop
-                    log.warning("webhook deliveries failed this turn: %s", traceback_of(e))
+                    if type(e).__name__ != failure:
+                        log.warning("webhook deliveries failed this turn: %s", traceback_of(e))
+                    failure = type(e).__name__
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL)
         finally:

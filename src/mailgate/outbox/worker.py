@@ -222,7 +222,8 @@ class Worker:
         self._stop = stop = stop or asyncio.Event()
         self._recorder = recorder = _Recorder(self.outbox, self.name, self.config.stop_grace)
         relay = asyncio.create_task(self._relay(stop))
-        hooks = asyncio.create_task(self.webhooks.run(stop)) if self.webhooks is not None else None
+        # Webhooks go out from long-running workers; a run until idle (a cron job, a test) sends mail only.
+        hooks = asyncio.create_task(self.webhooks.run(stop)) if self.webhooks is not None and not until_idle else None
         backoff = self.config.poll_interval
         failure = ""  # the claim loop's last unexpected failure: its traceback is logged once
         log.info("worker %s started", self.name)
