@@ -27,7 +27,7 @@ from sqlalchemy import Table, and_, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .db.engine import Database
-from .db.models import EventRow, MessageRow, WebhookDelivery, now
+from .db.models import EventRow, WebhookDelivery, now
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -96,22 +96,41 @@ async def _lock(s: AsyncSession) -> None:
         await s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
 
 
+# A group's events in one statement, the rows ([message id, type, data]) as one JSON document and
+# each message's tenant joined in: row by row (an executemany and a lookup of the tenants) this
+# cost ~27 µs an outcome on SQLite, two thirds again of what recording the outcome cost.
+_INSERT_MESSAGE_EVENTS = {
+    "sqlite": text("""
+INSERT INTO events (tenant_id, type, message_pk, data, created_at)
+SELECT m.tenant_id, json_extract(e.value, '$[1]'), m.id, json_extract(e.value, '$[2]'), :at
+FROM json_each(:rows) AS e JOIN messages AS m ON m.id = json_extract(e.value, '$[0]')
+RETURNING id
+"""),
+    "postgresql": text("""
+INSERT INTO events (tenant_id, type, message_pk, data, created_at)
+SELECT m.tenant_id, e ->> 1, m.id, e -> 2, :at
+FROM json_array_elements(CAST(:rows AS json)) AS e JOIN messages AS m ON m.id = CAST(e ->> 0 AS bigint)
+RETURNING id
+"""),
+}
+
+
 async def record_message_events(s: AsyncSession, outcomes: Sequence[Outcome], at: datetime) -> None:
-    """Within `record`'s transaction: the events of these outcomes (the messages' tenants read in
-    the same statement), then their webhook deliveries."""
-    rows = [(o.pk, kind, data) for o in outcomes if (made := message_event(o)) for kind, data in [made]]
+    """Within `record`'s transaction: the events of these outcomes (each message's tenant joined
+    in), then their webhook deliveries."""
+    rows = [[o.pk, kind, data] for o in outcomes if (made := message_event(o)) for kind, data in [made]]
     if not rows:
         return
     await _lock(s)
-    query = select(MessageRow.id, MessageRow.tenant_id).where(MessageRow.id.in_({r[0] for r in rows}))
-    tenants: dict[int, str] = {pk: tenant for pk, tenant in await s.execute(query)}
-    values = [
-        {"tenant_id": tenants[pk], "type": kind, "message_pk": pk, "server_scope": None, "data": data, "created_at": at}
-        for pk, kind, data in rows
-        if pk in tenants
-    ]
-    if values:
-        ids = list((await s.scalars(_EVENTS.insert().returning(_EVENTS.c.id), values)).all())
+    db = s.get_bind().dialect.name
+    if db == "sqlite":
+        from .outbox.store import sqlite_time
+
+        params: dict[str, Any] = {"rows": json.dumps(rows), "at": sqlite_time(at)}
+    else:
+        params = {"rows": json.dumps(rows), "at": at}
+    ids = list((await s.scalars(_INSERT_MESSAGE_EVENTS[db], params)).all())
+    if ids:
         await _fan_out(s, ids, at)
 
 
