@@ -11,9 +11,11 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -397,3 +399,44 @@ async def test_keys_rotate_re_encrypts_the_signing_secrets(mg: Mailgate, databas
         async with Mailgate.open(database_url, secret_keys=new_key, config=FAST) as only_new:
             await sender_of(only_new).deliver_due()
     assert [d.verified for d in receiver.deliveries] == [True]
+
+
+def test_mailgate_serve_posts_the_event_of_a_message_it_delivered(tmp_path: Any) -> None:
+    """As an operator runs it: `mailgate serve` (a real process), a third-party HTTP client making
+    the webhook and submitting, a real SMTP peer, and the receiver checking the signature."""
+    from smtp_servers import serve_in_thread
+    from test_serve import Served
+
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MAILGATE_DATABASE_URL", "MAILGATE_CONFIG_FILE")},
+           "MAILGATE_SECRET_KEYS": TEST_KEY, "MAILGATE_POLL_INTERVAL": "0.1"}  # fmt: skip
+    # The process runs this checkout's mailgate, whichever the entry point was installed from.
+    import mailgate
+
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(mailgate.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    served = Served(tmp_path, env, [])
+    try:
+        admin = served.cli("tokens", "create", "--role", "system-admin").strip()
+        with serve_in_thread() as smtp, WebhookReceiver() as receiver:
+            with httpx2.Client(base_url=served.url, headers={"Authorization": f"Bearer {admin}"}, timeout=10) as http:
+                assert http.post("/v1/tenants", json={"id": "acme"}).status_code == 201
+                server = {"from_address": "no-reply@example.com",
+                          "smtp": {"host": smtp.host, "port": smtp.port, "security": "none"}}  # fmt: skip
+                assert http.put("/v1/servers/global", json=server).status_code == 200
+                made = http.post("/v1/tenants/acme/webhooks", json={"url": receiver.hook_url})
+                assert made.status_code == 201, made.text
+                receiver.secret = secret = made.json()["secret"]
+                reply = http.post("/v1/messages", json={"tenant": "acme", "to": ["bob@example.org"],
+                                                        "subject": "Welcome", "text": "hi"})  # fmt: skip
+                assert reply.status_code == 202, reply.text
+                assert receiver.got.wait(30), served.output()
+                events = http.get("/v1/events", params={"tenant": "acme"}).json()["events"]
+        assert served.stop() == 0
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+    [got] = receiver.deliveries
+    assert got.verified and got.event is not None and got.event["type"] == "message.sent"
+    assert got.event["data"]["message"]["id"] == reply.json()["id"]
+    assert got.headers["webhook-id"] == f"evt_{events[0]['id']}"
+    assert secret[6:] not in served.output()  # never logged
