@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from fastapi import FastAPI, Request, Response
 from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook
 
@@ -440,3 +441,34 @@ def test_mailgate_serve_posts_the_event_of_a_message_it_delivered(tmp_path: Any)
     assert got.event["data"]["message"]["id"] == reply.json()["id"]
     assert got.headers["webhook-id"] == f"evt_{events[0]['id']}"
     assert secret[6:] not in served.output()  # never logged
+
+
+async def test_the_readme_receiver_takes_a_real_delivery_and_refuses_a_forged_one(mg: Mailgate) -> None:
+    """README's receiver example, as written there, given what mailgate really sent."""
+    seen: list[Any] = []
+    with WebhookReceiver() as receiver:
+        SECRET, _ = await mg.webhooks.create("acme", receiver.hook_url)  # as the README names it
+        async with serve(ServerConfig()) as smtp:
+            await mg.servers.set("global", doc(smtp))
+            await mg.submit("acme", Message(to="a@example.org", subject="s", text="t"))
+            await mg.run_worker(until_idle=True)
+        await sender_of(mg).deliver_due()
+
+    app = FastAPI()
+
+    @app.post("/hooks/mailgate")
+    async def mailgate_events(request: Request) -> Response:
+        try:
+            event = verify(SECRET, request.headers, await request.body())  # the whsec_… shown at creation
+        except VerificationError:
+            return Response(status_code=401)
+        seen.append((event["type"], event["data"]))  # README: print(event["type"], event["data"])
+        return Response(status_code=204)
+
+    [got] = receiver.deliveries
+    headers = {k: v for k, v in got.headers.items() if k.startswith("webhook-") or k == "content-type"}
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://app.test") as client:
+        assert (await client.post("/hooks/mailgate", content=got.body, headers=headers)).status_code == 204
+        forged = got.body.replace(b'"sent"', b'"failed"')
+        assert (await client.post("/hooks/mailgate", content=forged, headers=headers)).status_code == 401
+    assert seen == [("message.sent", json.loads(got.body)["data"])]
