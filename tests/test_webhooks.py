@@ -472,3 +472,26 @@ async def test_the_readme_receiver_takes_a_real_delivery_and_refuses_a_forged_on
         forged = got.body.replace(b'"sent"', b'"failed"')
         assert (await client.post("/hooks/mailgate", content=forged, headers=headers)).status_code == 401
     assert seen == [("message.sent", json.loads(got.body)["data"])]
+
+
+async def test_a_claim_takes_a_few_deliveries_of_as_many_webhooks_as_there_are_free_slots(
+    mg: Mailgate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailgate.webhooks
+
+    monkeypatch.setattr(mailgate.webhooks, "CONCURRENCY", 1)
+    with WebhookReceiver() as one, WebhookReceiver() as two:
+        await mg.webhooks.create("acme", one.hook_url)
+        await mg.webhooks.create("acme", two.hook_url)
+        async with serve(ServerConfig()) as smtp:
+            await mg.servers.set("global", doc(smtp))
+            await mg.submit_many("acme", [Message(to="a@example.org", subject="s", text="t")] * 6)
+            await mg.run_worker(until_idle=True)
+        hooks = sender_of(mg)
+        # 12 deliveries due: one webhook (one slot), four of its six (PER_WEBHOOK); the rest given back, due now.
+        assert await hooks.deliver_due() == 4
+        assert len(one.deliveries) + len(two.deliveries) == 4
+        assert sum(d.next_at is not None and d.next_at <= now() for d in await deliveries(mg)) == 8
+        for _ in range(3):  # one webhook a round: 2 + 4 + 2 more
+            await hooks.deliver_due()
+    assert len(one.deliveries) == len(two.deliveries) == 6

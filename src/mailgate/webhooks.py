@@ -66,7 +66,7 @@ REQUEST_TIMEOUT = 15.0  # seconds for one delivery, connect to last byte (the sp
 MAX_AGE = timedelta(days=3)  # a delivery is given up this long after its event (the spec's schedule: ~3 days)
 RETRY_BASE = 5.0  # seconds before the first retry; doubles each time, with jitter, at most:
 RETRY_MAX = 6 * 3600.0
-LEASE = 120.0  # seconds a claimed delivery is a sender's; then due again (at least once)
+LEASE = 120.0  # seconds a claimed delivery is a sender's, then due again (at least once): > PER_WEBHOOK × timeout
 CONCURRENCY = 20  # webhooks delivered to at once by one process
 PER_WEBHOOK = 4  # deliveries of one webhook claimed at a time (sent one after another)
 CLAIM = 100
@@ -492,6 +492,12 @@ class WebhookSender:
         return len(claimed)
 
     async def _claim(self) -> list[_Claimed]:
+        """Due deliveries of at most as many webhooks as there are free slots, at most PER_WEBHOOK
+        each (the rest are given back at once): every task starts at once, and its deliveries are
+        sent within PER_WEBHOOK × REQUEST_TIMEOUT, well before their LEASE runs out."""
+        free = CONCURRENCY - len(self._busy)
+        if free <= 0:
+            return []
         at = now()
         D = _DELIVERIES.c
         due = select(D.id).where(D.next_at <= at, D.status == PENDING)
@@ -508,8 +514,11 @@ class WebhookSender:
         rows.sort(key=lambda c: c.id)
         kept: list[_Claimed] = []
         back: list[_Claimed] = []
-        counts: dict[int, int] = {}  # at most PER_WEBHOOK each: the rest are due again at once
+        counts: dict[int, int] = {}
         for c in rows:
+            if c.webhook_id not in counts and len(counts) >= free:
+                back.append(c)
+                continue
             counts[c.webhook_id] = counts.get(c.webhook_id, 0) + 1
             (kept if counts[c.webhook_id] <= PER_WEBHOOK else back).append(c)
         if back:
