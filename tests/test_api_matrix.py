@@ -134,6 +134,13 @@ ROUTES = [
     route("DELETE", "/v1/tenants/{t}", None, {S: 204, A: 403, N: 403}),
     route("GET", "/v1/audit", None, {S: 200, A: 200, N: 403}),
     route("GET", "/v1/audit?tenant={t}", None, {S: 200, f"{A}/own": 200, f"{A}/other": 404, N: 403}),
+    route("GET", "/v1/events", None, {S: 200, A: 200, N: 200}),
+    route("GET", "/v1/events?tenant={t}", None, {S: 200, f"{A}/own": 200, f"{A}/other": 404, f"{N}/own": 200,
+                                                 f"{N}/other": 404}),
+    route("POST", "/v1/tenants/{t}/webhooks", lambda t: {"url": "https://127.0.0.1:9/hook"},
+          {S: 201, f"{A}/own": 201, f"{A}/other": 404, f"{N}/own": 403, f"{N}/other": 404}),
+    route("GET", "/v1/tenants/{t}/webhooks", None,
+          {S: 200, f"{A}/own": 200, f"{A}/other": 404, f"{N}/own": 403, f"{N}/other": 404}),
     route("GET", "/metrics", None, {S: 200, A: 403, N: 403}),
     # acme has no support address (and no global one is set): 409; globex has its own.
     route("POST", "/v1/support-requests", lambda t: {"tenant": t, "subject": "hello", "text": "hi"},

@@ -25,6 +25,7 @@ from .accounts import AdminUsers
 from .config import Config
 from .db.engine import Database, connect, database_url, ensure_schema
 from .errors import MessageError, NotFound, SendingDisabled, SettingsError
+from .events import Events
 from .message import Address, AddressesInput, AddressInput, HeadersInput, Message
 from .notifications.store import Templates
 from .oauth.cache import TokenCache
@@ -34,6 +35,7 @@ from .outbox.store import Entry, Outbox, default_domain
 from .outbox.worker import Worker, WorkerStats
 from .settings.secrets import ENV_KEYS, Keyring, key_file_for, load_keyring
 from .settings.store import AuditRecord, Resolution, ServerInfo, Servers, Tenants, count_secrets, read_audit_log
+from .webhooks import Webhooks, WebhookSender
 
 if TYPE_CHECKING:
     from .diagnostics.testmail import OnStep, StepReport
@@ -81,6 +83,8 @@ class Mailgate:
         self.tokens = TokenCache()
         self._consents = Consents(db, keyring, self.servers, self.tokens, actor, config.destinations)
         self.templates = Templates(db, actor)
+        self.events = Events(db)
+        self.webhooks = Webhooks(db, keyring, config.destinations.tenant, actor)
 
     def acting_as(self, actor: str) -> Mailgate:
         """The same service (database, caches, connections) with changes audited as `actor`: the
@@ -92,6 +96,7 @@ class Mailgate:
                                destinations=self.config.destinations)  # fmt: skip
         view._consents = Consents(self.db, self._keyring, view.servers, self.tokens, actor, self.config.destinations)
         view.templates = self.templates.acting_as(actor)
+        view.webhooks = self.webhooks.acting_as(actor)
         return view
 
     def _settings_changed(self) -> None:
@@ -217,7 +222,8 @@ class Mailgate:
 
     def new_worker(self) -> Worker:
         """A worker for `run()`, for a caller that wants to watch it (`mailgate serve`)."""
-        return Worker(self.queue, self.servers, self.config, tokens=self.tokens)
+        hooks = WebhookSender(self.db, self._keyring, self.config.destinations.tenant)
+        return Worker(self.queue, self.servers, self.config, tokens=self.tokens, webhooks=hooks)
 
     async def ping(self) -> None:
         """Raises if the database can't be reached (for /readyz)."""

@@ -21,6 +21,7 @@ from .. import __version__
 from ..config import Config
 from ..service import Mailgate
 from . import errors, health, messages, settings
+from . import events as event_routes
 from . import support as support_requests
 from . import templates as template_routes
 from .limits import MAX_TEST_EMAILS, MAX_TEST_EMAILS_PER_SCOPE, Slots
@@ -74,6 +75,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(support_requests.router)
     app.include_router(template_routes.router)
+    app.include_router(event_routes.router)
     limit = (config or (mg.config if mg is not None else None) or Config.load()).max_request_size
     app.add_middleware(BodyLimit, limit=limit)
     from ..web import install as install_admin_ui

@@ -383,3 +383,70 @@ class AttemptRow(Base):
     text: Mapped[str] = mapped_column(Text)
     results: Mapped[list[Any]]
     note: Mapped[str | None] = mapped_column(Text)
+
+
+class EventRow(Base):
+    """Something a tenant may want to hear of (events.py): a message's outcome, its mail server
+    broken or recovered. Written in the transaction of the change it tells of, so none is lost and
+    none tells of what did not happen. Ids only grow, in commit order (events.py says how), so
+    pollers page by id. No foreign key: an outcome of a tenant being removed must still commit."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index(None, "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(32))
+    message_pk: Mapped[int | None] = mapped_column(BigInteger)
+    server_scope: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=now, index=True)
+
+
+class WebhookRow(Base):
+    """A tenant's webhook: where its events are POSTed, signed (Standard Webhooks). `event_types`
+    is the types it takes as ",message.sent,server.broken," (matched with LIKE when events fan
+    out: one statement, both databases). The signing secret is encrypted (Fernet); after a
+    rotation the previous one also signs until `previous_until`."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[str] = mapped_column(String(300))
+    enabled: Mapped[bool]
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_until: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)  # set when mailgate switched it off (410 Gone)
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    created_by: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=now)
+
+
+_PENDING_DELIVERY = text("next_at IS NOT NULL")
+
+
+class WebhookDelivery(Base):
+    """One event to one webhook: pending (`next_at`: when it is due, or the end of a sender's
+    lease), delivered, or failed (gave up after the maximum age, or the webhook went away);
+    with the last response's status code and a short, cleaned excerpt of its body."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "event_id"),
+        Index("ix_webhook_deliveries_due", "next_at", postgresql_where=_PENDING_DELIVERY,
+              sqlite_where=_PENDING_DELIVERY),
+    )  # fmt: skip
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=now)
+    last_at: Mapped[datetime | None]
+    last_code: Mapped[int | None]
+    last_response: Mapped[str | None] = mapped_column(Text)

@@ -26,6 +26,7 @@ from ..config import Config
 from ..db.engine import Database
 from ..db.models import AttemptRow, MessageAttachment, MessageBody, MessageRecipient, MessageRow, now
 from ..errors import Conflict, NotFound, traceback_of
+from ..events import record_message_events
 from ..message import Message
 
 log = logging.getLogger("mailgate.outbox")
@@ -487,6 +488,7 @@ class Outbox:
             if states:
                 await write.recipients(s, states)
             await write.attempts(s, [_attempt_row(worker, o) for o in mine])
+            await record_message_events(s, mine, at)  # last: it takes the event writers' lock (events.py)
 
     async def release(self, worker: str, pks: Sequence[int]) -> int:
         """Give back claimed messages that were not tried (a stopping worker): due again now."""

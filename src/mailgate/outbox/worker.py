@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
@@ -57,6 +57,9 @@ from .quota import ConnectionSlots, Quotas
 from .retry import retry_delay
 from .store import ACCEPTED, DEFERRED, FAILED, HELD, PENDING, REFUSED, SENT, Claimed, Outbox, RecipientState
 from .store import Outcome as Recorded
+
+if TYPE_CHECKING:
+    from ..webhooks import WebhookSender
 
 log = logging.getLogger("mailgate.worker")
 protocol_log = logging.getLogger("mailgate.protocol")
@@ -164,8 +167,10 @@ class Worker:
         *,
         name: str | None = None,
         tokens: TokenCache | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         self.outbox = outbox
+        self.webhooks = webhooks  # delivered beside the mail, in a task of its own (webhooks.py)
         self.servers = servers
         self.config = config
         self.name = name or worker_name()
@@ -218,6 +223,8 @@ class Worker:
         self._stop = stop = stop or asyncio.Event()
         self._recorder = recorder = _Recorder(self.outbox, self.name, self.config.stop_grace)
         relay = asyncio.create_task(self._relay(stop))
+        # Webhooks go out from long-running workers; a run until idle (a cron job, a test) sends mail only.
+        hooks = asyncio.create_task(self.webhooks.run(stop)) if self.webhooks is not None and not until_idle else None
         backoff = self.config.poll_interval
         failure = ""  # the claim loop's last unexpected failure: its traceback is logged once
         log.info("worker %s started", self.name)
@@ -247,6 +254,8 @@ class Worker:
             relay.cancel()
             stop.set()
             await self._shut_down(recorder)
+            if hooks is not None:
+                await asyncio.gather(hooks, return_exceptions=True)
             log.info("worker %s stopped: %s", self.name, self.stats)
         return self.stats
 

@@ -17,8 +17,9 @@ from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..db.engine import Database
-from ..db.models import AuditEntry, ConsentRequest, MailServerRow, MessageRow, ServerSecret, Tenant, now
+from ..db.models import AuditEntry, ConsentRequest, EventRow, MailServerRow, MessageRow, ServerSecret, Tenant, now
 from ..errors import Conflict, NotFound, SettingsError
+from ..events import SERVER_BROKEN, SERVER_RECOVERED, record_server_event
 from .document import (
     SECRET_FIELDS,
     MailServer,
@@ -305,6 +306,8 @@ class Tenants(_Part):
             row = await _tenant(s, tenant_id, lock=True)
             server = await _server_row(s, tenant_id)
             await s.delete(row)
+            # Its events go too (its webhooks go with the tenant): a new tenant of the same id must not read them.
+            await s.execute(delete(EventRow).where(EventRow.tenant_id == tenant_id))
             changes: list[Any] = [{"field": "tenant", "from": tenant_id, "to": None}]
             if server is not None:
                 changes.append({"field": "server", "from": f"version {server.version}", "to": None})
@@ -517,6 +520,7 @@ class Servers(_Part):
             row.broken_reason, row.broken_at = reason, now()
             _audit(s, "mailgate", "server.broken", _tenant_of(row.scope), row.scope,
                    [{"field": "broken_reason", "from": None, "to": reason}])  # fmt: skip
+            await record_server_event(s, SERVER_BROKEN, row.scope, str(row.document.get("kind", "smtp")), reason)
             return True
 
     async def record_health(self, updates: Mapping[int, Mapping[str, Any]]) -> None:
@@ -645,7 +649,9 @@ class Servers(_Part):
         """Re-encrypt every stored secret under the newest key (the mail servers' secrets and the
         PKCE verifiers of consents under way). Returns how many. Servers marked broken because
         their secrets could not be decrypted are mended: they decrypt here."""
+        from ..db.models import WebhookRow
         from ..oauth.consent import VERIFIER_FIELD
+        from ..webhooks import rotate_secrets
 
         async with self.db.write() as s:
             rows = (await s.execute(select(ServerSecret, MailServerRow.scope).join(MailServerRow))).all()
@@ -658,6 +664,9 @@ class Servers(_Part):
             for consent, scope in consents:
                 consent.verifier = self.keyring.rotate(scope, VERIFIER_FIELD, consent.verifier)
             count = len(rows) + len(consents)
+            count += rotate_secrets(
+                list(await s.scalars(select(WebhookRow))), self.keyring
+            )  # webhooks' signing secrets
             self._audit(s, "keys.rotate", None, None, [{"field": "secrets", "from": None, "to": count}])
             for row in await s.scalars(_broken_by_keys()):
                 await self._unbreak(s, row)
@@ -692,12 +701,15 @@ async def count_secrets(db: Database) -> int:
     """The encrypted values the database holds that a key can still open: the mail servers'
     secrets and the PKCE verifiers of consents not yet expired (`Mailgate.open` refuses to make a
     new key file for a database that holds any)."""
+    from ..db.models import WebhookRow
+
     async with db.sessions() as s:
         secrets = await s.scalar(select(func.count()).select_from(ServerSecret))
         verifiers = await s.scalar(
             select(func.count()).select_from(ConsentRequest).where(ConsentRequest.expires_at >= now())
         )
-    return int(secrets or 0) + int(verifiers or 0)
+        webhooks = await s.scalar(select(func.count()).select_from(WebhookRow))  # their signing secrets
+    return int(secrets or 0) + int(verifiers or 0) + int(webhooks or 0)
 
 
 async def read_audit_log(db: Database, tenant_id: str | None = None, *, limit: int = 100) -> list[AuditRecord]:
@@ -875,6 +887,7 @@ async def _server_row(s: AsyncSession, scope: str, *, lock: bool = False) -> Mai
 async def _mend(s: AsyncSession, row: MailServerRow) -> None:
     """After a save or an enable: the server is not broken any more, as far as we know, and the
     messages that wait for it are due now."""
+    was_broken = row.broken_reason is not None
     row.broken_reason, row.broken_at = None, None
     await s.execute(
         update(MessageRow)
@@ -882,6 +895,8 @@ async def _mend(s: AsyncSession, row: MailServerRow) -> None:
         .values(due_at=now())
         .execution_options(synchronize_session=False)
     )
+    if was_broken:  # after the messages' update: the event writers' lock is taken last (events.py)
+        await record_server_event(s, SERVER_RECOVERED, row.scope, str(row.document.get("kind", "smtp")), None)
 
 
 def _broken_by_keys() -> Select[MailServerRow]:

@@ -611,10 +611,12 @@ def install(app: Any) -> None:
     from .session import CsrfRefused
     from .support import router as support_router
     from .templates_pages import router as templates_router
+    from .webhooks_pages import router as webhooks_router
 
     app.include_router(router)
     app.include_router(support_router)  # the support form and the system settings (web/support.py)
     app.include_router(templates_router)  # the notification template editor (web/templates_pages.py)
+    app.include_router(webhooks_router)  # a tenant's webhooks (web/webhooks_pages.py)
     app.mount(f"{ADMIN}/static", StaticFiles(directory=HERE / "static"), name="admin-static")
     app.add_middleware(AdminHeaders)
     for kind, handler in list(app.exception_handlers.items()):
