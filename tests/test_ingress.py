@@ -8,10 +8,14 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import re
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -26,9 +30,10 @@ from conftest import TEST_KEY
 from mailgate import Mailgate
 from mailgate.ingress import IngressServer, from_bytes, self_signed, server_context
 from mailgate.message import MessageError
-from smtp_servers import RecordingServer, ServerConfig, serve
+from smtp_servers import RecordingServer, ServerConfig, serve, serve_in_thread
 
 NODE_DIR = Path(__file__).parent / "node"
+MAILGATE = str(Path(sys.executable).with_name("mailgate"))
 
 
 @dataclass
@@ -84,7 +89,8 @@ def note(**headers: str) -> EmailMessage:
     msg["To"] = headers.pop("To", "Bob <bob@example.org>")
     for name, value in headers.items():
         msg[name.replace("_", "-")] = value
-    msg["Subject"] = msg["Subject"] or "Disk almost full"
+    if msg["Subject"] is None:
+        msg["Subject"] = "Disk almost full"
     msg.set_content("The disk of db-1 is 91% full.\n")
     return msg
 
@@ -352,7 +358,8 @@ async def test_a_database_that_is_away_gets_451_4_3_0_and_the_same_message_goes_
             back = await in_thread(send, smtp)
         finally:
             await in_thread(smtp.close)
-        assert away[0] == 451 and away[1].startswith(b"4.3.0 ") and b"sqlite" not in away[1].lower()
+        assert away[0] == 451 and away[1].startswith(b"4.3.0 mailgate's database can't be used just now")
+        assert b"sqlite" not in away[1].lower()
         assert back[0] == 250
         assert len(await stored(mg)) == 1
 
@@ -428,3 +435,80 @@ def test_raw_utf8_headers_are_read_as_utf8() -> None:
 def test_two_from_mailboxes_are_refused() -> None:
     with pytest.raises(MessageError, match="more than one mailbox"):
         from_bytes(b"From: a@x.example, b@x.example\r\nTo: c@example.org\r\n\r\nhi\r\n", ["c@example.org"])
+
+
+# ---- `mailgate serve --smtp-port`, as the operator runs it ------------------------------------------
+
+
+def test_serve_with_smtp_port_takes_mail_and_its_worker_delivers_it(
+    tmp_path: Path, env: dict[str, str], certificate: tuple[Path, Path]
+) -> None:
+    from test_serve import Served
+
+    smtp_port = free_port()
+    served = Served(tmp_path, env, ["--smtp-port", str(smtp_port), "--smtp-cert", str(certificate[0]),
+                                    "--smtp-key", str(certificate[1])])  # fmt: skip
+    try:
+        assert f"SMTP submission on 127.0.0.1:{smtp_port}" in served.output()
+        with serve_in_thread() as peer:
+            served.cli("tenants", "add", "acme")
+            doc = {
+                "from_address": "no-reply@example.com",
+                "smtp": {"host": peer.host, "port": peer.port, "security": "none"},
+            }
+            (tmp_path / "g.json").write_text(json.dumps(doc))
+            served.cli("servers", "set", "global", "--file", str(tmp_path / "g.json"))
+            token = json.loads(served.cli("tokens", "create", "--role", "sender", "--tenant", "acme", "--json"))[
+                "token"
+            ]
+            with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as smtp:
+                smtp.starttls(context=ssl.create_default_context(cafile=str(certificate[0])))
+                smtp.login("acme", token)
+                smtp.send_message(note(Subject="Through the operator's ingress"))
+            [got] = peer.wait_for_messages_sync(1, timeout=30)
+        assert got.parsed()["Subject"] == "Through the operator's ingress" and got.rcpt_tos == ["bob@example.org"]
+    finally:
+        assert served.stop() == 0
+    assert token not in served.output()
+
+
+def test_serve_refuses_an_smtp_port_without_a_certificate(tmp_path: Path, env: dict[str, str]) -> None:
+    done = subprocess.run([MAILGATE, "serve", "--port", str(free_port()), "--smtp-port", str(free_port())],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "needs a TLS certificate: set MAILGATE_SMTP_CERT and MAILGATE_SMTP_KEY" in done.stderr
+
+
+def test_demo_offers_smtp_submission_on_loopback_with_a_self_signed_certificate(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    from test_serve import Served
+
+    served = Served(tmp_path, env, ["--demo"])
+    try:
+        found = re.search(r"SMTP submission on 127\.0\.0\.1:(\d+) with a self-signed certificate", served.output())
+        assert found, served.output()
+        with smtplib.SMTP("127.0.0.1", int(found.group(1)), timeout=10) as smtp:
+            smtp.ehlo("client.example")
+            assert smtp.has_extn("starttls") and not smtp.has_extn("auth")
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            smtp.starttls(context=context)
+            smtp.ehlo("client.example")
+            assert smtp.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+    finally:
+        assert served.stop() == 0
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    drop = ("MAILGATE_DATABASE_URL", "MAILGATE_CONFIG_FILE")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "MAILGATE_SECRET_KEYS": TEST_KEY,
+            "MAILGATE_POLL_INTERVAL": "0.1"}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -263,6 +263,17 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+class _QuietSession(Session):
+    # aiosmtpd sets login_data at every AUTH and logs a deprecation warning each time it does.
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
 class _Session(SMTP):
     def __init__(self, ingress: IngressServer) -> None:
         super().__init__(
@@ -288,6 +299,9 @@ class _Session(SMTP):
             loop=asyncio.get_running_loop(),
         )
         self._ingress = ingress
+
+    def _create_session(self) -> Session:
+        return _QuietSession(self.loop)
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         # aiosmtpd parses PLAIN and LOGIN and then asks synchronously; the token is looked up in
