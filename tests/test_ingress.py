@@ -512,3 +512,13 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def test_line_breaks_hidden_in_encoded_words_are_refused_not_written() -> None:
+    for header in ("Subject: =?utf-8?q?Hi=0D=0ABcc:_victim@example.org?=",
+                   "X-Campaign: =?utf-8?q?a=0D=0AReply-To:_evil@example.org?=",
+                   "From: =?utf-8?q?Ops=0D=0ABcc:_x@example.org?= <ops@acme.example>"):  # fmt: skip
+        raw = f"{header}\r\nTo: bob@example.org\r\n\r\nhi\r\n".encode()
+        with pytest.raises(MessageError) as refused:
+            from_bytes(raw, ["bob@example.org"])
+        assert "line break" in str(refused.value) or "control character" in str(refused.value), header

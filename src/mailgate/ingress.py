@@ -226,6 +226,9 @@ class IngressServer:
             if any(field == "size" for field, _ in e.problems):
                 return f"552 5.3.4 The message would be larger than {self.max_size:,} bytes once composed"
             return "554 5.6.0 " + _one_line(str(e))
+        except Exception as e:  # the email package's parser bugs: this message, not a passing trouble
+            log.error("could not read a message received by SMTP: %s", traceback_of(e))
+            return "554 5.6.0 mailgate could not read this message (the operator's log has the error type)"
         try:
             done = await self.mg.accept(login.tenant, message)
         except SendingDisabled as e:
@@ -402,7 +405,12 @@ def from_bytes(raw: bytes, rcpt_tos: list[str], *, max_size: int = DEFAULT_MAX_S
             # Bare addresses, comma-separated (what most programs write): Address checks them
             # without the email package's parser (~100 µs a header).
             return [one for v in raw_values for a in v.split(",") if (one := _bare(name, a.strip())) is not None]
-        for value in head.get_all(name) or []:
+        try:
+            values = head.get_all(name) or []
+        except ValueError:  # the email package's own refusal, e.g. a line break in a display name
+            problems.append((name, "is not a valid address list (a line break in a name or address?)"))
+            return []
+        for value in values:
             if not isinstance(value, AddressHeader) or any(
                 not isinstance(d, _UTF8_LOCAL) for d in getattr(value, "defects", ())
             ):
