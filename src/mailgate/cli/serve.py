@@ -133,14 +133,16 @@ async def _start_ingress(
     without a certificate makes a self-signed one (clients must be told not to verify it)."""
     if port is None and not demo:
         return None
+    import shutil
     import tempfile
     from pathlib import Path
 
     from ..ingress import IngressServer, self_signed, server_context
 
     if port is not None and not 0 <= port < 65536:
-        fail(EXIT_INPUT, f"--smtp-port is a TCP port, 1-65535, not {port}")
+        fail(EXIT_INPUT, f"--smtp-port is a TCP port, 1-65535 (or 0: any free one), not {port}")
     cert, key = cert or mg.config.smtp_cert or None, key or mg.config.smtp_key or None
+    scratch: Path | None = None
     if (cert is None) != (key is None):
         fail(EXIT_INPUT, "the SMTP ingress needs both a certificate and its key (--smtp-cert and --smtp-key)")
     if cert is None or key is None:
@@ -156,6 +158,9 @@ async def _start_ingress(
         tls = server_context(cert, key)
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
         fail(EXIT_INPUT, f"the SMTP ingress's certificate or key can't be loaded: {type(e).__name__}")
+    finally:
+        if scratch is not None:  # the context holds the demo's key now: no copy left on disk
+            shutil.rmtree(scratch, ignore_errors=True)
     assert port is not None
     ingress = IngressServer(mg, host, port, tls, max_connections=mg.config.smtp_max_connections,
                             token_rate=mg.config.smtp_token_rate)  # fmt: skip
@@ -164,7 +169,7 @@ async def _start_ingress(
     except OSError as e:
         fail(1, f"could not take SMTP on {host}:{port}: {e.strerror or type(e).__name__}")
     shown = f"[{host}]" if ":" in host else host
-    made = " with a self-signed certificate" if demo else ""
+    made = " with a self-signed certificate" if scratch is not None else ""
     print(f"mailgate: SMTP submission on {shown}:{ingress.port}{made} (STARTTLS, then AUTH PLAIN/LOGIN: user = "
           "tenant id, password = a sender API token)", flush=True)  # fmt: skip
     return ingress
