@@ -5,17 +5,24 @@ messages delivered by the worker to a real SMTP server."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2
+import pytest
 from sqlalchemy import event, func, select
 
+from conftest import TEST_KEY
 from mailgate import Mailgate
 from mailgate.api import create_app
 from mailgate.db.models import MessageRow
-from smtp_servers import RecordingServer, ServerConfig, serve
+from smtp_servers import RecordingServer, ServerConfig, serve, serve_in_thread
 
 URL = "/v1/messages/batch"
 Headers = dict[str, str]
@@ -140,3 +147,33 @@ async def test_concurrent_batches(mg: Mailgate) -> None:
                                                    headers=sender) for i in range(5)))  # fmt: skip
         assert all(r.status_code == 200 for r in replies)
         assert await count(mg) == 50
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_posts_a_batch_to_mailgate_serve_and_the_worker_delivers_it(tmp_path: Path) -> None:
+    from test_serve import Served
+
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MAILGATE_DATABASE_URL", "MAILGATE_CONFIG_FILE")},
+           "MAILGATE_SECRET_KEYS": TEST_KEY, "MAILGATE_POLL_INTERVAL": "0.1"}  # fmt: skip
+    served = Served(tmp_path, env, [])
+    try:
+        with serve_in_thread() as peer:
+            served.cli("tenants", "add", "acme")
+            smtp = {"host": peer.host, "port": peer.port, "security": "none"}
+            (tmp_path / "g.json").write_text(json.dumps({"from_address": "no-reply@example.com", "smtp": smtp}))
+            served.cli("servers", "set", "global", "--file", str(tmp_path / "g.json"))
+            token = json.loads(served.cli("tokens", "create", "--role", "sender", "--tenant", "acme", "--json"))[
+                "token"
+            ]
+            body = {"messages": [message(1), {"to": ["nobody"]}, message(3, idempotency_key="k3")]}
+            done = subprocess.run(
+                ["curl", "-sS", "-X", "POST", f"{served.url}{URL}", "-H", f"Authorization: Bearer {token}",
+                 "-H", "Content-Type: application/json", "--data-binary", json.dumps(body)],
+                capture_output=True, text=True, timeout=60, check=True,
+            )  # fmt: skip
+            results = json.loads(done.stdout)["results"]
+            assert "id" in results[0] and results[1]["error"]["code"] == "invalid_input" and "id" in results[2]
+            got = peer.wait_for_messages_sync(2, timeout=30)
+        assert sorted(m.rcpt_tos[0] for m in got) == ["r1@example.org", "r3@example.org"]
+    finally:
+        assert served.stop() == 0
