@@ -60,6 +60,13 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8000
     max_request_size: int = 50 * 1024 * 1024
+    # The SMTP submission ingress (`mailgate serve --smtp-port`, ingress.py): its TLS certificate
+    # and key (PEM files; STARTTLS is required before AUTH), the connections it serves at once,
+    # and the messages a second one API token may submit through it (bursts of twice that).
+    smtp_cert: str = ""
+    smtp_key: str = ""
+    smtp_max_connections: int = 100
+    smtp_token_rate: float = 50.0
     # Where mail servers may make mailgate connect besides public addresses (destinations.py):
     # tenants' own servers nowhere else by default, the global server (the operator's) also to
     # loopback and private networks. CIDRs and the words loopback, private, link-local, any.

@@ -169,6 +169,43 @@ class Mailgate:
         )  # fmt: skip
         return await self.accept(tenant, message, idempotency_key)
 
+    async def accept_many(
+        self, tenant: str, items: Sequence[tuple[Message, str | None]]
+    ) -> list[Submission | MessageError]:
+        """`accept` for several messages of one tenant (POST /v1/messages/batch): each gets its own
+        answer in order, a Submission or the MessageError of its idempotency key, and the new ones
+        go through the group commit together (one transaction while nothing conflicts). A key
+        given twice stores one message; the later item answers it as replayed. SendingDisabled
+        refuses them all."""
+        results: list[Submission | MessageError | None] = [None] * len(items)
+        first_of_key: dict[str, int] = {}
+        new: list[int] = []
+        for i, (_, key) in enumerate(items):
+            if key is not None:
+                if not key or len(key) > 255 or _NOT_IN_KEY.search(key):
+                    results[i] = MessageError([("idempotency_key", "is 1-255 characters, without control characters")])
+                    continue
+                if key in first_of_key:
+                    continue  # answered below, from the first item with it
+                first_of_key[key] = i
+                existing = await self.queue.find_by_key(tenant, key)
+                if existing is not None:
+                    results[i] = Submission(existing, (await self.queue.get(existing)).summary.status, replayed=True)
+                    continue
+            new.append(i)
+        resolution = await self._resolve_for_submit(tenant)
+        ready, status = self._prepare(resolution, [items[i][0] for i in new])
+        ids = await asyncio.gather(*(self._group.submit(Entry(tenant, m, items[i][1], status))
+                                     for i, m in zip(new, ready, strict=True)))  # fmt: skip
+        for i, pk in zip(new, ids, strict=True):
+            results[i] = Submission(pk, status, replayed=False)
+        for i, (_, key) in enumerate(items):
+            if results[i] is None and key is not None:
+                first = results[first_of_key[key]]
+                assert isinstance(first, Submission)
+                results[i] = Submission(first.id, first.status, replayed=True)
+        return [r for r in results if r is not None]
+
     async def _resolve_for_submit(self, tenant: str) -> Resolution:
         # Busy APIs submit for the same tenants over and over: whether and where they may send is
         # looked up once a second. A change made through this service clears it at once; one made

@@ -9,12 +9,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Response
 
 from ..access import Principal
+from ..message import Message
 from ..notifications.store import Rendered
 from ..outbox.store import MAX_ID, STATUSES
 from ..service import Mailgate
 from .deps import Service, Who
 from .errors import ErrorReply
-from .schemas import Json, MessageIn, Submitted, TenantQuery
+from .schemas import BatchIn, BatchItem, BatchResults, Json, MessageIn, Submitted, TenantQuery
 
 MessageId = Annotated[int, Path(ge=1, le=MAX_ID)]
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses={
@@ -46,6 +47,53 @@ async def submit(
         response.status_code = 200
     locale = rendered.locale if rendered is not None else None
     return {"id": done.id, "tenant": tenant, "status": done.status, "replayed": done.replayed, "locale": locale}
+
+
+@router.post("/batch", response_model=BatchResults, response_model_exclude_none=True)
+async def submit_batch(body: BatchIn, mg: Service, who: Who) -> Any:
+    """Store up to 500 messages (200): `results` answers each in order, `{"id", "tenant",
+    "status", "replayed"}` or `{"error": {"status", "code", "message", "problems"}}` as
+    POST /v1/messages would have answered it alone. The valid ones are committed together."""
+    from pydantic import ValidationError
+
+    from ..errors import InvalidInput, NotFound, SendingDisabled
+    from .errors import _listed, _problem
+
+    who.must_be("system-admin", "sender")
+    results: list[dict[str, Any] | None] = [None] * len(body.messages)
+    groups: dict[str, list[tuple[int, Message, str | None]]] = {}
+    for i, raw in enumerate(body.messages):
+        try:
+            item = BatchItem.model_validate(raw)
+            tenant = _tenant_of(item.tenant or body.tenant, who)
+            message = item.to_message(await _rendered(mg, tenant, item))  # a template, as a single submit
+            groups.setdefault(tenant, []).append((i, message, item.idempotency_key))
+        except ValidationError as e:
+            problems = [_problem(x) for x in e.errors()]
+            results[i] = _failed(422, "invalid_input", "the message is not valid", _listed(problems))
+        except NotFound as e:
+            results[i] = _failed(404, "not_found", str(e), _listed(e.problems))
+        except InvalidInput as e:
+            results[i] = _failed(422, "invalid_input", str(e), _listed(e.problems))
+    for tenant, members in groups.items():
+        try:
+            await mg.tenants.get(tenant)  # a system admin may name one that does not exist
+            answers: list[Any] = await mg.accept_many(tenant, [(m, k) for _, m, k in members])
+        except NotFound as e:
+            answers = [_failed(404, "not_found", str(e), _listed(e.problems))] * len(members)
+        except SendingDisabled as e:
+            answers = [_failed(409, "sending_disabled", str(e))] * len(members)
+        for (i, _, _), answer in zip(members, answers, strict=True):
+            if isinstance(answer, InvalidInput):
+                answer = _failed(422, "invalid_input", str(answer), _listed(answer.problems))
+            elif not isinstance(answer, dict):
+                answer = {"id": answer.id, "tenant": tenant, "status": answer.status, "replayed": answer.replayed}
+            results[i] = answer
+    return {"results": results}
+
+
+def _failed(status: int, code: str, message: str, problems: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    return {"error": {"status": status, "code": code, "message": message[:20_000], "problems": problems or []}}
 
 
 @router.get("")

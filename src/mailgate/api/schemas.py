@@ -207,3 +207,45 @@ class AuthorizeUrl(BaseModel):
 
 
 Json = dict[str, Any]
+
+
+# ---- POST /v1/messages/batch ------------------------------------------------------------------------
+
+MAX_BATCH = 500
+
+
+class BatchItem(MessageIn):
+    """One message of a batch: what POST /v1/messages takes, and its own idempotency key."""
+
+    idempotency_key: str | None = Field(None, max_length=255, description="As the Idempotency-Key header.")
+
+
+class BatchIn(_Input):
+    """Up to 500 messages. Each is checked and answered on its own: a bad one does not refuse the
+    others. `tenant` is every message's that names none (required with a system-admin token)."""
+
+    tenant: TenantId | None = None
+    messages: list[dict[str, Any]] = Field(
+        min_length=1, max_length=MAX_BATCH, description="Each as POST /v1/messages takes it, plus `idempotency_key`."
+    )
+
+
+class BatchError(BaseModel):
+    status: int
+    code: str
+    message: str
+    problems: list[dict[str, str]] = []
+
+
+class BatchResult(BaseModel):
+    """Either the message stored (`id`, …) or why this one was not (`error`)."""
+
+    id: int | None = None
+    tenant: str | None = None
+    status: str | None = None
+    replayed: bool | None = None
+    error: BatchError | None = None
+
+
+class BatchResults(BaseModel):
+    results: list[BatchResult]

@@ -35,6 +35,22 @@ def serve(
             "set), a demo admin is made (its password printed), and /admin/captured shows what arrived.",
         ),
     ] = False,
+    smtp_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also take mail by SMTP submission on this port (587; off by default, on a free "
+            "loopback port with --demo). STARTTLS, then AUTH with an API token.",
+            show_default=False,
+        ),
+    ] = None,
+    smtp_host: Annotated[str, typer.Option(help="The SMTP submission server's address.")] = "127.0.0.1",
+    smtp_cert: Annotated[
+        str | None,
+        typer.Option(help="Its TLS certificate, PEM (default: $MAILGATE_SMTP_CERT).", show_default=False),
+    ] = None,
+    smtp_key: Annotated[
+        str | None, typer.Option(help="Its TLS key, PEM (default: $MAILGATE_SMTP_KEY).", show_default=False)
+    ] = None,
 ) -> None:
     """Run the HTTP API (docs at /docs), the admin UI (/admin) and a delivery worker. SIGTERM or
     Ctrl-C stops them gracefully: requests under way are answered, sends under way finish, the
@@ -82,6 +98,7 @@ def serve(
             await capture.start()
             api.state.capture = capture
             await _demo(mg, capture.port, f"http://{shown}:{listen_port}")
+        ingress = await _start_ingress(mg, smtp_port, smtp_host, smtp_cert, smtp_key, demo=demo)
         server = Server(
             uvicorn.Config(
                 api, host=listen_host, port=listen_port, log_level="warning",
@@ -100,11 +117,62 @@ def serve(
         except SystemExit:  # uvicorn's way of saying it could not start (it logged why)
             fail(1, f"could not serve on {shown}:{listen_port} (the reason is above)")
         finally:
+            if ingress is not None:
+                await ingress.aclose()
             if capture is not None:
                 await capture.aclose()
         print("mailgate: stopped", flush=True)
 
     with_service(ctx, work)
+
+
+async def _start_ingress(
+    mg: Mailgate, port: int | None, host: str, cert: str | None, key: str | None, *, demo: bool
+) -> Any:
+    """The SMTP submission server (ingress.py), when --smtp-port or --demo asks for it. --demo
+    without a certificate makes a self-signed one (clients must be told not to verify it)."""
+    if port is None and not demo:
+        return None
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ..ingress import IngressServer, self_signed, server_context
+
+    if port is not None and not 0 <= port < 65536:
+        fail(EXIT_INPUT, f"--smtp-port is a TCP port, 1-65535 (or 0: any free one), not {port}")
+    cert, key = cert or mg.config.smtp_cert or None, key or mg.config.smtp_key or None
+    scratch: Path | None = None
+    if (cert is None) != (key is None):
+        fail(EXIT_INPUT, "the SMTP ingress needs both a certificate and its key (--smtp-cert and --smtp-key)")
+    if cert is None or key is None:
+        if not demo:
+            fail(EXIT_INPUT, "the SMTP ingress needs a TLS certificate: set MAILGATE_SMTP_CERT and MAILGATE_SMTP_KEY "
+                             "(or --smtp-cert/--smtp-key); tokens never cross a connection in clear")  # fmt: skip
+        scratch = Path(tempfile.mkdtemp(prefix="mailgate-smtp-"))
+        cert_file, key_file = self_signed(scratch)
+        cert, key = str(cert_file), str(key_file)
+    if demo and port is None:
+        host, port = "127.0.0.1", 0
+    try:
+        tls = server_context(cert, key)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        fail(EXIT_INPUT, f"the SMTP ingress's certificate or key can't be loaded: {type(e).__name__}")
+    finally:
+        if scratch is not None:  # the context holds the demo's key now: no copy left on disk
+            shutil.rmtree(scratch, ignore_errors=True)
+    assert port is not None
+    ingress = IngressServer(mg, host, port, tls, max_connections=mg.config.smtp_max_connections,
+                            token_rate=mg.config.smtp_token_rate)  # fmt: skip
+    try:
+        await ingress.start()
+    except OSError as e:
+        fail(1, f"could not take SMTP on {host}:{port}: {e.strerror or type(e).__name__}")
+    shown = f"[{host}]" if ":" in host else host
+    made = " with a self-signed certificate" if scratch is not None else ""
+    print(f"mailgate: SMTP submission on {shown}:{ingress.port}{made} (STARTTLS, then AUTH PLAIN/LOGIN: user = "
+          "tenant id, password = a sender API token)", flush=True)  # fmt: skip
+    return ingress
 
 
 DEMO_ADMIN = "demo-admin@example.com"
