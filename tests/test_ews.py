@@ -159,14 +159,15 @@ async def test_send_as_another_address_needs_allow_delegate(ews: FakeEWS, mg: Ma
 
 
 async def test_a_message_from_another_address_without_allow_delegate_fails(ews: FakeEWS, mg: Mailgate) -> None:
-    await mg.servers.set("global", ews_doc(ews))
+    # "any": the global server's default sender policy (fixed) would send it from the mailbox instead.
+    await mg.servers.set("global", {**ews_doc(ews), "from_policy": "any"})
     [pk] = await deliver(mg, note(from_="ceo@contoso.example"))
     assert await status(mg, pk) == "failed"
     assert not ews.sent and "ews.allow_delegate" in (await mg.queue.get(pk)).attempts[-1]["text"]
 
 
 async def test_send_as_denied_fails_the_message(ews: FakeEWS, mg: Mailgate) -> None:
-    await mg.servers.set("global", ews_doc(ews, from_address=MAILBOX, allow_delegate=True))
+    await mg.servers.set("global", {**ews_doc(ews, from_address=MAILBOX, allow_delegate=True), "from_policy": "any"})
     [pk] = await deliver(mg, note(from_="ceo@contoso.example"))
     assert await status(mg, pk) == "failed"
     text = (await mg.queue.get(pk)).attempts[-1]["text"]

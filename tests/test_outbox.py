@@ -335,7 +335,7 @@ async def test_a_tenants_server_the_destination_policy_refuses_is_never_connecte
 
 async def test_transient_failures_stop_at_the_maximum_age(open_mg: Opener) -> None:
     # max_age leaves room for a retry even when a loaded machine takes a while over the first try.
-    mg = await open_mg(Config(retry_base=0.05, retry_max_delay=0.1, max_age=1.5, poll_interval=0.05))
+    mg = await open_mg(Config(retry_base=0.05, retry_max_delay=0.1, max_age=3.0, poll_interval=0.05))
     async with serve(ServerConfig(data_reply=lambda m: "451 4.3.0 Try again later")) as server:
         await setup(mg, server)
         pk = await mg.submit("acme", note())
