@@ -89,7 +89,8 @@ async def confirm(request: Request, tenant: str, webhook_id: str, action: str, u
     }
     if action not in questions:
         raise NotFound([("action", f"there is no action {action[:20]!r}")])
-    return page(request, user, "webhook_confirm.html", tenant=tenant, hook=hook, action=action,
+    return page(request, user, "confirm.html", target=f"{webhooks_page(tenant)}/{hook}/{action}",
+                button="Make a new secret" if action == "rotate" else "Remove the webhook",
                 question=questions[action], back=webhooks_page(tenant))  # fmt: skip
 
 
