@@ -25,10 +25,10 @@ import base64
 import random
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
     import httpx2
@@ -213,6 +213,24 @@ def _submitted(response: httpx2.Response, key: str) -> Submitted:
 
 
 # ---- retries ----------------------------------------------------------------------------------------
+#
+# The request/retry policy of both clients, without I/O: a generator that yields the next request to
+# make, with the seconds to wait before it, and is sent each request's outcome (the response, or the
+# transport error); its return value is the operation's result. `Client` and `AsyncClient` only drive
+# it (`_run`), each with its own I/O.
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    json: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
+
+
+_T = TypeVar("_T")
+if TYPE_CHECKING:
+    _Plan: TypeAlias = Generator[tuple[float, _Call], httpx2.Response | Exception, _T]
 
 
 class _Retries:
@@ -227,25 +245,37 @@ class _Retries:
         # Full jitter: clients that failed together don't come back together.
         return random.uniform(0, min(_BACKOFF_MAX, _BACKOFF_BASE * 2**attempt))
 
-    def after_answer(self, response: httpx2.Response, attempt: int) -> float | None:
-        """Seconds to wait before the next attempt, or None when this answer is final."""
-        if response.status_code not in _RETRIED_STATUSES or attempt >= self.retries:
-            return None
-        told = _retry_after(response)
-        if told is None:
-            return self.backoff(attempt)
-        return told if told <= self.max_retry_after else None
+    def exchange(self, call: _Call) -> _Plan[httpx2.Response]:
+        """Make `call` until an answer is final: the response, or its ApiError raised."""
+        delay, attempt = 0.0, 0
+        while True:
+            outcome = yield delay, call
+            if isinstance(outcome, Exception):  # no answer
+                if attempt >= self.retries:
+                    raise TransportFailed(
+                        None, "transport_failed", f"mailgate did not answer: {type(outcome).__name__}"
+                    ) from outcome
+                delay = self.backoff(attempt)
+            else:
+                told = _retry_after(outcome)
+                if (outcome.status_code not in _RETRIED_STATUSES or attempt >= self.retries
+                        or (told is not None and told > self.max_retry_after)):  # fmt: skip
+                    if outcome.status_code >= 400:
+                        raise _error_of(outcome)
+                    return outcome
+                delay = self.backoff(attempt) if told is None else told
+            attempt += 1
 
-    def after_failure(self, e: Exception, attempt: int) -> float:
-        if attempt >= self.retries:
-            raise TransportFailed(None, "transport_failed", f"mailgate did not answer: {type(e).__name__}") from e
-        return self.backoff(attempt)
+
+def _submit_plan(retries: _Retries, body: Mapping[str, Any], idempotency_key: str | None) -> _Plan[Submitted]:
+    key = idempotency_key or new_idempotency_key()
+    call = _Call("POST", "/v1/messages", json=dict(body), headers={"Idempotency-Key": key})
+    return _submitted((yield from retries.exchange(call)), key)
 
 
-def _final(response: httpx2.Response) -> httpx2.Response:
-    if response.status_code >= 400:
-        raise _error_of(response)
-    return response
+def _get_plan(retries: _Retries, message_id: int) -> _Plan[dict[str, Any]]:
+    data: dict[str, Any] = (yield from retries.exchange(_Call("GET", f"/v1/messages/{int(message_id)}"))).json()
+    return data
 
 
 def _headers(token: str) -> dict[str, str]:
@@ -301,31 +331,29 @@ class Client:
 
     def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None = None) -> Submitted:
         """Submit a message given as the API's JSON (`message_body` makes one)."""
-        key = idempotency_key or new_idempotency_key()
-        response = self._request("POST", "/v1/messages", json=dict(body), headers={"Idempotency-Key": key})
-        return _submitted(response, key)
+        return self._run(_submit_plan(self._retries, body, idempotency_key))
 
     def get(self, message_id: int) -> dict[str, Any]:
         """The message: status, every recipient's outcome, every attempt with the server's replies."""
-        data: dict[str, Any] = self._request("GET", f"/v1/messages/{int(message_id)}").json()
-        return data
+        return self._run(_get_plan(self._retries, message_id))
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx2.Response:
+    def _run(self, plan: _Plan[_T]) -> _T:
         import httpx2
 
-        attempt = 0
-        while True:
-            try:
-                response = self._http.request(method, path, **kwargs)
-            except httpx2.TransportError as e:
-                delay = self._retries.after_failure(e, attempt)
-            else:
-                wait = self._retries.after_answer(response, attempt)
-                if wait is None:
-                    return _final(response)
-                delay = wait
-            attempt += 1
-            time.sleep(delay)
+        try:
+            delay, call = next(plan)
+            while True:
+                time.sleep(delay)
+                try:
+                    outcome: httpx2.Response | Exception = self._http.request(
+                        call.method, call.path, json=call.json, headers=call.headers
+                    )
+                except httpx2.TransportError as e:
+                    outcome = e
+                delay, call = plan.send(outcome)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
 
     def close(self) -> None:
         self._http.close()
@@ -380,32 +408,30 @@ class AsyncClient:
         return await self.submit(body, idempotency_key=idempotency_key)
 
     async def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None = None) -> Submitted:
-        key = idempotency_key or new_idempotency_key()
-        response = await self._request("POST", "/v1/messages", json=dict(body), headers={"Idempotency-Key": key})
-        return _submitted(response, key)
+        return await self._run(_submit_plan(self._retries, body, idempotency_key))
 
     async def get(self, message_id: int) -> dict[str, Any]:
-        data: dict[str, Any] = (await self._request("GET", f"/v1/messages/{int(message_id)}")).json()
-        return data
+        return await self._run(_get_plan(self._retries, message_id))
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx2.Response:
+    async def _run(self, plan: _Plan[_T]) -> _T:
         import asyncio
 
         import httpx2
 
-        attempt = 0
-        while True:
-            try:
-                response = await self._http.request(method, path, **kwargs)
-            except httpx2.TransportError as e:
-                delay = self._retries.after_failure(e, attempt)
-            else:
-                wait = self._retries.after_answer(response, attempt)
-                if wait is None:
-                    return _final(response)
-                delay = wait
-            attempt += 1
-            await asyncio.sleep(delay)
+        try:
+            delay, call = next(plan)
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    outcome: httpx2.Response | Exception = await self._http.request(
+                        call.method, call.path, json=call.json, headers=call.headers
+                    )
+                except httpx2.TransportError as e:
+                    outcome = e
+                delay, call = plan.send(outcome)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
 
     async def aclose(self) -> None:
         await self._http.aclose()
