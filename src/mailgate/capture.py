@@ -10,7 +10,7 @@ import email.policy
 import ipaddress
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import MIMEPart
@@ -87,18 +87,8 @@ class CaptureServer:
     async def aclose(self) -> None:
         """Stop listening and end open sessions. Calling it again does nothing."""
         server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        sessions = list(self._sessions)
-        for smtp in sessions:
-            if isinstance(smtp.transport, asyncio.WriteTransport):
-                smtp.transport.abort()  # not close(): that waits for a client that may not be reading
-        # The loop then delivers connection_lost, which cancels each session's task: wait for them.
-        tasks = [smtp._handler_coroutine for smtp in sessions if smtp._handler_coroutine is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=_SHUTDOWN_TIMEOUT)
-        await asyncio.wait_for(server.wait_closed(), _SHUTDOWN_TIMEOUT)
+        if server is not None:
+            await close_smtp_server(server, self._sessions)
 
     async def __aenter__(self) -> CaptureServer:
         await self.start()
@@ -217,6 +207,20 @@ class _NoMessageContent(logging.Filter):
 
 
 _no_message_content = _NoMessageContent()
+
+
+async def close_smtp_server(server: asyncio.Server, sessions: Iterable[SMTP]) -> None:
+    """Stop an aiosmtpd server made with loop.create_server, ending its open sessions."""
+    server.close()
+    sessions = list(sessions)
+    for smtp in sessions:
+        if isinstance(smtp.transport, asyncio.WriteTransport):
+            smtp.transport.abort()  # not close(): that waits for a client that may not be reading
+    # The loop then delivers connection_lost, which cancels each session's task: wait for them.
+    tasks = [smtp._handler_coroutine for smtp in sessions if smtp._handler_coroutine is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=_SHUTDOWN_TIMEOUT)
+    await asyncio.wait_for(server.wait_closed(), _SHUTDOWN_TIMEOUT)
 
 
 def _quiet_message_content() -> None:

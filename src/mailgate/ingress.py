@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from .capture import _quiet_message_content, close_smtp_server
 from .errors import InvalidInput, MessageError, NotFound, SendingDisabled, traceback_of
 from .message import (
     DEFAULT_MAX_SIZE,
@@ -69,7 +70,6 @@ MAX_AUTH_ATTEMPTS = 3  # per connection: a guessed token costs a new TLS handsha
 IDLE_TIMEOUT = 120.0  # seconds without a command before the connection is closed
 BURST_SECONDS = 2.0  # a token may send token_rate × this at once before the rate applies
 TLS_HANDSHAKE_TIMEOUT = 10.0
-_SHUTDOWN_TIMEOUT = 5.0
 # Headers a client adds that mean nothing once mailgate composes the message again (a DKIM or ARC
 # signature would fail, and the receiving side adds its own Authentication-Results).
 _DROPPED_HEADERS = frozenset({"bcc", "dkim-signature", "arc-seal", "arc-message-signature",
@@ -141,8 +141,6 @@ class IngressServer:
         return self._port
 
     async def start(self) -> None:
-        from .capture import _quiet_message_content
-
         _quiet_message_content()  # aiosmtpd logs message lines at DEBUG: never a message's content
         loop = asyncio.get_running_loop()
 
@@ -158,17 +156,8 @@ class IngressServer:
 
     async def aclose(self) -> None:
         server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        sessions = list(self._sessions)
-        for smtp in sessions:
-            if isinstance(smtp.transport, asyncio.WriteTransport):
-                smtp.transport.abort()
-        tasks = [s._handler_coroutine for s in sessions if s._handler_coroutine is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=_SHUTDOWN_TIMEOUT)
-        await asyncio.wait_for(server.wait_closed(), _SHUTDOWN_TIMEOUT)
+        if server is not None:
+            await close_smtp_server(server, self._sessions)
 
     async def __aenter__(self) -> IngressServer:
         await self.start()
