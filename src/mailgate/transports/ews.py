@@ -42,12 +42,13 @@ from xml.sax.saxutils import escape
 
 from .._http import MAX_REPLY, TooLarge, read_capped
 from .._http import retry_after as http_retry_after
-from ..delivery import Delivery, Outcome, RecipientResult
-from ..diagnostics.catalogue import Explanation, explain_ews_error
-from ..errors import DeliveryError, foreign_text
+from ..delivery import Delivery
+from ..diagnostics.catalogue import explain_ews_error
+from ..errors import foreign_text
 from ..message import Address, Envelope, Message
 from ..settings.document import MailServer, OAuth2AuthSettings, PasswordAuthSettings
 from ..smtp.protocol import ProtocolLog
+from .graph import Refused, ServiceError, delivery_of
 
 if TYPE_CHECKING:
     import httpx2
@@ -70,23 +71,12 @@ MAX_BACKOFF = 3600.0  # seconds: a BackOffMilliseconds beyond is capped (the out
 _CODE = re.compile(r"[A-Za-z0-9_]{1,100}")  # ErrorServerBusy, NoError, …
 
 
-class EWSError(DeliveryError):
-    """Exchange refused, or could not be reached. `code` is the HTTP status, `ews_code` the EWS
-    ResponseCode (ErrorAccessDenied, …), `explanation` the catalogue's cause and fix."""
+class EWSError(ServiceError):
+    """Exchange refused, or could not be reached; `ews_code` is the EWS ResponseCode (ErrorAccessDenied, …)."""
 
-    def __init__(self, message: str, *, ews_code: str | None = None, explanation: Explanation | None = None,
-                 uncertain: bool = False, **kw: Any) -> None:  # fmt: skip
+    def __init__(self, message: str, *, ews_code: str | None = None, **kw: Any) -> None:
         super().__init__(message, **kw)
         self.ews_code = ews_code
-        self.explanation = explanation
-        self.uncertain = uncertain  # the request went out and its answer was lost
-
-
-class _Refused(Exception):
-    """The message itself was refused: every recipient gets this answer."""
-
-    def __init__(self, status: int | None, text: str, explanation: Explanation | None = None) -> None:
-        self.status, self.text, self.explanation = status, text, explanation
 
 
 @dataclass
@@ -162,22 +152,14 @@ class EWSTransport:
         return self.settings.url or self._discovered
 
     async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery:
-        try:
-            text = await self._send(envelope, message)
-        except _Refused as r:
-            return self._every(envelope, Outcome.PERMANENT, r.status, r.text)
-        except EWSError as e:
-            if not e.uncertain:
-                raise
-            return self._every(envelope, Outcome.TRANSIENT, None, e.message, uncertain=True)
-        return self._every(envelope, Outcome.ACCEPTED, 200, text)
+        return await delivery_of(self.server, envelope, self._send(envelope, message), 200)
 
     async def create_item(self, envelope: Envelope, message: bytes | Message) -> str:
         """Send as `send` does, but raise EWSError for a refusal of the message too (the test
         e-mail shows every refusal as a failed step with its cause and fix)."""
         try:
             return await self._send(envelope, message)
-        except _Refused as r:
+        except Refused as r:
             raise EWSError(r.text, code=r.status, explanation=r.explanation, transient=False) from None
 
     async def aclose(self) -> None:
@@ -197,14 +179,14 @@ class EWSTransport:
         else:
             sender = message.sender()
             if sender.address.lower() != self.mailbox.address.lower() and not self.settings.allow_delegate:
-                raise _Refused(None, f"the message is from {sender.address}, not the sending mailbox "
+                raise Refused(None, f"the message is from {sender.address}, not the sending mailbox "
                                      f"{self.mailbox.address}; set ews.allow_delegate (and grant the mailbox's account "
                                      "Send As or Send on Behalf) to send from another address")  # fmt: skip
             data = message.compose(utf8=False)
             to = {_rcpt(a).lower() for a in message.to}
             cc = {_rcpt(a).lower() for a in message.cc}
         if len(data) > MAX_MESSAGE:
-            raise _Refused(None, f"the message is {len(data) / 1e6:.1f} MB, more than mailgate sends through EWS "
+            raise Refused(None, f"the message is {len(data) / 1e6:.1f} MB, more than mailgate sends through EWS "
                                  f"({MAX_MESSAGE / 1e6:.0f} MB)")  # fmt: skip
         recipients: dict[str, list[str]] = {"ToRecipients": [], "CcRecipients": [], "BccRecipients": []}
         for rcpt in envelope.rcpt_to:
@@ -224,7 +206,7 @@ class EWSTransport:
                           f"<m:FolderIds>{self._sent_items}</m:FolderIds></m:GetFolder>")  # fmt: skip
         try:
             message = await self._call(body, final=False)
-        except _Refused as r:
+        except Refused as r:
             raise EWSError(r.text, code=r.status, explanation=r.explanation, transient=False) from None
         folder = message.find(f"{{{NS_MESSAGES}}}Folders/*/{{{NS_TYPES}}}FolderId")
         return foreign_text(folder.get("Id") or "", 24) if folder is not None else ""
@@ -514,13 +496,7 @@ class EWSTransport:
                            retry_after=retry_after)  # fmt: skip
         if explanation.broken:
             raise EWSError(message, code=status, ews_code=ews_code, explanation=explanation, transient=False)
-        raise _Refused(status, message, explanation)
-
-    def _every(
-        self, envelope: Envelope, outcome: Outcome, code: int | None, text: str, *, uncertain: bool = False
-    ) -> Delivery:
-        results = [RecipientResult(r, outcome, code, None, text, uncertain) for r in envelope.rcpt_to]
-        return Delivery(self.server, results)
+        raise Refused(status, message, explanation)
 
 
 def _x(a: Address) -> str:

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import json
 import re
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
@@ -50,23 +51,51 @@ class Tokens(Protocol):
     def invalidate(self, token: AccessToken | None = None) -> None: ...
 
 
-class GraphError(DeliveryError):
-    """Graph refused, or could not be reached. `code` is the HTTP status, `graph_code` Graph's
-    error code (ErrorAccessDenied, …), `explanation` the catalogue's cause and fix."""
+class ServiceError(DeliveryError):
+    """A mail service's HTTP API (Graph, EWS) refused, or could not be reached. `code` is the HTTP
+    status, `explanation` the catalogue's cause and fix."""
 
-    def __init__(self, message: str, *, graph_code: str | None = None, explanation: Explanation | None = None,
-                 uncertain: bool = False, **kw: Any) -> None:  # fmt: skip
+    def __init__(self, message: str, *, explanation: Explanation | None = None, uncertain: bool = False,
+                 **kw: Any) -> None:  # fmt: skip
         super().__init__(message, **kw)
-        self.graph_code = graph_code
         self.explanation = explanation
         self.uncertain = uncertain  # the request went out and its answer was lost
 
 
-class _Refused(Exception):
+class GraphError(ServiceError):
+    """Graph refused, or could not be reached; `graph_code` is Graph's error code (ErrorAccessDenied, …)."""
+
+    def __init__(self, message: str, *, graph_code: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.graph_code = graph_code
+
+
+class Refused(Exception):
     """The message itself was refused: every recipient gets this answer."""
 
-    def __init__(self, status: int | None, text: str) -> None:
-        self.status, self.text = status, text
+    def __init__(self, status: int | None, text: str, explanation: Explanation | None = None) -> None:
+        self.status, self.text, self.explanation = status, text, explanation
+
+
+def every_recipient(
+    server: str, envelope: Envelope, outcome: Outcome, code: int | None, text: str, *, uncertain: bool = False
+) -> Delivery:
+    return Delivery(server, [RecipientResult(r, outcome, code, None, text, uncertain) for r in envelope.rcpt_to])
+
+
+async def delivery_of(server: str, envelope: Envelope, sending: Awaitable[str], accepted: int) -> Delivery:
+    """What one send to a mail service's HTTP API comes to for every recipient: `accepted` (the
+    HTTP status) with the service's text, refused for good (Refused), or tried again later when the
+    answer was lost (a ServiceError that is `uncertain`); any other ServiceError is raised."""
+    try:
+        text = await sending
+    except Refused as r:
+        return every_recipient(server, envelope, Outcome.PERMANENT, r.status, r.text)
+    except ServiceError as e:
+        if not e.uncertain:
+            raise
+        return every_recipient(server, envelope, Outcome.TRANSIENT, None, e.message, uncertain=True)
+    return every_recipient(server, envelope, Outcome.ACCEPTED, accepted, text)
 
 
 class MailboxSlots:
@@ -109,15 +138,7 @@ class GraphTransport:
         return f"graph:{self.mailbox.address}"
 
     async def send(self, envelope: Envelope, message: bytes | Message) -> Delivery:
-        try:
-            text = await self._send(envelope, message)
-        except _Refused as r:
-            return self._every(envelope, Outcome.PERMANENT, r.status, r.text)
-        except GraphError as e:
-            if not e.uncertain:
-                raise
-            return self._every(envelope, Outcome.TRANSIENT, None, e.message, uncertain=True)
-        return self._every(envelope, Outcome.ACCEPTED, 202, text)
+        return await delivery_of(self.server, envelope, self._send(envelope, message), 202)
 
     async def aclose(self) -> None:
         pass  # the HTTP client belongs to the worker, shared by every transport
@@ -131,7 +152,7 @@ class GraphTransport:
         sender = message.sender()
         delegated = sender.address.lower() != self.mailbox.address.lower()
         if delegated and not g.allow_delegate:
-            raise _Refused(None, f"the message is from {sender.address}, not the sending mailbox "
+            raise Refused(None, f"the message is from {sender.address}, not the sending mailbox "
                                  f"{self.mailbox.address}; set graph.allow_delegate to send as (or on behalf of) "
                                  "another address")  # fmt: skip
         on_behalf = delegated and g.delegate_as == "on_behalf"
@@ -140,7 +161,7 @@ class GraphTransport:
         whole = {_rcpt(a) for a in visible} == pending and not message.bcc
         large = message.estimated_size() > LARGE_MESSAGE
         if large and not g.large_attachments:
-            raise _Refused(None, f"the message is about {message.estimated_size() / 1e6:.1f} MB, more than one "
+            raise Refused(None, f"the message is about {message.estimated_size() / 1e6:.1f} MB, more than one "
                                  "Graph request takes (~4 MB with base64); turn on graph.large_attachments, which "
                                  "needs the Mail.ReadWrite application permission")  # fmt: skip
         if large:
@@ -153,7 +174,7 @@ class GraphTransport:
 
     async def _send_mime(self, data: bytes, *, on_behalf: bool) -> str:
         if len(data) > LARGE_MESSAGE:
-            raise _Refused(None, f"the message is {len(data) / 1e6:.1f} MB, more than one Graph request takes")
+            raise Refused(None, f"the message is {len(data) / 1e6:.1f} MB, more than one Graph request takes")
         if on_behalf:
             data = f"Sender: <{self.mailbox.ascii_address or self.mailbox.address}>\r\n".encode() + data
         await self._call("POST", "/sendMail", content=base64.b64encode(data), content_type="text/plain",
@@ -283,7 +304,7 @@ class GraphTransport:
                              retry_after=retry_after)  # fmt: skip
         if explanation.broken:
             raise GraphError(text, code=status, graph_code=graph_code, explanation=explanation, transient=False)
-        raise _Refused(status, text)
+        raise Refused(status, text)
 
     # ---- JSON form -----------------------------------------------------------------------------
 
@@ -311,12 +332,6 @@ class GraphTransport:
         if attachments and message.attachments:
             m["attachments"] = [_file_attachment(a) for a in message.attachments]
         return m
-
-    def _every(
-        self, envelope: Envelope, outcome: Outcome, code: int | None, text: str, *, uncertain: bool = False
-    ) -> Delivery:
-        results = [RecipientResult(r, outcome, code, None, text, uncertain) for r in envelope.rcpt_to]
-        return Delivery(self.server, results)
 
 
 def _left_out(message: Message) -> str:
