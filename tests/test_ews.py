@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,16 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
+import test_graph
 from conftest import TEST_KEY
 from fakes.ews import NS_M, NS_SOAP, NS_T, FakeEWS
 from fakes.identity import FakeIdentityProvider
 from mailgate import Mailgate, Message
 from mailgate.config import Config
 from mailgate.errors import SettingsError
+from test_graph import deliver, note, status
+
+mg = test_graph.mg  # the fixture: a Mailgate with tenant acme, as the Graph tests have it
 
 ACCOUNT = "CONTOSO\\notify"
 PASSWORD = "Ex~change.Pa55-word_0123"
@@ -32,7 +36,6 @@ MAILBOX = "notifications@contoso.example"
 TENANT_ID = "7f0c2b9e-0000-4000-8000-00000000c0de"
 APP = "33333333-4444-5555-6666-777777777777"
 APP_SECRET = "Ews~app.secret-value_0123456789"
-FAST = Config(retry_base=0.05, retry_max_delay=0.2, poll_interval=0.05, broken_recheck=60, lease=30)
 
 
 @pytest.fixture
@@ -52,28 +55,6 @@ def ews_doc(ews: FakeEWS, *, scheme: str = "ntlm", password: str = PASSWORD, **s
             "auth": {"method": "password", "username": ACCOUNT, "password": password},
             "ews": {"url": ews.ews_url, "mailbox": MAILBOX, "password_scheme": scheme, **settings},
             "connection": {"connect_timeout": 5, "protocol_timeout": 10}}  # fmt: skip
-
-
-@pytest.fixture
-async def mg(database_url: str) -> AsyncIterator[Mailgate]:
-    async with Mailgate.open(database_url, secret_keys=TEST_KEY, actor="admin", config=FAST) as opened:
-        await opened.tenants.add("acme")
-        yield opened
-
-
-async def deliver(mg: Mailgate, *messages: Message) -> list[int]:
-    pks = [await mg.submit("acme", m) for m in messages]
-    await mg.run_worker(until_idle=True)
-    return pks
-
-
-async def status(mg: Mailgate, pk: int) -> str:
-    return (await mg.queue.get(pk)).summary.status
-
-
-def note(**kw: Any) -> Message:
-    kw.setdefault("to", "alice@example.org")
-    return Message(subject=kw.pop("subject", "Zugriffsprüfung fällig"), text=kw.pop("text", "Bitte prüfen."), **kw)
 
 
 def soap(body: bytes) -> ET.Element:
