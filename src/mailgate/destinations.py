@@ -87,19 +87,30 @@ def parse_networks(value: str, *, setting: str = "networks") -> tuple[Network, .
 
 
 def _plain(ip: Address) -> Address:
-    """IPv4 carried in IPv6 (mapped, or NAT64's well-known prefix) as the IPv4 address it is."""
+    """IPv4 carried in IPv6 (mapped, NAT64's well-known prefix, or 6to4's 2002:V4ADDR::/48, which
+    a host with a 6to4 interface sends to that IPv4 address) as the IPv4 address it is."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ip.ipv4_mapped
         if ip in _NAT64:
             return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if ip.sixtofour is not None:
+            return ip.sixtofour
     return ip
 
 
 def is_public(ip: Address) -> bool:
     ip = _plain(ip)
+    # fec0::/10 (site-local) is deprecated, not global: some networks still route it inside.
+    site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local
     return ip.is_global and not (
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or site_local
     )
 
 

@@ -203,7 +203,9 @@ async def system_information(mg: Mailgate, tenant_id: str) -> dict[str, Any]:
             # The tenant's own server is the tenant's to see whole (secrets as {"set": …}); of
             # the operator's global one, only what the tenant's message log shows already.
             "own": {"document": _bounded(own.document), "health": _health(own_health)} if own else None,
-            "global": {**_server_facts(glob.document, "global"), "health": _health(glob_health)} if glob else None,
+            "global": {**_server_facts(glob.document, "global"), "health": _operators(_health(glob_health))}
+            if glob
+            else None,
         },
         "queue": await _queue(mg, tenant_id),
         "recent_problems": await _problems(mg, tenant_id),
@@ -282,6 +284,22 @@ def _health(health: ServerHealth | None) -> dict[str, Any] | None:
     if out.get("last_failure"):
         out["last_failure"]["text"] = _cut(_masked(out["last_failure"]["text"] or ""), MAX_REPLY)
     return out
+
+
+OPERATORS_TEXT = "(the operator's: shown in the global server's health, not to a tenant)"
+
+
+def _operators(health: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The global server's health without its texts: a broken reason or a failure is the
+    operator's (its host, its account) or another tenant's message's; the tenant sees the state
+    and when (as its events say of the global server: only that it is broken)."""
+    if health is None:
+        return None
+    if health.get("broken"):
+        health["broken"]["reason"] = OPERATORS_TEXT
+    if health.get("last_failure"):
+        health["last_failure"]["text"] = OPERATORS_TEXT
+    return health
 
 
 async def _queue(mg: Mailgate, tenant_id: str) -> dict[str, int]:

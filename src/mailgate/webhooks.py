@@ -69,6 +69,10 @@ RETRY_MAX = 6 * 3600.0
 LEASE = 120.0  # seconds a claimed delivery is a sender's, then due again (at least once): > PER_WEBHOOK × timeout
 CONCURRENCY = 20  # webhooks delivered to at once by one process
 PER_WEBHOOK = 4  # deliveries of one webhook claimed at a time (sent one after another)
+# Webhooks of one tenant delivered to at once by one process: without it, two tenants with
+# MAX_WEBHOOKS slow receivers each held all CONCURRENCY places, every other tenant's deliveries
+# waiting behind their timeouts.
+PER_TENANT = 4
 CLAIM = 100
 POLL = 1.0
 PURGE_EVERY = 600.0
@@ -431,6 +435,7 @@ class WebhookSender:
         self.timeout = REQUEST_TIMEOUT
         self._rng = random.Random()
         self._busy: set[int] = set()  # webhooks with deliveries under way in this process
+        self._busy_tenant: dict[int, str] = {}  # …and their tenants (PER_TENANT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._client: Any = None
@@ -511,14 +516,24 @@ class WebhookSender:
         )  # fmt: skip
         async with self.db.write() as s:
             rows = [_Claimed(*r) for r in (await s.execute(stmt)).all()]
+            ids = {c.webhook_id for c in rows}
+            tenants = select(WebhookRow.id, WebhookRow.tenant_id).where(WebhookRow.id.in_(ids))
+            tenant_of: dict[int, str] = {i: t for i, t in (await s.execute(tenants)).all()} if ids else {}
         rows.sort(key=lambda c: c.id)
         kept: list[_Claimed] = []
         back: list[_Claimed] = []
         counts: dict[int, int] = {}
+        per_tenant: dict[str, int] = {}
+        for tenant in self._busy_tenant.values():
+            per_tenant[tenant] = per_tenant.get(tenant, 0) + 1
         for c in rows:
-            if c.webhook_id not in counts and len(counts) >= free:
-                back.append(c)
-                continue
+            tenant = tenant_of.get(c.webhook_id, "")
+            if c.webhook_id not in counts:
+                if len(counts) >= free or per_tenant.get(tenant, 0) >= PER_TENANT:
+                    back.append(c)
+                    continue
+                per_tenant[tenant] = per_tenant.get(tenant, 0) + 1
+                self._busy_tenant[c.webhook_id] = tenant
             counts[c.webhook_id] = counts.get(c.webhook_id, 0) + 1
             (kept if counts[c.webhook_id] <= PER_WEBHOOK else back).append(c)
         if back:
@@ -536,6 +551,7 @@ class WebhookSender:
                         log.warning("webhook delivery %s could not be recorded: %s", c.id, traceback_of(e))
         finally:
             self._busy.discard(webhook_id)
+            self._busy_tenant.pop(webhook_id, None)
 
     async def _deliver(self, c: _Claimed) -> None:
         async with self.db.sessions() as s:

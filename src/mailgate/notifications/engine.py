@@ -12,8 +12,9 @@ no arithmetic but + and -, no macros, includes or `{% set %}` blocks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
@@ -62,7 +63,28 @@ def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
         cache_size=0,
     )  # fmt: skip
     env.globals.clear()  # no range(), dict(), lipsum(), cycler(), …: nothing to call
+    # `join` multiplies its input's length by up to 11 (a 10-character separator between every
+    # character), and its output may be joined again: 8 joins of a 10-character constant are 1.9 G
+    # characters, made by Jinja's constant folding when the template is compiled, or at render
+    # from a variable — before any output reaches MAX_OUTPUT. So no filter may return more than
+    # MAX_OUTPUT characters (a filter's error while folding leaves it to the render, which fails).
+    env.filters = {name: _bounded(f) for name, f in env.filters.items() if name in ALLOWED_FILTERS}
     return env
+
+
+class _TooLong(ValueError):
+    """A filter's result longer than a part may render to."""
+
+
+def _bounded(f: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(f)  # keeps jinja_pass_arg: the eval context is passed as before
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        value = f(*args, **kwargs)
+        if isinstance(value, str) and len(value) > MAX_OUTPUT:
+            raise _TooLong(f"a filter's result is longer than {MAX_OUTPUT:,} characters")
+        return value
+
+    return bounded
 
 
 _PLAIN = _environment(autoescape=False)
