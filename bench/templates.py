@@ -32,12 +32,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mailgate import Mailgate, Message  # noqa: E402
-from mailgate.notifications import KINDS  # noqa: E402
-from mailgate.notifications.store import render_built_in  # noqa: E402
+from mailgate import Mailgate, Message
+from mailgate.notifications import KINDS
+from mailgate.notifications.store import render_built_in
 
-INVITATION = {"recipient_name": "Alex Janssen", "inviter_name": "Ada Lovelace", "organization": "Acme Corp",
-              "accept_url": "https://app.example.com/invitations/accept?token=4f9a2c", "expires_at": "12 March 2027"}  # fmt: skip
+INVITATION = {
+    "recipient_name": "Alex Janssen",
+    "inviter_name": "Ada Lovelace",
+    "organization": "Acme Corp",
+    "accept_url": "https://app.example.com/invitations/accept?token=4f9a2c",
+    "expires_at": "12 March 2027",
+}
 
 
 def per_call(work: Callable[[], object], count: int, repeat: int) -> tuple[float, float]:
@@ -54,9 +59,14 @@ def per_call(work: Callable[[], object], count: int, repeat: int) -> tuple[float
 async def service_render(count: int, repeat: int) -> tuple[float, float]:
     async with Mailgate.open("sqlite+aiosqlite://", actor="bench") as mg:
         await mg.tenants.add("acme")
-        await mg.templates.save("invitation", "en", "acme", subject="Acme: {{ inviter_name }} invites you",
-                                text=KINDS["invitation"].texts["en"].text,
-                                html=KINDS["invitation"].texts["en"].html.replace("#0b5cad", "#c0392b"))  # fmt: skip
+        await mg.templates.save(
+            "invitation",
+            "en",
+            "acme",
+            subject="Acme: {{ inviter_name }} invites you",
+            text=KINDS["invitation"].texts["en"].text,
+            html=KINDS["invitation"].texts["en"].html.replace("#0b5cad", "#c0392b"),
+        )
         await mg.templates.render("invitation", "en", "acme", INVITATION)
         runs = []
         for _ in range(repeat):
@@ -76,13 +86,15 @@ def main() -> None:
 
     def compose() -> bytes:
         r = render_built_in("invitation", "en", INVITATION)
-        return Message(from_="no-reply@example.com", to="alex@example.org", subject=r.subject, text=r.text,
-                       html=r.html).compose()  # fmt: skip
+        return Message(
+            from_="no-reply@example.com", to="alex@example.org", subject=r.subject, text=r.text, html=r.html
+        ).compose()
 
     rows: dict[str, tuple[float, float]] = {
         "invitation (en)": per_call(lambda: render_built_in("invitation", "en", INVITATION), args.count, args.repeat),
-        "subscription_update (nl)": per_call(lambda: render_built_in("subscription_update", "nl", sub), args.count,
-                                             args.repeat),  # fmt: skip
+        "subscription_update (nl)": per_call(
+            lambda: render_built_in("subscription_update", "nl", sub), args.count, args.repeat
+        ),
         "invitation, tenant override": asyncio.run(service_render(args.count, args.repeat)),
         "render + compose": per_call(compose, args.count, args.repeat),
     }
