@@ -38,12 +38,14 @@ from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree as ET
+from xml.parsers import expat
 from xml.sax.saxutils import escape
 
 from .._http import MAX_REPLY, TooLarge, read_capped
 from .._http import retry_after as http_retry_after
 from ..delivery import Delivery
-from ..diagnostics.catalogue import explain_ews_error
+from ..destinations import DestinationRefused
+from ..diagnostics.catalogue import Explanation, explain_ews_error
 from ..errors import foreign_text
 from ..message import Address, Envelope, Message
 from ..settings.document import MailServer, OAuth2AuthSettings, PasswordAuthSettings
@@ -68,6 +70,15 @@ DEFAULT_VERSION = "Exchange2013"
 EWS_CONCURRENCY = 10  # requests in flight per mailbox; Exchange's EWSMaxConcurrency default is 27
 MAX_MESSAGE = 64 * 1024 * 1024  # raw bytes; base64 makes ~86 MB, within Exchange's default 150 MB request limit
 MAX_BACKOFF = 3600.0  # seconds: a BackOffMilliseconds beyond is capped (the outbox's own backoff caps too)
+# A reply is parsed only within these (a SOAP answer of EWS nests ~10 deep and has a few dozen
+# elements); any DTD or entity declaration is refused, in whatever encoding the reply comes.
+MAX_XML_DEPTH = 40
+MAX_XML_ELEMENTS = 10_000
+MAX_URL = 2000  # characters of an EWS URL that Autodiscover names (ews.url's own limit)
+# Each request has an overall deadline: connect_timeout + protocol_timeout + the body's upload
+# at this rate. httpx's timeouts are per read: a server trickling a byte at a time would hold the
+# sender (and its mailbox's slot) for ever.
+UPLOAD_RATE = 128 * 1024  # bytes per second
 _CODE = re.compile(r"[A-Za-z0-9_]{1,100}")  # ErrorServerBusy, NoError, …
 
 
@@ -363,17 +374,28 @@ class EWSTransport:
         headers = {"Content-Type": "text/xml; charset=utf-8"}
         if authorization is not None:
             headers["Authorization"] = authorization
+        problem = _url_problem(url, https_only=False)
+        if problem is not None:
+            raise _bad_url(problem)
         timeout = httpx2.Timeout(c.protocol_timeout, connect=c.connect_timeout)
+        deadline = c.connect_timeout + c.protocol_timeout + len(body) / UPLOAD_RATE
         tls = None
         try:
-            async with client.stream("POST", url, headers=headers, content=body, timeout=timeout) as r:
-                content = await read_capped(r, MAX_REPLY)
-                stream = r.extensions.get("network_stream")
-                if stream is not None:
-                    with contextlib.suppress(Exception):
-                        tls = stream.get_extra_info("ssl_object")
+            async with asyncio.timeout(deadline):
+                async with client.stream("POST", url, headers=headers, content=body, timeout=timeout,
+                                         follow_redirects=False) as r:  # fmt: skip
+                    content = await read_capped(r, MAX_REPLY)
+                    stream = r.extensions.get("network_stream")
+                    if stream is not None:
+                        with contextlib.suppress(Exception):
+                            tls = stream.get_extra_info("ssl_object")
+        except TimeoutError:  # the whole request's deadline, not one read's
+            raise self._lost(f"Exchange did not answer within {deadline:g} s (the request's deadline)", final) \
+                from None  # fmt: skip
         except httpx2.TimeoutException:
             raise self._lost(f"Exchange did not answer within {c.protocol_timeout:g} s", final) from None
+        except httpx2.InvalidURL:  # nothing was sent: the URL is not one httpx can request
+            raise _bad_url("is not a URL mailgate can request") from None
         except (httpx2.ProtocolError, httpx2.DecodingError, TooLarge) as e:
             # Never the peer's bytes: the URL is a setting, it may point anywhere.
             raise self._lost(f"{url} did not answer as EWS would ({type(e).__name__})", final) from None
@@ -408,7 +430,10 @@ class EWSTransport:
     async def _discover(self) -> str:
         """POX Autodiscover, bounded: at most two URLs of the mailbox's domain (no SRV lookup, no
         redirect followed: a redirect could lead our credentials anywhere), each through the same
-        guarded client and with the same credentials; the answer's EWS URL must be https."""
+        guarded client and with the same credentials; one the destination policy refuses is
+        skipped (never connected to). The answer's EWS URL is used only if _url_problem finds
+        nothing (https, printable, at most MAX_URL characters, no user:password@); connections to
+        it are checked by the policy like any other."""
         domain = self.mailbox.ascii_domain
         request = (
             '<?xml version="1.0" encoding="utf-8"?>'
@@ -418,9 +443,15 @@ class EWSTransport:
         ).encode()
         tried: list[str] = []
         transient = True
-        for candidate in self._autodiscover_urls(domain)[:2]:
+        candidates = self._autodiscover_urls(domain)[:2]
+        refused: list[DestinationRefused] = []
+        for candidate in candidates:
             try:
                 answer = await self._exchange(request, candidate, final=False, lane=False)
+            except DestinationRefused as e:  # where the policy does not let us connect: the next one
+                refused.append(e)
+                tried.append(f"{candidate}: {e.message}")
+                continue
             except EWSError as e:
                 if e.code == 401:
                     raise
@@ -433,6 +464,8 @@ class EWSTransport:
                 return found
             transient = False
             tried.append(f"{candidate}: {why}")
+        if refused and len(refused) == len(candidates):
+            raise refused[0]  # the policy's own cause and fix: only the operator (or ews.url) changes it
         explanation = explain_ews_error(0, "autodiscover")
         raise EWSError(f"Autodiscover found no EWS URL for {domain} ({'; '.join(tried)}). {explanation}",
                        explanation=explanation, transient=transient)  # fmt: skip
@@ -519,15 +552,59 @@ def _header_recipients(data: bytes) -> tuple[set[str], set[str]]:
 
 
 def _parse(body: bytes) -> ET.Element | None:
-    """The SOAP envelope, or None when the body is not one. EWS never sends a DTD: a reply with
-    one is refused unread (no entity expansion); the body is already capped at MAX_REPLY."""
-    if not body or b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
+    """The SOAP envelope, or None when the body is not one (or not safe to read: _safe_xml)."""
+    root = _safe_xml(body)
+    return root if root is not None and root.tag == f"{{{NS_SOAP}}}Envelope" else None
+
+
+class _Unsafe(Exception):
+    """A reply mailgate does not read further: a DTD, an entity, too deep or too many elements."""
+
+
+def _safe_xml(body: bytes) -> ET.Element | None:
+    """The reply's XML tree, or None when it is not XML or not safe to read. EWS and Autodiscover
+    never send a DTD: one is refused as expat meets it — in whatever encoding the reply declares
+    (UTF-16 too: a byte search for "<!DOCTYPE" cannot see it there) — before any entity could be
+    declared or expanded. At most MAX_XML_DEPTH levels, MAX_XML_ELEMENTS elements, MAX_REPLY bytes."""
+    if not body or len(body) > MAX_REPLY:
         return None
+    builder = ET.TreeBuilder()
+    parser = expat.ParserCreate(namespace_separator="}")
+    depth = elements = 0
+
+    def name(n: str) -> str:  # expat's "uri}local" as ElementTree's "{uri}local"
+        return "{" + n if "}" in n else n
+
+    def start(tag: str, attributes: dict[str, str]) -> None:
+        nonlocal depth, elements
+        depth += 1
+        elements += 1
+        if depth > MAX_XML_DEPTH or elements > MAX_XML_ELEMENTS:
+            raise _Unsafe
+        builder.start(name(tag), {name(k): v for k, v in attributes.items()})
+
+    def end(tag: str) -> None:
+        nonlocal depth
+        depth -= 1
+        builder.end(name(tag))
+
+    def refuse(*_: Any) -> None:
+        raise _Unsafe
+
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.UnparsedEntityDeclHandler = refuse
+    parser.NotationDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse  # type: ignore[assignment]
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = builder.data
     try:
-        root = ET.fromstring(body)
-    except ET.ParseError:
+        parser.Parse(body, True)
+        return builder.close()
+    except (_Unsafe, expat.ExpatError, ValueError, LookupError, AssertionError):
         return None
-    return root if root.tag == f"{{{NS_SOAP}}}Envelope" else None
 
 
 def default_autodiscover_urls(domain: str) -> list[str]:
@@ -540,16 +617,10 @@ def default_autodiscover_urls(domain: str) -> list[str]:
 
 def _ews_url_of(answer: _Answer) -> tuple[str | None, str]:
     """The EWS URL of a POX Autodiscover answer (external first), or None and why not."""
-    from ..settings.document import _web_url
-
     if answer.status != 200:
         return None, f"HTTP {answer.status}"
-    body = answer.body
-    if not body or b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
-        return None, "not an Autodiscover answer"
-    try:
-        root = ET.fromstring(body)
-    except ET.ParseError:
+    root = _safe_xml(answer.body)
+    if root is None:
         return None, "not an Autodiscover answer"
     account = root.find(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Response/{{{NS_AUTODISCOVER_OUTLOOK}}}Account")
     if root.tag != f"{{{NS_AUTODISCOVER}}}Autodiscover" or account is None:
@@ -564,11 +635,43 @@ def _ews_url_of(answer: _Answer) -> tuple[str | None, str]:
     for kind in ("EXPR", "EXCH"):  # outside the organization's network first
         url = protocols.get(kind)
         if url:
-            try:
-                return _web_url(url), ""
-            except ValueError:
-                return None, "its EWS URL is not https"
+            problem = _url_problem(url, https_only=True)
+            if problem is not None:  # never quoted: it is the answer's, not the tenant's
+                return None, f"its EWS URL {problem}, which mailgate does not use"
+            return url, ""
     return None, "no EwsUrl in the answer"
+
+
+def _url_problem(url: str, *, https_only: bool) -> str | None:
+    """Why mailgate does not send credentials to `url`, or None: longer than MAX_URL characters,
+    not printable, not http(s) (`https_only`: not https), without a host or a valid port, or with
+    a user name or password in it (user:password@host)."""
+    if len(url) > MAX_URL:
+        return f"is longer than {MAX_URL} characters"
+    if not all(c.isprintable() and not c.isspace() for c in url):
+        return "has characters that are not printable"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError when the port is not 0-65535
+    except ValueError:
+        return "is not a URL"
+    if https_only and parts.scheme != "https":
+        return "is not https"
+    if parts.scheme not in ("https", "http") or not host:
+        return "is not an http(s) URL"
+    if "@" in parts.netloc:
+        return "names a user name or password (user:password@)"
+    return None
+
+
+def _bad_url(problem: str) -> EWSError:
+    """A URL no request can go to: a settings problem (ews.url, or what Autodiscover found)."""
+    explanation = Explanation(
+        f"The EWS URL {problem}.",
+        "Give the server's EWS URL in ews.url, e.g. https://mail.example.com/EWS/Exchange.asmx.",
+    )
+    return EWSError(f"The EWS URL {problem}. Fix: {explanation.fix}", explanation=explanation, transient=False)
 
 
 def _back_off(element: ET.Element) -> float | None:
