@@ -2,7 +2,9 @@
 
 Each test ran against the code before its fix and failed there: a UTF-16 reply with a DTD and an
 entity was read (the "<!DOCTYPE" check looked at bytes), replies of any depth and size of tree were
-parsed, a server trickling its reply held the sender past every timeout, an Autodiscover candidate
+parsed, a server trickling its reply held the sender past every timeout, a BackOffMilliseconds of
+400 digits raised OverflowError (fractions and negatives were dropped), pyspnego logged every NTLM
+token at DEBUG, the user name Exchange echoed reached the attempt log, an Autodiscover candidate
 the destination policy refuses ended Autodiscover instead of being skipped, an EWS URL that
 Autodiscover named was used if it was http (to loopback), too long, not printable or with
 user:password@ (and ews.url took user:password@ too), and an ews.url httpx can't request raised
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,7 +31,7 @@ from mailgate.destinations import DestinationPolicy, parse_networks
 from mailgate.errors import SettingsError
 from mailgate.settings.document import parse_server
 from mailgate.transports.ews import EWSError, EWSTransport
-from test_ews import autodiscover_doc, ews_doc
+from test_ews import ACCOUNT, MAILBOX, PASSWORD, autodiscover_doc, ews_doc
 from test_graph import deliver, note, status
 
 mg = test_graph.mg
@@ -142,6 +146,55 @@ def test_an_ews_url_with_user_and_password_is_refused_at_save(ews: FakeEWS) -> N
     with pytest.raises(SettingsError) as refused:
         parse_server(doc)
     assert [f for f, _ in refused.value.problems] == ["ews.url"] and "user:password@" in refused.value.problems[0][1]
+
+
+# ---- 5. BackOffMilliseconds -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        pytest.param("9" * 400, 3600, id="huge"),
+        pytest.param("2500.5", 3, id="fraction"),
+        pytest.param("-7.5", 0, id="negative-fraction"),
+    ],
+)
+async def test_back_off_milliseconds_is_clamped_to_whole_seconds(ews: FakeEWS, value: str, seconds: int) -> None:
+    ews.fail_next("ErrorServerBusy", back_off_ms=value, operation="GetFolder")
+    async with transport_of(ews_doc(ews, scheme="basic")) as transport:
+        with pytest.raises(EWSError) as busy:
+            await transport.check_mailbox()
+    assert busy.value.transient and busy.value.ews_code == "ErrorServerBusy"
+    assert busy.value.retry_after == seconds and isinstance(busy.value.retry_after, int)
+
+
+# ---- 6. pyspnego's DEBUG log ------------------------------------------------------------------
+
+
+async def test_ntlm_tokens_never_reach_a_debug_log(ews: FakeEWS, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # the root logger: every library's DEBUG records
+    async with transport_of(ews_doc(ews)) as transport:
+        await transport.check_mailbox()
+    tokens = [r.headers["authorization"].partition(" ")[2] for r in ews.requests if "authorization" in r.headers]
+    assert len(tokens) == 2 and ews.ntlm_handshakes == 1  # negotiate and authenticate went out
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert not [t for t in tokens if t in logged]
+
+
+# ---- 7. credentials Exchange echoes -----------------------------------------------------------
+
+
+async def test_the_user_name_and_password_exchange_echoes_are_redacted(ews: FakeEWS, mg: Mailgate) -> None:
+    await mg.servers.set("global", ews_doc(ews))
+    user = ACCOUNT.rpartition("\\")[2]
+    ews.fail_next("ErrorInvalidRecipients", operation="CreateItem",
+                  text=f"{ACCOUNT.lower()} ({user}, {PASSWORD}) may not send from {MAILBOX}")  # fmt: skip
+    [pk] = await deliver(mg, note())
+    assert await status(mg, pk) == "failed"
+    text = (await mg.queue.get(pk)).attempts[-1]["text"]
+    assert "ErrorInvalidRecipients" in text and MAILBOX in text  # the rest of Exchange's text is kept
+    assert not re.search(rf"\b{user}\b", text, re.IGNORECASE) and PASSWORD not in text
+    assert text.count("[redacted]") == 3
 
 
 # ---- 8. Autodiscover skips a host the destination policy refuses ------------------------------

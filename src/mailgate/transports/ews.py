@@ -29,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ NS_AUTODISCOVER_OUTLOOK = "http://schemas.microsoft.com/exchange/autodiscover/ou
 DEFAULT_VERSION = "Exchange2013"
 EWS_CONCURRENCY = 10  # requests in flight per mailbox; Exchange's EWSMaxConcurrency default is 27
 MAX_MESSAGE = 64 * 1024 * 1024  # raw bytes; base64 makes ~86 MB, within Exchange's default 150 MB request limit
-MAX_BACKOFF = 3600.0  # seconds: a BackOffMilliseconds beyond is capped (the outbox's own backoff caps too)
+MAX_BACKOFF = 3600  # seconds: a BackOffMilliseconds beyond is capped (the outbox's own backoff caps too)
 # A reply is parsed only within these (a SOAP answer of EWS nests ~10 deep and has a few dozen
 # elements); any DTD or entity declaration is refused, in whatever encoding the reply comes.
 MAX_XML_DEPTH = 40
@@ -143,6 +144,10 @@ class EWSTransport:
             self._impersonate = auth.token.grant == "client_credentials"  # app-only: act as the mailbox
         else:
             raise ValueError("an ews server needs auth password or oauth2")
+        # What Exchange may echo in an error text that must not reach the attempt log: the
+        # password, the Basic credentials, the user name (_redacted: also its user part).
+        basic = base64.b64encode(f"{self._username}:{self._password or ''}".encode()).decode("ascii")
+        self._secrets: tuple[str | None, ...] = (self._password, basic) if self._username else (self._password,)
         self._new_http = new_http
         self._lanes: list[httpx2.AsyncClient] = []  # NTLM: idle clients, each one authenticated connection
         self._all_lanes: set[httpx2.AsyncClient] = set()
@@ -329,6 +334,7 @@ class EWSTransport:
         whether the connection is now authenticated."""
         import spnego
 
+        _quiet_spnego()
         host = urlsplit(url).hostname or ""
         context = spnego.client(self._username, self._password, hostname=host, service="HTTP", protocol="ntlm",
                                 options=spnego.NegotiateOptions.use_ntlm)  # fmt: skip
@@ -457,7 +463,7 @@ class EWSTransport:
                     raise
                 tried.append(f"{candidate}: {e.message}")
                 continue
-            found, why = _ews_url_of(answer)
+            found, why = _ews_url_of(answer, self._said)
             if found is not None:
                 if self._log:
                     self._log(f"Autodiscover: EWS at {found}")
@@ -505,6 +511,21 @@ class EWSTransport:
         self._refusal(answer, code, message.findtext(f"{{{NS_MESSAGES}}}MessageText"), _back_off(message))
         raise AssertionError("unreachable")
 
+    def _said(self, text: str, limit: int = 300) -> str:
+        """Exchange's text, fit to show (foreign_text), without our credentials in it."""
+        return foreign_text(self._redacted(text), limit, secrets=self._secrets)
+
+    def _redacted(self, text: str) -> str:
+        """`text` without the user name it echoes: DOMAIN\\user, or user@domain, in any case, and
+        the user part of DOMAIN\\user as a word of its own (not inside a longer name or address)."""
+        if len(self._username) < 4:
+            return text
+        text = re.sub(re.escape(self._username), "[redacted]", text, flags=re.IGNORECASE)
+        user = self._username.rpartition("\\")[2]
+        if user != self._username and len(user) >= 4:
+            text = re.sub(rf"(?<![\w.@\\-]){re.escape(user)}(?![\w.@-])", "[redacted]", text, flags=re.IGNORECASE)
+        return text
+
     def _learn_version(self, root: ET.Element) -> None:
         info = root.find(f"{{{NS_SOAP}}}Header/{{{NS_TYPES}}}ServerVersionInfo")
         if info is not None:
@@ -517,13 +538,15 @@ class EWSTransport:
     def _refusal(self, answer: _Answer, code: str | None, text: str | None, back_off: float | None) -> None:
         status = answer.status
         ews_code = code if code and _CODE.fullmatch(code) else None
-        said_text = foreign_text(text, secrets=(self._password,)) if text else None
+        said_text = self._said(text) if text else None
         explanation = explain_ews_error(status, ews_code, scheme=self.scheme)
         said = f"HTTP {status}" + (f" {ews_code}" if ews_code else "") + (f": {said_text}" if said_text else "")
         message = f"Exchange refused ({said}). {explanation}"
-        retry_after = back_off if back_off is not None else http_retry_after(answer.retry_after)
-        if retry_after is not None:
-            retry_after = min(retry_after, MAX_BACKOFF)
+        retry_after: float | None = back_off
+        if retry_after is None:
+            retry_after = http_retry_after(answer.retry_after)
+            if retry_after is not None:
+                retry_after = min(retry_after, MAX_BACKOFF)
         if explanation.transient:
             raise EWSError(message, code=status, ews_code=ews_code, explanation=explanation, transient=True,
                            retry_after=retry_after)  # fmt: skip
@@ -615,7 +638,7 @@ def default_autodiscover_urls(domain: str) -> list[str]:
     ]
 
 
-def _ews_url_of(answer: _Answer) -> tuple[str | None, str]:
+def _ews_url_of(answer: _Answer, said: Callable[[str, int], str] = foreign_text) -> tuple[str | None, str]:
     """The EWS URL of a POX Autodiscover answer (external first), or None and why not."""
     if answer.status != 200:
         return None, f"HTTP {answer.status}"
@@ -625,10 +648,12 @@ def _ews_url_of(answer: _Answer) -> tuple[str | None, str]:
     account = root.find(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Response/{{{NS_AUTODISCOVER_OUTLOOK}}}Account")
     if root.tag != f"{{{NS_AUTODISCOVER}}}Autodiscover" or account is None:
         error = root.findtext(f".//{{{NS_AUTODISCOVER}}}ErrorCode")
-        return None, f"Autodiscover error {foreign_text(error, 20)}" if error else "not an Autodiscover answer"
+        return None, f"Autodiscover error {said(error, 20)}" if error else \
+            "not an Autodiscover answer"  # fmt: skip
     action = (account.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Action") or "").strip()
     if action != "settings":
-        return None, f"Autodiscover answered {foreign_text(action, 30)!r}, which mailgate does not follow"
+        return None, (f"Autodiscover answered {said(action, 30)!r}, which mailgate does not "
+                      "follow")  # fmt: skip
     protocols = {(p.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Type") or "").strip():
                  (p.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}EwsUrl") or "").strip()
                  for p in account.findall(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Protocol")}  # fmt: skip
@@ -674,15 +699,34 @@ def _bad_url(problem: str) -> EWSError:
     return EWSError(f"The EWS URL {problem}. Fix: {explanation.fix}", explanation=explanation, transient=False)
 
 
-def _back_off(element: ET.Element) -> float | None:
-    """Seconds of a MessageXml's BackOffMilliseconds (ErrorServerBusy), if given."""
+_NUMBER = re.compile(r"\s*([+-]?)(\d+)(?:\.(\d*))?\s*")
+
+
+def _back_off(element: ET.Element) -> int | None:
+    """Whole seconds of a MessageXml's BackOffMilliseconds (ErrorServerBusy), if given: rounded
+    up, within 0 and MAX_BACKOFF (a huge, negative or fractional value is clamped, not trusted);
+    None when it is not a number."""
     for value in element.iter(f"{{{NS_TYPES}}}Value"):
         if value.get("Name") == "BackOffMilliseconds":
-            try:
-                return max(0.0, int((value.text or "").strip()) / 1000)
-            except ValueError:
+            number = _NUMBER.fullmatch(value.text or "")
+            if number is None:
                 return None
+            sign, whole, fraction = number.groups()
+            if sign == "-":
+                return 0
+            # More than 15 digits is beyond MAX_BACKOFF anyway (and int() refuses 4,300 digits).
+            milliseconds = int(whole) + (1 if (fraction or "").strip("0") else 0) if len(whole) <= 15 else 10**15
+            return min(MAX_BACKOFF, -(-milliseconds // 1000))
     return None
+
+
+def _quiet_spnego() -> None:
+    """pyspnego logs every NTLM token at DEBUG (the type 3 token holds the password's
+    NTLMv2 response, which can be cracked offline): its logger stays at INFO or above, whatever
+    level the root logger has."""
+    logger = logging.getLogger("spnego")
+    if logger.level < logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 def _channel_bindings(tls: Any) -> Any:
