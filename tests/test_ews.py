@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -272,13 +272,16 @@ def autodiscover_doc(ews: FakeEWS) -> dict[str, Any]:
     return doc
 
 
-async def send_directly(server: Any, message: Message, **kw: Any) -> tuple[Any, Any]:
+async def send_directly(
+    server: Any, message: Message, *, new_http: Callable[[], Any] | None = None, **kw: Any
+) -> tuple[Any, Any]:
     """One EWSTransport of `server`, sending `message` twice: (the first Delivery, the transport)."""
     from mailgate._http import new_client
     from mailgate.transports.ews import EWSTransport
 
-    http = new_client()
-    transport = EWSTransport(server, http, new_http=new_client, **kw)
+    new_http = new_http or new_client
+    http = new_http()
+    transport = EWSTransport(server, http, new_http=new_http, **kw)
     try:
         first = await transport.send(message.envelope(), message)
         await transport.send(message.envelope(), message)
@@ -288,22 +291,36 @@ async def send_directly(server: Any, message: Message, **kw: Any) -> tuple[Any, 
     return first, transport
 
 
-async def test_autodiscover_finds_the_ews_url_once(ews: FakeEWS) -> None:
+async def test_autodiscover_finds_the_ews_url_once() -> None:
+    """Over https: an EWS URL that Autodiscover names is used only if it is https."""
+    import httpx2
+    from cryptography.hazmat.primitives import serialization
+
+    from certs import make_ca
     from mailgate.settings.document import parse_server
 
+    ca = make_ca("mailgate test CA")
+    cert = ca.issue()
+    der = cert.certificate.public_bytes(serialization.Encoding.DER)
     tried: list[str] = []
+    with FakeEWS(tls=(cert.server_context(), der)) as ews:
+        ews.add_account(ACCOUNT, PASSWORD)
+        ews.add_mailbox(MAILBOX, owner=ACCOUNT)
 
-    def candidates(domain: str) -> list[str]:  # the fake stands for the domain's web server
-        tried.append(domain)
-        return [ews.url + "/not-here/autodiscover.xml", ews.url + "/autodiscover/autodiscover.xml"]
+        def candidates(domain: str) -> list[str]:  # the fake stands for the domain's web server
+            tried.append(domain)
+            return [ews.url + "/not-here/autodiscover.xml", ews.url + "/autodiscover/autodiscover.xml"]
 
-    first, transport = await send_directly(parse_server(autodiscover_doc(ews)), note(from_=MAILBOX),
-                                           autodiscover_urls=candidates)  # fmt: skip
-    assert [r.outcome for r in first.results] == ["accepted"] and len(ews.sent) == 2
-    assert tried == ["contoso.example"] and transport.url == ews.ews_url  # the external (EXPR) URL
-    discover = [r for r in ews.requests if r.path.startswith("/autodiscover")]
-    assert len(discover) == 2  # the NTLM negotiate leg and the authenticated request, once
-    assert discover[-1].headers["authorization"].startswith("NTLM ") and MAILBOX.encode() in discover[-1].body
+        first, transport = await send_directly(
+            parse_server(autodiscover_doc(ews)), note(from_=MAILBOX), autodiscover_urls=candidates,
+            new_http=lambda: httpx2.AsyncClient(verify=ca.client_context()),  # the test CA, not the public ones
+        )  # fmt: skip
+        assert ews.ews_url.startswith("https://")
+        assert [r.outcome for r in first.results] == ["accepted"] and len(ews.sent) == 2
+        assert tried == ["contoso.example"] and transport.url == ews.ews_url  # the external (EXPR) URL
+        discover = [r for r in ews.requests if r.path.startswith("/autodiscover")]
+        assert len(discover) == 2  # the NTLM negotiate leg and the authenticated request, once
+        assert discover[-1].headers["authorization"].startswith("NTLM ") and MAILBOX.encode() in discover[-1].body
 
 
 async def test_autodiscover_follows_no_redirect(ews: FakeEWS) -> None:

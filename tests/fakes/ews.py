@@ -33,7 +33,7 @@ import ssl
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -124,14 +124,16 @@ class _Mailbox:
 class _Failure:
     code: str
     fault: bool
-    back_off_ms: int | None
+    back_off_ms: int | str | None
     status: int | None  # an HTTP error instead of an EWS answer
     operation: str | None  # only for this operation (CreateItem, GetFolder); None: the next request
+    text: str | None = None  # the error's text instead of Exchange's usual one
 
 
 class _EWSError(Exception):
-    def __init__(self, code: str, *, fault: bool = False, back_off_ms: int | None = None) -> None:
-        self.code, self.fault, self.back_off_ms = code, fault, back_off_ms
+    def __init__(self, code: str, *, fault: bool = False, back_off_ms: int | str | None = None,
+                 text: str | None = None) -> None:  # fmt: skip
+        self.code, self.fault, self.back_off_ms, self.text = code, fault, back_off_ms, text
 
 
 class FakeEWS(ThreadedFake):
@@ -164,6 +166,10 @@ class FakeEWS(ThreadedFake):
         self.ntlm_handshakes = 0
         self.impersonators: set[str] = set()  # app ids granted ApplicationImpersonation
         self.autodiscover_redirect: str | None = None  # answer Autodiscover with redirectAddr to this address
+        self.autodiscover_ews_url: str | None = None  # the external EwsUrl Autodiscover names (else ews_url)
+        # Every answer at the EWS URL to an authenticated request passes through this (a hostile
+        # or broken server: another encoding, a DTD, a trickle…).
+        self.rewrite: Callable[[HTTPResponse], HTTPResponse] | None = None
         self._accounts: dict[str, str] = {}  # DOMAIN\\user (lower) → password
         self._mailboxes: dict[str, _Mailbox] = {}
         self._failures: list[_Failure] = []
@@ -201,12 +207,13 @@ class FakeEWS(ThreadedFake):
                 {a.lower() for a in send_as},
             )  # fmt: skip
 
-    def fail_next(self, code: str, *, fault: bool = False, back_off_ms: int | None = None,
-                  status: int | None = None, operation: str | None = None) -> None:  # fmt: skip
+    def fail_next(self, code: str, *, fault: bool = False, back_off_ms: int | str | None = None,
+                  status: int | None = None, operation: str | None = None,
+                  text: str | None = None) -> None:  # fmt: skip
         """The next request (authenticated; of `operation`, if given) gets this EWS error (or
-        plain HTTP `status`)."""
+        plain HTTP `status`), with `text` instead of Exchange's usual text if given."""
         with self._lock:
-            self._failures.append(_Failure(code, fault, back_off_ms, status, operation))
+            self._failures.append(_Failure(code, fault, back_off_ms, status, operation, text))
 
     def start(self) -> Any:
         self._saved_env = os.environ.get("NTLM_USER_FILE")
@@ -237,6 +244,8 @@ class FakeEWS(ThreadedFake):
         with self._lock:
             self.requests.append(recorded)
         response = self._route(request)
+        if self.rewrite is not None and response.status != 401 and request.path.lower() == EWS_PATH.lower():
+            response = self.rewrite(response)
         recorded.status = response.status
         return response
 
@@ -268,7 +277,7 @@ class FakeEWS(ThreadedFake):
             return self._soap(root, who)
         except _EWSError as e:
             if e.fault:
-                return _fault(e.code, TEXT.get(e.code, e.code), self._version_xml(), e.back_off_ms)
+                return _fault(e.code, e.text or TEXT.get(e.code, e.code), self._version_xml(), e.back_off_ms)
             raise
 
     # ---- Autodiscover (POX) ----------------------------------------------------------------
@@ -293,7 +302,7 @@ class FakeEWS(ThreadedFake):
                        f"<Protocol><Type>EXCH</Type><Server>mbx01.contoso.example</Server>"
                        f"<EwsUrl>https://mbx01.contoso.example/EWS/Exchange.asmx</EwsUrl></Protocol>"
                        f"<Protocol><Type>EXPR</Type><Server>mail.contoso.example</Server>"
-                       f"<EwsUrl>{escape(self.ews_url)}</EwsUrl></Protocol>")  # fmt: skip
+                       f"<EwsUrl>{escape(self.autodiscover_ews_url or self.ews_url)}</EwsUrl></Protocol>")  # fmt: skip
         user = (f"<User><DisplayName>{escape(mailbox.address)}</DisplayName><AutoDiscoverSMTPAddress>"
                 f"{escape(mailbox.address)}</AutoDiscoverSMTPAddress></User>")  # fmt: skip
         body = (f'<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="{NS_AD}">'
@@ -417,8 +426,8 @@ class FakeEWS(ThreadedFake):
         account, mailbox_of_account = self._acting(who, header)
         if failure is not None:
             if failure.fault:
-                raise _EWSError(failure.code, fault=True, back_off_ms=failure.back_off_ms)
-            return self._response(name, failure.code, failure.back_off_ms)
+                raise _EWSError(failure.code, fault=True, back_off_ms=failure.back_off_ms, text=failure.text)
+            return self._response(name, failure.code, failure.back_off_ms, text=failure.text)
         if operation.tag == f"{{{NS_M}}}CreateItem":
             return self._create_item(operation, account, mailbox_of_account, version)
         if operation.tag == f"{{{NS_M}}}GetFolder":
@@ -548,7 +557,8 @@ class FakeEWS(ThreadedFake):
             self.sent.append(item)
         return self._response(name, None, None, "<m:Items/>")
 
-    def _response(self, name: str, code: str | None, back_off_ms: int | None, content: str = "") -> HTTPResponse:
+    def _response(self, name: str, code: str | None, back_off_ms: int | str | None, content: str = "", *,
+                  text: str | None = None) -> HTTPResponse:  # fmt: skip
         if code is None:
             message = (f'<m:{name}ResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode>'
                        f"{content}</m:{name}ResponseMessage>")  # fmt: skip
@@ -556,7 +566,7 @@ class FakeEWS(ThreadedFake):
             extra = (f'<m:MessageXml><t:Value Name="BackOffMilliseconds">{back_off_ms}</t:Value></m:MessageXml>'
                      if back_off_ms is not None else "")  # fmt: skip
             message = (f'<m:{name}ResponseMessage ResponseClass="Error"><m:MessageText>'
-                       f"{escape(TEXT.get(code, code))}</m:MessageText><m:ResponseCode>{code}</m:ResponseCode>"
+                       f"{escape(text or TEXT.get(code, code))}</m:MessageText><m:ResponseCode>{code}</m:ResponseCode>"
                        f"<m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>{extra}"
                        f"{'<m:Items/>' if name == 'CreateItem' else ''}</m:{name}ResponseMessage>")  # fmt: skip
         body = (f'<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{NS_SOAP}"><s:Header>'
@@ -582,7 +592,7 @@ class _TLSServer(_Server):
 class _Answered(Exception):
     """An error the operation answers in its response message (HTTP 200, ResponseClass Error)."""
 
-    def __init__(self, code: str, back_off_ms: int | None = None) -> None:
+    def __init__(self, code: str, back_off_ms: int | str | None = None) -> None:
         self.code, self.back_off_ms = code, back_off_ms
 
 
@@ -591,7 +601,7 @@ def _valid(address: str) -> bool:
     return bool(at and local and "." in domain and not any(c.isspace() for c in address))
 
 
-def _fault(code: str, text: str, version_xml: str, back_off_ms: int | None = None) -> HTTPResponse:
+def _fault(code: str, text: str, version_xml: str, back_off_ms: int | str | None = None) -> HTTPResponse:
     extra = (f'<t:MessageXml xmlns:t="{NS_T}"><t:Value Name="BackOffMilliseconds">{back_off_ms}</t:Value>'
              "</t:MessageXml>" if back_off_ms is not None else "")  # fmt: skip
     body = (f'<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{NS_SOAP}"><s:Header>{version_xml}'

@@ -98,6 +98,7 @@ class HTTPResponse:
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
     close: bool = False
+    trickle: float = 0.0  # seconds: the body goes out in small pieces, 0.2 s apart, over this long
 
 
 @dataclass
@@ -217,7 +218,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD" and response.body:
-            self.wfile.write(response.body)
+            if response.trickle > 0:  # a slow server: each read gets a little, in time
+                steps = max(1, int(response.trickle / 0.2))
+                size = max(1, -(-len(response.body) // steps))
+                self.wfile.flush()
+                for start in range(0, len(response.body), size):
+                    time.sleep(0.2)
+                    self.wfile.write(response.body[start : start + size])
+                    self.wfile.flush()  # raises once the client has hung up: the handler ends
+            else:
+                self.wfile.write(response.body)
         self.wfile.flush()
 
 

@@ -266,6 +266,18 @@ class EWSSettings(_Section):
 
     _urls = field_validator("url")(classmethod(lambda cls, v: _web_url(v)))
 
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        # httpx would send user:password@ as Basic credentials of its own, instead of
+        # the auth section's, to wherever the URL points.
+        from urllib.parse import urlsplit
+
+        if value is not None and "@" in urlsplit(value).netloc:
+            raise ValueError("give the EWS URL without a user name or password (user:password@): the "
+                             "credentials belong in the auth section")  # fmt: skip
+        return value
+
     @field_validator("mailbox")
     @classmethod
     def _valid_mailbox(cls, value: str) -> str | None:

@@ -29,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,12 +39,14 @@ from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree as ET
+from xml.parsers import expat
 from xml.sax.saxutils import escape
 
 from .._http import MAX_REPLY, TooLarge, read_capped
 from .._http import retry_after as http_retry_after
 from ..delivery import Delivery
-from ..diagnostics.catalogue import explain_ews_error
+from ..destinations import DestinationRefused
+from ..diagnostics.catalogue import Explanation, explain_ews_error
 from ..errors import foreign_text
 from ..message import Address, Envelope, Message
 from ..settings.document import MailServer, OAuth2AuthSettings, PasswordAuthSettings
@@ -67,7 +70,16 @@ NS_AUTODISCOVER_OUTLOOK = "http://schemas.microsoft.com/exchange/autodiscover/ou
 DEFAULT_VERSION = "Exchange2013"
 EWS_CONCURRENCY = 10  # requests in flight per mailbox; Exchange's EWSMaxConcurrency default is 27
 MAX_MESSAGE = 64 * 1024 * 1024  # raw bytes; base64 makes ~86 MB, within Exchange's default 150 MB request limit
-MAX_BACKOFF = 3600.0  # seconds: a BackOffMilliseconds beyond is capped (the outbox's own backoff caps too)
+MAX_BACKOFF = 3600  # seconds: a BackOffMilliseconds beyond is capped (the outbox's own backoff caps too)
+# A reply is parsed only within these (a SOAP answer of EWS nests ~10 deep and has a few dozen
+# elements); any DTD or entity declaration is refused, in whatever encoding the reply comes.
+MAX_XML_DEPTH = 40
+MAX_XML_ELEMENTS = 10_000
+MAX_URL = 2000  # characters of an EWS URL that Autodiscover names (ews.url's own limit)
+# Each request has an overall deadline: connect_timeout + protocol_timeout + the body's upload
+# at this rate. httpx's timeouts are per read: a server trickling a byte at a time would hold the
+# sender (and its mailbox's slot) for ever.
+UPLOAD_RATE = 128 * 1024  # bytes per second
 _CODE = re.compile(r"[A-Za-z0-9_]{1,100}")  # ErrorServerBusy, NoError, …
 
 
@@ -132,6 +144,10 @@ class EWSTransport:
             self._impersonate = auth.token.grant == "client_credentials"  # app-only: act as the mailbox
         else:
             raise ValueError("an ews server needs auth password or oauth2")
+        # What Exchange may echo in an error text that must not reach the attempt log: the
+        # password, the Basic credentials, the user name (_redacted: also its user part).
+        basic = base64.b64encode(f"{self._username}:{self._password or ''}".encode()).decode("ascii")
+        self._secrets: tuple[str | None, ...] = (self._password, basic) if self._username else (self._password,)
         self._new_http = new_http
         self._lanes: list[httpx2.AsyncClient] = []  # NTLM: idle clients, each one authenticated connection
         self._all_lanes: set[httpx2.AsyncClient] = set()
@@ -318,6 +334,7 @@ class EWSTransport:
         whether the connection is now authenticated."""
         import spnego
 
+        _quiet_spnego()
         host = urlsplit(url).hostname or ""
         context = spnego.client(self._username, self._password, hostname=host, service="HTTP", protocol="ntlm",
                                 options=spnego.NegotiateOptions.use_ntlm)  # fmt: skip
@@ -363,17 +380,28 @@ class EWSTransport:
         headers = {"Content-Type": "text/xml; charset=utf-8"}
         if authorization is not None:
             headers["Authorization"] = authorization
+        problem = _url_problem(url, https_only=False)
+        if problem is not None:
+            raise _bad_url(problem)
         timeout = httpx2.Timeout(c.protocol_timeout, connect=c.connect_timeout)
+        deadline = c.connect_timeout + c.protocol_timeout + len(body) / UPLOAD_RATE
         tls = None
         try:
-            async with client.stream("POST", url, headers=headers, content=body, timeout=timeout) as r:
-                content = await read_capped(r, MAX_REPLY)
-                stream = r.extensions.get("network_stream")
-                if stream is not None:
-                    with contextlib.suppress(Exception):
-                        tls = stream.get_extra_info("ssl_object")
+            async with asyncio.timeout(deadline):
+                async with client.stream("POST", url, headers=headers, content=body, timeout=timeout,
+                                         follow_redirects=False) as r:  # fmt: skip
+                    content = await read_capped(r, MAX_REPLY)
+                    stream = r.extensions.get("network_stream")
+                    if stream is not None:
+                        with contextlib.suppress(Exception):
+                            tls = stream.get_extra_info("ssl_object")
+        except TimeoutError:  # the whole request's deadline, not one read's
+            raise self._lost(f"Exchange did not answer within {deadline:g} s (the request's deadline)", final) \
+                from None  # fmt: skip
         except httpx2.TimeoutException:
             raise self._lost(f"Exchange did not answer within {c.protocol_timeout:g} s", final) from None
+        except httpx2.InvalidURL:  # nothing was sent: the URL is not one httpx can request
+            raise _bad_url("is not a URL mailgate can request") from None
         except (httpx2.ProtocolError, httpx2.DecodingError, TooLarge) as e:
             # Never the peer's bytes: the URL is a setting, it may point anywhere.
             raise self._lost(f"{url} did not answer as EWS would ({type(e).__name__})", final) from None
@@ -408,7 +436,10 @@ class EWSTransport:
     async def _discover(self) -> str:
         """POX Autodiscover, bounded: at most two URLs of the mailbox's domain (no SRV lookup, no
         redirect followed: a redirect could lead our credentials anywhere), each through the same
-        guarded client and with the same credentials; the answer's EWS URL must be https."""
+        guarded client and with the same credentials; one the destination policy refuses is
+        skipped (never connected to). The answer's EWS URL is used only if _url_problem finds
+        nothing (https, printable, at most MAX_URL characters, no user:password@); connections to
+        it are checked by the policy like any other."""
         domain = self.mailbox.ascii_domain
         request = (
             '<?xml version="1.0" encoding="utf-8"?>'
@@ -418,21 +449,29 @@ class EWSTransport:
         ).encode()
         tried: list[str] = []
         transient = True
-        for candidate in self._autodiscover_urls(domain)[:2]:
+        candidates = self._autodiscover_urls(domain)[:2]
+        refused: list[DestinationRefused] = []
+        for candidate in candidates:
             try:
                 answer = await self._exchange(request, candidate, final=False, lane=False)
+            except DestinationRefused as e:  # where the policy does not let us connect: the next one
+                refused.append(e)
+                tried.append(f"{candidate}: {e.message}")
+                continue
             except EWSError as e:
                 if e.code == 401:
                     raise
                 tried.append(f"{candidate}: {e.message}")
                 continue
-            found, why = _ews_url_of(answer)
+            found, why = _ews_url_of(answer, self._said)
             if found is not None:
                 if self._log:
                     self._log(f"Autodiscover: EWS at {found}")
                 return found
             transient = False
             tried.append(f"{candidate}: {why}")
+        if refused and len(refused) == len(candidates):
+            raise refused[0]  # the policy's own cause and fix: only the operator (or ews.url) changes it
         explanation = explain_ews_error(0, "autodiscover")
         raise EWSError(f"Autodiscover found no EWS URL for {domain} ({'; '.join(tried)}). {explanation}",
                        explanation=explanation, transient=transient)  # fmt: skip
@@ -472,6 +511,21 @@ class EWSTransport:
         self._refusal(answer, code, message.findtext(f"{{{NS_MESSAGES}}}MessageText"), _back_off(message))
         raise AssertionError("unreachable")
 
+    def _said(self, text: str, limit: int = 300) -> str:
+        """Exchange's text, fit to show (foreign_text), without our credentials in it."""
+        return foreign_text(self._redacted(text), limit, secrets=self._secrets)
+
+    def _redacted(self, text: str) -> str:
+        """`text` without the user name it echoes: DOMAIN\\user, or user@domain, in any case, and
+        the user part of DOMAIN\\user as a word of its own (not inside a longer name or address)."""
+        if len(self._username) < 4:
+            return text
+        text = re.sub(re.escape(self._username), "[redacted]", text, flags=re.IGNORECASE)
+        user = self._username.rpartition("\\")[2]
+        if user != self._username and len(user) >= 4:
+            text = re.sub(rf"(?<![\w.@\\-]){re.escape(user)}(?![\w.@-])", "[redacted]", text, flags=re.IGNORECASE)
+        return text
+
     def _learn_version(self, root: ET.Element) -> None:
         info = root.find(f"{{{NS_SOAP}}}Header/{{{NS_TYPES}}}ServerVersionInfo")
         if info is not None:
@@ -484,13 +538,15 @@ class EWSTransport:
     def _refusal(self, answer: _Answer, code: str | None, text: str | None, back_off: float | None) -> None:
         status = answer.status
         ews_code = code if code and _CODE.fullmatch(code) else None
-        said_text = foreign_text(text, secrets=(self._password,)) if text else None
+        said_text = self._said(text) if text else None
         explanation = explain_ews_error(status, ews_code, scheme=self.scheme)
         said = f"HTTP {status}" + (f" {ews_code}" if ews_code else "") + (f": {said_text}" if said_text else "")
         message = f"Exchange refused ({said}). {explanation}"
-        retry_after = back_off if back_off is not None else http_retry_after(answer.retry_after)
-        if retry_after is not None:
-            retry_after = min(retry_after, MAX_BACKOFF)
+        retry_after: float | None = back_off
+        if retry_after is None:
+            retry_after = http_retry_after(answer.retry_after)
+            if retry_after is not None:
+                retry_after = min(retry_after, MAX_BACKOFF)
         if explanation.transient:
             raise EWSError(message, code=status, ews_code=ews_code, explanation=explanation, transient=True,
                            retry_after=retry_after)  # fmt: skip
@@ -519,15 +575,59 @@ def _header_recipients(data: bytes) -> tuple[set[str], set[str]]:
 
 
 def _parse(body: bytes) -> ET.Element | None:
-    """The SOAP envelope, or None when the body is not one. EWS never sends a DTD: a reply with
-    one is refused unread (no entity expansion); the body is already capped at MAX_REPLY."""
-    if not body or b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
+    """The SOAP envelope, or None when the body is not one (or not safe to read: _safe_xml)."""
+    root = _safe_xml(body)
+    return root if root is not None and root.tag == f"{{{NS_SOAP}}}Envelope" else None
+
+
+class _Unsafe(Exception):
+    """A reply mailgate does not read further: a DTD, an entity, too deep or too many elements."""
+
+
+def _safe_xml(body: bytes) -> ET.Element | None:
+    """The reply's XML tree, or None when it is not XML or not safe to read. EWS and Autodiscover
+    never send a DTD: one is refused as expat meets it — in whatever encoding the reply declares
+    (UTF-16 too: a byte search for "<!DOCTYPE" cannot see it there) — before any entity could be
+    declared or expanded. At most MAX_XML_DEPTH levels, MAX_XML_ELEMENTS elements, MAX_REPLY bytes."""
+    if not body or len(body) > MAX_REPLY:
         return None
+    builder = ET.TreeBuilder()
+    parser = expat.ParserCreate(namespace_separator="}")
+    depth = elements = 0
+
+    def name(n: str) -> str:  # expat's "uri}local" as ElementTree's "{uri}local"
+        return "{" + n if "}" in n else n
+
+    def start(tag: str, attributes: dict[str, str]) -> None:
+        nonlocal depth, elements
+        depth += 1
+        elements += 1
+        if depth > MAX_XML_DEPTH or elements > MAX_XML_ELEMENTS:
+            raise _Unsafe
+        builder.start(name(tag), {name(k): v for k, v in attributes.items()})
+
+    def end(tag: str) -> None:
+        nonlocal depth
+        depth -= 1
+        builder.end(name(tag))
+
+    def refuse(*_: Any) -> None:
+        raise _Unsafe
+
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.UnparsedEntityDeclHandler = refuse
+    parser.NotationDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse  # type: ignore[assignment]
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = builder.data
     try:
-        root = ET.fromstring(body)
-    except ET.ParseError:
+        parser.Parse(body, True)
+        return builder.close()
+    except (_Unsafe, expat.ExpatError, ValueError, LookupError, AssertionError):
         return None
-    return root if root.tag == f"{{{NS_SOAP}}}Envelope" else None
 
 
 def default_autodiscover_urls(domain: str) -> list[str]:
@@ -538,48 +638,95 @@ def default_autodiscover_urls(domain: str) -> list[str]:
     ]
 
 
-def _ews_url_of(answer: _Answer) -> tuple[str | None, str]:
+def _ews_url_of(answer: _Answer, said: Callable[[str, int], str] = foreign_text) -> tuple[str | None, str]:
     """The EWS URL of a POX Autodiscover answer (external first), or None and why not."""
-    from ..settings.document import _web_url
-
     if answer.status != 200:
         return None, f"HTTP {answer.status}"
-    body = answer.body
-    if not body or b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
-        return None, "not an Autodiscover answer"
-    try:
-        root = ET.fromstring(body)
-    except ET.ParseError:
+    root = _safe_xml(answer.body)
+    if root is None:
         return None, "not an Autodiscover answer"
     account = root.find(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Response/{{{NS_AUTODISCOVER_OUTLOOK}}}Account")
     if root.tag != f"{{{NS_AUTODISCOVER}}}Autodiscover" or account is None:
         error = root.findtext(f".//{{{NS_AUTODISCOVER}}}ErrorCode")
-        return None, f"Autodiscover error {foreign_text(error, 20)}" if error else "not an Autodiscover answer"
+        return None, f"Autodiscover error {said(error, 20)}" if error else \
+            "not an Autodiscover answer"  # fmt: skip
     action = (account.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Action") or "").strip()
     if action != "settings":
-        return None, f"Autodiscover answered {foreign_text(action, 30)!r}, which mailgate does not follow"
+        return None, (f"Autodiscover answered {said(action, 30)!r}, which mailgate does not "
+                      "follow")  # fmt: skip
     protocols = {(p.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Type") or "").strip():
                  (p.findtext(f"{{{NS_AUTODISCOVER_OUTLOOK}}}EwsUrl") or "").strip()
                  for p in account.findall(f"{{{NS_AUTODISCOVER_OUTLOOK}}}Protocol")}  # fmt: skip
     for kind in ("EXPR", "EXCH"):  # outside the organization's network first
         url = protocols.get(kind)
         if url:
-            try:
-                return _web_url(url), ""
-            except ValueError:
-                return None, "its EWS URL is not https"
+            problem = _url_problem(url, https_only=True)
+            if problem is not None:  # never quoted: it is the answer's, not the tenant's
+                return None, f"its EWS URL {problem}, which mailgate does not use"
+            return url, ""
     return None, "no EwsUrl in the answer"
 
 
-def _back_off(element: ET.Element) -> float | None:
-    """Seconds of a MessageXml's BackOffMilliseconds (ErrorServerBusy), if given."""
+def _url_problem(url: str, *, https_only: bool) -> str | None:
+    """Why mailgate does not send credentials to `url`, or None: longer than MAX_URL characters,
+    not printable, not http(s) (`https_only`: not https), without a host or a valid port, or with
+    a user name or password in it (user:password@host)."""
+    if len(url) > MAX_URL:
+        return f"is longer than {MAX_URL} characters"
+    if not all(c.isprintable() and not c.isspace() for c in url):
+        return "has characters that are not printable"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError when the port is not 0-65535
+    except ValueError:
+        return "is not a URL"
+    if https_only and parts.scheme != "https":
+        return "is not https"
+    if parts.scheme not in ("https", "http") or not host:
+        return "is not an http(s) URL"
+    if "@" in parts.netloc:
+        return "names a user name or password (user:password@)"
+    return None
+
+
+def _bad_url(problem: str) -> EWSError:
+    """A URL no request can go to: a settings problem (ews.url, or what Autodiscover found)."""
+    explanation = Explanation(
+        f"The EWS URL {problem}.",
+        "Give the server's EWS URL in ews.url, e.g. https://mail.example.com/EWS/Exchange.asmx.",
+    )
+    return EWSError(f"The EWS URL {problem}. Fix: {explanation.fix}", explanation=explanation, transient=False)
+
+
+_NUMBER = re.compile(r"\s*([+-]?)(\d+)(?:\.(\d*))?\s*")
+
+
+def _back_off(element: ET.Element) -> int | None:
+    """Whole seconds of a MessageXml's BackOffMilliseconds (ErrorServerBusy), if given: rounded
+    up, within 0 and MAX_BACKOFF (a huge, negative or fractional value is clamped, not trusted);
+    None when it is not a number."""
     for value in element.iter(f"{{{NS_TYPES}}}Value"):
         if value.get("Name") == "BackOffMilliseconds":
-            try:
-                return max(0.0, int((value.text or "").strip()) / 1000)
-            except ValueError:
+            number = _NUMBER.fullmatch(value.text or "")
+            if number is None:
                 return None
+            sign, whole, fraction = number.groups()
+            if sign == "-":
+                return 0
+            # More than 15 digits is beyond MAX_BACKOFF anyway (and int() refuses 4,300 digits).
+            milliseconds = int(whole) + (1 if (fraction or "").strip("0") else 0) if len(whole) <= 15 else 10**15
+            return min(MAX_BACKOFF, -(-milliseconds // 1000))
     return None
+
+
+def _quiet_spnego() -> None:
+    """pyspnego logs every NTLM token at DEBUG (the type 3 token holds the password's
+    NTLMv2 response, which can be cracked offline): its logger stays at INFO or above, whatever
+    level the root logger has."""
+    logger = logging.getLogger("spnego")
+    if logger.level < logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 def _channel_bindings(tls: Any) -> Any:
