@@ -429,3 +429,30 @@ def test_a_lost_key_file_is_not_replaced_by_a_new_one(operator: Operator, tmp_pa
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode != 0 and "mailgate.db.keys" in done.stderr, done.stderr
     assert not (tmp_path / "mailgate.db.keys").exists()
+
+
+@pytest.mark.parametrize("host", ["a..b", "．．", "x" * 70 + ".example", "\u00ad.example"])
+def test_a_host_that_can_not_be_a_dns_name_is_a_settings_problem_not_a_500(operator: Operator, host: str) -> None:
+    # getaddrinfo raises UnicodeError (not OSError) for these: the save must not fail with it.
+    tenant, admin, _ = operator.tenant()
+    document = {**smtp_server("smtp.tenant.example", 587), "kind": "graph",
+                "graph": {"endpoint": f"https://{host}/v1.0", "directory_id": "d", "client_id": "c",
+                          "client_secret": "s", "mailbox": "no-reply@tenant.example"}}  # fmt: skip
+    document.pop("smtp")
+    reply = admin.put(f"/v1/tenants/{tenant}/server", json=document)
+    assert reply.status_code == 422, reply.text
+    assert "not a valid domain name" in problems(reply)["graph.endpoint"], reply.text
+
+
+@pytest.mark.parametrize("host", ["a..b", "dead..beef", "a.b..", "1.2.3..4"])
+def test_an_smtp_host_that_can_not_be_looked_up_is_refused_at_save(operator: Operator, host: str) -> None:
+    tenant, admin, _ = operator.tenant()
+    reply = admin.put(f"/v1/tenants/{tenant}/server", json=smtp_server(host, 587))
+    assert reply.status_code == 422 and "not a host name" in problems(reply)["smtp.host"], reply.text
+
+
+async def test_a_name_the_resolver_can_not_encode_does_not_resolve() -> None:
+    from mailgate.destinations import Destinations
+
+    with pytest.raises(OSError):
+        await Destinations().tenant.resolve("a..b", 443)

@@ -176,7 +176,10 @@ class DestinationPolicy:
             ip = None
         if ip is not None:
             return [str(self.check_address(host, host))]
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except UnicodeError:  # not a name the resolver can encode ("a..b"): as one that doesn't resolve
+            raise socket.gaierror(socket.EAI_NONAME, f"{host!r} is not a valid domain name") from None
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         if not addresses:
             raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")

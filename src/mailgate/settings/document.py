@@ -95,7 +95,7 @@ class SMTPSettings(_Section):
     @field_validator("host")
     @classmethod
     def _host_name(cls, value: str) -> str:
-        if not _HOST.fullmatch(value):
+        if not _HOST.fullmatch(value) or not _dns_name_or_ip(value):  # "a..b" fits _HOST's address part
             raise ValueError(f"{value!r} is not a host name or an IP address")
         return value
 
@@ -136,6 +136,23 @@ class PasswordAuthSettings(_Section):
     mechanism: Literal["auto", "PLAIN", "LOGIN", "CRAM-MD5"] = "auto"
 
 
+def _dns_name_or_ip(host: str) -> bool:
+    """Whether `host` (a URL's host) can be looked up: an IP address, or a name whose IDNA form
+    has labels of 1 to 63 characters (the resolver raises UnicodeError, not OSError, for others:
+    "a..b", "．．", a 64-character label, a label of only a soft hyphen)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        return len(host.encode("idna")) <= 253
+    except UnicodeError:
+        return False
+
+
 def _web_url(value: str | None) -> str | None:
     """An https URL; plain http only to a loopback address (a local test or proxy): a client
     secret or a token never crosses a network unencrypted."""
@@ -150,6 +167,8 @@ def _web_url(value: str | None) -> str | None:
         raise ValueError(f"{value!r} is not a URL") from None
     if url.scheme not in ("https", "http") or not host or any(c.isspace() for c in value):
         raise ValueError(f"{value!r} is not an http(s) URL")
+    if not _dns_name_or_ip(host):
+        raise ValueError(f"{value!r}: its host is not a valid domain name or IP address")
     if url.scheme == "http" and host not in ("127.0.0.1", "::1", "localhost"):
         raise ValueError(f"{value!r}: use https (plain http only to 127.0.0.1, ::1 or localhost)")
     if url.query or url.fragment:
