@@ -1,12 +1,15 @@
-"""The SMTP submission ingress against untrusted senders: a message's MIME parts and header fields
-bounded and parsed off the event loop. Real clients (smtplib) on 127.0.0.1, as in test_ingress."""
+"""The SMTP submission ingress against untrusted senders: connections per client address, time to
+authenticate, and a message's MIME parts and header fields bounded and parsed off the event loop.
+Real clients (smtplib) on 127.0.0.1, as in test_ingress."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import smtplib
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +21,8 @@ from mailgate import Mailgate
 from mailgate.ingress import from_bytes, self_signed
 from test_ingress import in_thread, ingress, note, stored
 
+ADDRESS_LIMIT = 10
+
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
@@ -26,6 +31,71 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def plain(user: str, token: str) -> str:
     return "PLAIN " + base64.b64encode(f"\0{user}\0{token}".encode()).decode()
+
+
+# ---- 1. connections from one client address -----------------------------------------------------
+
+
+async def test_an_eleventh_connection_from_one_address_gets_421_at_the_greeting(
+    mg: Mailgate, certificate: tuple[Path, Path]
+) -> None:
+    async with ingress(mg, certificate) as ing:  # max_connections stays 100
+
+        def connections() -> tuple[int, bytes, int]:
+            with contextlib.ExitStack() as open_ones:
+                held = [open_ones.enter_context(smtplib.SMTP("127.0.0.1", ing.port, timeout=10))
+                        for _ in range(ADDRESS_LIMIT)]  # fmt: skip
+                try:
+                    smtplib.SMTP("127.0.0.1", ing.port, timeout=10).close()
+                    refused = (220, b"")
+                except smtplib.SMTPConnectError as e:
+                    refused = (e.smtp_code, e.smtp_error)
+                held[0].quit()
+                # Taken again once the server has seen one of them go (bounded: 100 × 0.05 s).
+                for _ in range(100):
+                    try:
+                        with smtplib.SMTP("127.0.0.1", ing.port, timeout=10) as again:
+                            return refused[0], refused[1], again.noop()[0]
+                    except smtplib.SMTPConnectError:
+                        time.sleep(0.05)
+                return refused[0], refused[1], 421
+
+        code, text, after_one_left = await in_thread(connections)
+    assert code == 421 and text.startswith(b"4.7.0 Too many connections from your address")
+    assert after_one_left == 250
+
+
+def test_connections_are_counted_by_ipv4_address_and_by_ipv6_64() -> None:
+    from mailgate.ingress import client_address
+
+    assert client_address(("2001:db8:1:2::1", 50000, 0, 0)) == client_address(("2001:db8:1:2:ffff::9", 1, 0, 0))
+    assert client_address(("2001:db8:1:2::1", 50000, 0, 0)) != client_address(("2001:db8:1:3::1", 50000, 0, 0))
+    assert client_address(("::ffff:192.0.2.7", 25, 0, 0)) == client_address(("192.0.2.7", 26)) == "192.0.2.7"
+    assert client_address(("192.0.2.7", 25)) != client_address(("192.0.2.8", 25))
+
+
+# ---- 2. time to authenticate ---------------------------------------------------------------------
+
+
+async def test_a_connection_that_does_not_authenticate_in_time_gets_421_and_is_closed(
+    mg: Mailgate, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mailgate.ingress.AUTH_DEADLINE", 2.0, raising=False)
+    async with ingress(mg, certificate) as ing:
+
+        def sessions() -> tuple[tuple[int, bytes], tuple[int, bytes], bool, int]:
+            with ing.connect(login=("acme", ing.token)) as signed_in, contextlib.ExitStack() as idle:
+                idle_tls = idle.enter_context(contextlib.closing(ing.connect()))  # EHLO, STARTTLS, EHLO, no more
+                idle_clear = idle.enter_context(contextlib.closing(smtplib.SMTP("127.0.0.1", ing.port, timeout=10)))
+                told_tls, told_clear = idle_tls.getreply(), idle_clear.getreply()
+                closed = idle_clear.sock is not None and idle_clear.sock.recv(1) == b""
+                # Connected before the other two, so past the deadline as well: authenticated, it stays.
+                return told_tls, told_clear, closed, signed_in.noop()[0]
+
+        told_tls, told_clear, closed, noop = await in_thread(sessions)
+    assert told_tls[0] == 421 and told_tls[1].startswith(b"4.7.0 Not authenticated within 2 seconds")
+    assert told_clear[0] == 421 and closed
+    assert noop == 250
 
 
 # ---- 6. a message's MIME parts and header fields -------------------------------------------------------

@@ -20,9 +20,10 @@ with a self-signed certificate). The rules:
   `550 5.7.1` when sending is disabled for the tenant, `554 5.6.0` for a message mailgate can't
   send as given. The server's sender policy applies to the From header at send time, as it does
   to an HTTP submit's `from`.
-- Bounds: connections at once (`MAILGATE_SMTP_MAX_CONNECTIONS`), messages per connection, AUTH
-  attempts, unknown commands (aiosmtpd: 5), line length, idle time, MIME parts and header fields
-  of a message, and a per-token rate
+- Bounds: connections at once (`MAILGATE_SMTP_MAX_CONNECTIONS`) and from one client address
+  (MAX_CONNECTIONS_PER_ADDRESS; an IPv6 client by its /64), time to authenticate (AUTH_DEADLINE),
+  messages per connection, AUTH attempts, unknown commands (aiosmtpd: 5), line length, idle time,
+  MIME parts and header fields of a message, and a per-token rate
   (`MAILGATE_SMTP_TOKEN_RATE` messages per second, bursts of that many times BURST_SECONDS).
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import email.errors
 import email.policy
+import ipaddress
 import logging
 import mimetypes
 import re
@@ -72,6 +74,8 @@ MAX_AUTH_ATTEMPTS = 3  # per connection: a guessed token costs a new TLS handsha
 IDLE_TIMEOUT = 120.0  # seconds without a command before the connection is closed
 BURST_SECONDS = 2.0  # a token may send token_rate × this at once before the rate applies
 TLS_HANDSHAKE_TIMEOUT = 10.0
+MAX_CONNECTIONS_PER_ADDRESS = 10  # from one client address at once (an IPv6 client: its /64); then 421
+AUTH_DEADLINE = 30.0  # seconds from connecting to a successful AUTH; then 421 and the connection is closed
 MAX_MIME_PARTS = 500  # entities of a message's MIME tree, the message itself included; then 554 5.6.0
 MAX_HEADER_FIELDS = 5_000  # header fields of a message, its parts' included; then 554 5.6.0
 # Headers a client adds that mean nothing once mailgate composes the message again (a DKIM or ARC
@@ -107,6 +111,21 @@ class TokenRate:
         return 0.0
 
 
+def client_address(peer: Any) -> str:
+    """The address a client's connections and failed AUTH are counted by: its IPv4 address, or
+    the /64 of its IPv6 address (one subscriber usually has a whole /64 to pick addresses from)."""
+    host = str(peer[0] if isinstance(peer, tuple) and peer else peer)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 @dataclass(frozen=True)
 class _Login:
     principal: Principal
@@ -138,6 +157,7 @@ class IngressServer:
         self.rate = TokenRate(token_rate)
         self._server: asyncio.Server | None = None
         self._sessions: weakref.WeakSet[_Session] = weakref.WeakSet()
+        self._per_address: dict[str, int] = {}  # connections open, by client_address
         self._handler = _Handler(self)
 
     @property
@@ -147,21 +167,31 @@ class IngressServer:
     async def start(self) -> None:
         _quiet_message_content()  # aiosmtpd logs message lines at DEBUG: never a message's content
         loop = asyncio.get_running_loop()
-
-        def protocol() -> asyncio.BaseProtocol:
-            if len(self._sessions) >= self.max_connections:
-                return _Refuse()
-            session = _Session(self)
-            self._sessions.add(session)
-            return session
-
-        self._server = await loop.create_server(protocol, self.host, self._port)
+        self._server = await loop.create_server(lambda: _Session(self), self.host, self._port)
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def aclose(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             await close_smtp_server(server, self._sessions)
+
+    def admit(self, session: _Session, address: str) -> str | None:
+        """Take a new connection from `address`; else the greeting refusing it (RFC 5321 4.3.2)."""
+        if len(self._sessions) >= self.max_connections:
+            return "421 4.7.0 Too many connections, try again later"
+        if self._per_address.get(address, 0) >= MAX_CONNECTIONS_PER_ADDRESS:
+            return "421 4.7.0 Too many connections from your address, try again later"
+        self._sessions.add(session)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        return None
+
+    def release(self, session: _Session, address: str) -> None:
+        self._sessions.discard(session)
+        left = self._per_address.get(address, 0) - 1
+        if left > 0:
+            self._per_address[address] = left
+        else:
+            self._per_address.pop(address, None)
 
     async def __aenter__(self) -> IngressServer:
         await self.start()
@@ -252,15 +282,6 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class _Refuse(asyncio.Protocol):
-    """A connection over the limit: told so (RFC 5321 4.3.2: 421 at the greeting) and closed."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-        transport.close()
-
-
 class _QuietSession(Session):
     # aiosmtpd sets login_data at every AUTH and logs a deprecation warning each time it does.
     @property
@@ -297,9 +318,44 @@ class _Session(SMTP):
             loop=asyncio.get_running_loop(),
         )
         self._ingress = ingress
+        self._address: str | None = None  # client_address, once the connection is taken
+        self._deadline: asyncio.TimerHandle | None = None
 
     def _create_session(self) -> Session:
         return _QuietSession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._address is not None:  # again at STARTTLS, with the TLS transport
+            super().connection_made(transport)
+            return
+        address = client_address(transport.get_extra_info("peername"))
+        refused = self._ingress.admit(self, address)
+        if refused is not None:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(refused.encode() + b"\r\n")
+            transport.close()
+            return
+        self._address = address
+        self._deadline = self.loop.call_later(AUTH_DEADLINE, self._not_authenticated)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        address, self._address = self._address, None
+        if address is None:
+            return  # refused at the greeting (aiosmtpd never saw it), or already lost
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._ingress.release(self, address)
+        super().connection_lost(error)
+
+    def _not_authenticated(self) -> None:
+        if self.transport is None or self.session is None or self.session.authenticated:
+            return
+        log.info("an SMTP client at %s did not authenticate within %s s", self._address, AUTH_DEADLINE)
+        if self._tls_protocol is None or self.transport is not self._original_transport:  # not amid the handshake
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(f"421 4.7.0 Not authenticated within {AUTH_DEADLINE:g} seconds, closing\r\n".encode())
+        self.transport.close()
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         # aiosmtpd parses PLAIN and LOGIN and then asks synchronously; the token is looked up in
@@ -312,6 +368,8 @@ class _Session(SMTP):
         found = await self._ingress.login(provisional.auth_data.login, provisional.auth_data.password)
         if isinstance(found, str):
             return AuthResult(success=False, handled=False, message=found)
+        if self._deadline is not None:
+            self._deadline.cancel()
         return AuthResult(success=True, auth_data=found)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
