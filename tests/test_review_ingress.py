@@ -1,12 +1,14 @@
 """The SMTP submission ingress against untrusted senders: connections per client address, time to
-authenticate, and a message's MIME parts and header fields bounded and parsed off the event loop.
-Real clients (smtplib) on 127.0.0.1, as in test_ingress."""
+authenticate, failed AUTH per client address, no token in any log, a bounded AUTH answer, and a
+message's MIME parts and header fields bounded and parsed off the event loop. Real clients
+(smtplib) on 127.0.0.1, as in test_ingress."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import logging
 import smtplib
 import threading
 import time
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 
 from mailgate import Mailgate
+from mailgate.accounts import FAILURE_WINDOW, FAILURES_ALLOWED
 from mailgate.ingress import from_bytes, self_signed
 from test_ingress import in_thread, ingress, note, stored
 
@@ -96,6 +99,110 @@ async def test_a_connection_that_does_not_authenticate_in_time_gets_421_and_is_c
     assert told_tls[0] == 421 and told_tls[1].startswith(b"4.7.0 Not authenticated within 2 seconds")
     assert told_clear[0] == 421 and closed
     assert noop == 250
+
+
+# ---- 3. failed AUTH per client address ---------------------------------------------------------------
+
+
+async def test_failed_auth_from_one_address_locks_it_out_until_the_window_has_passed(
+    mg: Mailgate, certificate: tuple[Path, Path]
+) -> None:
+    async with ingress(mg, certificate) as ing:
+        bad = plain("acme", "mgt_" + "x" * 43)
+
+        def attempts() -> tuple[list[int], list[int], tuple[int, bytes], tuple[int, bytes]]:
+            good = []
+            for _ in range(FAILURES_ALLOWED + 2):  # successes are not failures
+                with ing.connect() as smtp:
+                    good.append(smtp.docmd("AUTH", plain("acme", ing.token))[0])
+            codes = []
+            with ing.connect() as smtp:
+                codes += [smtp.docmd("AUTH", bad)[0] for _ in range(3)]
+            with ing.connect() as smtp:
+                codes += [smtp.docmd("AUTH", bad)[0] for _ in range(FAILURES_ALLOWED - 3)]
+                right_token = smtp.docmd("AUTH", plain("acme", ing.token))
+            with ing.connect() as smtp:
+                login = smtp.docmd("AUTH", "LOGIN")  # refused at once: no 334 challenge
+            return good, codes, right_token, login
+
+        good, codes, right_token, login = await in_thread(attempts)
+        assert good == [235] * (FAILURES_ALLOWED + 2) and codes == [535] * FAILURES_ALLOWED
+        assert right_token[0] == 454 and right_token[1].startswith(b"4.7.0 ")
+        assert login[0] == 454 and login[1].startswith(b"4.7.0 ")
+
+        ing.server.auth_failures.clock = lambda: time.monotonic() + FAILURE_WINDOW  # the window has passed
+
+        def later() -> int:
+            with ing.connect() as smtp:
+                return smtp.docmd("AUTH", plain("acme", ing.token))[0]
+
+        assert await in_thread(later) == 235
+
+
+def test_failed_auth_is_remembered_for_at_most_10000_addresses() -> None:
+    from mailgate.ingress import AuthFailures
+
+    failures = AuthFailures()
+    for i in range(12_000):
+        for _ in range(FAILURES_ALLOWED):
+            assert failures.count(f"10.0.{i // 256}.{i % 256}")
+    assert len(failures) == 10_000
+    assert failures.refused("10.0.46.223") and not failures.count("10.0.46.223")  # the newest, still locked
+    assert not failures.refused("10.0.0.0")  # the oldest window was forgotten first
+
+
+# ---- 4. no token in a log ----------------------------------------------------------------------------
+
+
+async def test_no_token_nor_its_base64_reaches_a_log(
+    mg: Mailgate, certificate: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with ingress(mg, certificate) as ing:
+        token = ing.token
+        secrets = [token, base64.b64encode(token.encode()).decode(), plain("acme", token).split()[1]]
+
+        def sessions() -> list[int]:
+            codes = []
+            with ing.connect() as smtp:  # AUTH PLAIN, lower case
+                codes.append(smtp.docmd("auth", plain("acme", token))[0])
+            with ing.connect() as smtp:  # AUTH LOGIN, answered as it should be
+                smtp.user, smtp.password = "acme", token
+                codes.append(smtp.auth("LOGIN", smtp.auth_login)[0])
+            with ing.connect() as smtp:  # the token answered as is, not in base64
+                smtp.docmd("AUTH", "LOGIN " + base64.b64encode(b"acme").decode())
+                codes.append(smtp.docmd(token)[0])
+            with ing.connect() as smtp:  # out of step: the base64 token arrives as a line of its own
+                smtp.send(b"AUTH LOGIN\r\nnot base64!\r\n" + base64.b64encode(token.encode()) + b"\r\n")
+                codes += [smtp.getreply()[0] for _ in range(3)]
+            with ing.connect() as smtp:  # separated by tabs: not a command aiosmtpd knows
+                codes.append(smtp.docmd("AUTH\tPLAIN\t" + plain("acme", token).split()[1])[0])
+            return codes
+
+        codes = await in_thread(sessions)
+    assert codes == [235, 235, 501, 334, 501, 500, 500], codes
+    logged = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records).lower()
+    assert "auth" in logged and ">>" in logged  # the lines were logged, without the secrets
+    for secret in secrets:
+        assert secret.lower() not in logged
+
+
+# ---- 5. an overlong AUTH answer -------------------------------------------------------------------------
+
+
+async def test_an_overlong_auth_login_answer_gets_501_and_the_session_stays_in_step(
+    mg: Mailgate, certificate: tuple[Path, Path]
+) -> None:
+    async with ingress(mg, certificate) as ing:
+
+        def session() -> list[tuple[int, bytes]]:
+            with ing.connect() as smtp:
+                challenge = smtp.docmd("AUTH", "LOGIN")
+                smtp.send(b"A" * 100_000 + b"\r\n")
+                return [challenge, smtp.getreply(), smtp.noop(), smtp.docmd("AUTH", plain("acme", ing.token))]
+
+        replies = await in_thread(session)
+    assert [code for code, _ in replies] == [334, 501, 250, 235], replies
 
 
 # ---- 6. a message's MIME parts and header fields -------------------------------------------------------

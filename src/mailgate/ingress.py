@@ -22,14 +22,19 @@ with a self-signed certificate). The rules:
   to an HTTP submit's `from`.
 - Bounds: connections at once (`MAILGATE_SMTP_MAX_CONNECTIONS`) and from one client address
   (MAX_CONNECTIONS_PER_ADDRESS; an IPv6 client by its /64), time to authenticate (AUTH_DEADLINE),
-  messages per connection, AUTH attempts, unknown commands (aiosmtpd: 5), line length, idle time,
-  MIME parts and header fields of a message, and a per-token rate
+  messages per connection, AUTH attempts per connection and failed ones per client address
+  (`AuthFailures`, the admin sign-in's numbers), unknown commands (aiosmtpd: 5), line length (an
+  AUTH answer too), idle time, MIME parts and header fields of a message, and a per-token rate
   (`MAILGATE_SMTP_TOKEN_RATE` messages per second, bursts of that many times BURST_SECONDS).
+- No token reaches a log: aiosmtpd logs the lines a client sends, and a filter on its logger keeps
+  only the command of a line (an AUTH line without its argument).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email.errors
 import email.policy
 import ipaddress
@@ -39,8 +44,10 @@ import re
 import ssl
 import time
 import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email.header import decode_header, make_header
 from email.headerregistry import AddressHeader
@@ -50,8 +57,9 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 
+from .accounts import FAILURE_WINDOW, FAILURES_ALLOWED
 from .capture import _quiet_message_content, close_smtp_server
 from .errors import InvalidInput, MessageError, NotFound, SendingDisabled, traceback_of
 from .message import (
@@ -76,6 +84,8 @@ BURST_SECONDS = 2.0  # a token may send token_rate × this at once before the ra
 TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_CONNECTIONS_PER_ADDRESS = 10  # from one client address at once (an IPv6 client: its /64); then 421
 AUTH_DEADLINE = 30.0  # seconds from connecting to a successful AUTH; then 421 and the connection is closed
+MAX_TRACKED_ADDRESSES = 10_000  # client addresses AuthFailures remembers (the oldest window goes first)
+MAX_AUTH_LINE = 1_000  # bytes of an AUTH answer (a token and a tenant id in base64 need ~150); then 501
 MAX_MIME_PARTS = 500  # entities of a message's MIME tree, the message itself included; then 554 5.6.0
 MAX_HEADER_FIELDS = 5_000  # header fields of a message, its parts' included; then 554 5.6.0
 # Headers a client adds that mean nothing once mailgate composes the message again (a DKIM or ARC
@@ -111,6 +121,71 @@ class TokenRate:
         return 0.0
 
 
+class AuthFailures:
+    """Failed AUTH per client address (`client_address`), in memory (per process): after
+    `allowed` in a window of `window` seconds from the first, every AUTH from the address is
+    refused (454) until the window has passed. Counted as the admin sign-in's lockout counts
+    (accounts.py, the same numbers): an attempt is counted before its token is looked up, so
+    parallel guesses get no more than the allowed lookups, and it is taken back when the token was
+    good (or the database could not tell). At most `limit` addresses are remembered; past that the
+    oldest window is forgotten first."""
+
+    def __init__(
+        self,
+        allowed: int = FAILURES_ALLOWED,
+        window: float = FAILURE_WINDOW,
+        limit: int = MAX_TRACKED_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.allowed, self.window, self.limit, self.clock = allowed, window, limit, clock
+        self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()  # (attempts, window start), oldest first
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def _attempts(self, address: str) -> int:
+        found = self._counts.get(address)
+        if found is None:
+            return 0
+        if found[1] <= self.clock() - self.window:
+            del self._counts[address]
+            return 0
+        return found[0]
+
+    def refused(self, address: str) -> bool:
+        """Whether an AUTH from `address` is refused now (nothing is counted)."""
+        return self._attempts(address) >= self.allowed
+
+    def count(self, address: str) -> bool:
+        """Count an attempt from `address`; False when it is refused (and not counted: nothing
+        grows while refused)."""
+        attempts = self._attempts(address)
+        if attempts >= self.allowed:
+            return False
+        if attempts:
+            self._counts[address] = (attempts + 1, self._counts[address][1])
+            return True
+        at = self.clock()
+        while self._counts:  # windows that have passed, then the oldest while full
+            oldest, (_, start) = next(iter(self._counts.items()))
+            if start > at - self.window and len(self._counts) < self.limit:
+                break
+            del self._counts[oldest]
+        self._counts[address] = (1, at)
+        return True
+
+    def take_back(self, address: str) -> None:
+        """An attempt counted that was not a failure."""
+        attempts = self._attempts(address)
+        if attempts > 1:
+            self._counts[address] = (attempts - 1, self._counts[address][1])
+        elif attempts:
+            del self._counts[address]
+
+    def clear(self) -> None:
+        self._counts.clear()
+
+
 def client_address(peer: Any) -> str:
     """The address a client's connections and failed AUTH are counted by: its IPv4 address, or
     the /64 of its IPv6 address (one subscriber usually has a whole /64 to pick addresses from)."""
@@ -130,7 +205,7 @@ def client_address(peer: Any) -> str:
 class _Login:
     principal: Principal
     tenant: str
-    token: str  # looked up again at every MAIL: a token revoked meanwhile stops sending
+    token: str = field(repr=False)  # looked up again at every MAIL: a token revoked meanwhile stops sending
 
 
 class IngressServer:
@@ -158,6 +233,7 @@ class IngressServer:
         self._server: asyncio.Server | None = None
         self._sessions: weakref.WeakSet[_Session] = weakref.WeakSet()
         self._per_address: dict[str, int] = {}  # connections open, by client_address
+        self.auth_failures = AuthFailures()
         self._handler = _Handler(self)
 
     @property
@@ -166,6 +242,9 @@ class IngressServer:
 
     async def start(self) -> None:
         _quiet_message_content()  # aiosmtpd logs message lines at DEBUG: never a message's content
+        mail_log = logging.getLogger("mail.log")
+        if _no_secrets not in mail_log.filters:
+            mail_log.addFilter(_no_secrets)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Session(self), self.host, self._port)
         self._port = self._server.sockets[0].getsockname()[1]
@@ -282,6 +361,53 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+_LINE_TOO_LONG = f"501 5.5.6 Authentication exchange line is too long (at most {MAX_AUTH_LINE:,} bytes)"
+_LOCKED_OUT = "454 4.7.0 Too many failed authentications from your address, try again later"
+_COMMANDS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP",
+                       "STARTTLS"})  # fmt: skip
+# aiosmtpd's log records that quote what a client sent: a line, or its first word.
+_CLIENT_TEXT = frozenset({"_handle_client readline: %r", "%r >> %r", "%r unrecognised: %s", "%r over limit for %s",
+                          "%r can't decode base64: %s"})  # fmt: skip
+
+
+def _command_only(text: object) -> object:
+    """What a client sent, as far as it is an SMTP command: an AUTH line without its argument,
+    anything else not a known command by its length. A client out of step with the AUTH exchange
+    sends its base64 token as a line of its own, and aiosmtpd's sanitizing misses that."""
+    if not isinstance(text, bytes | str):
+        return text
+    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    words = raw.split()
+    verb = words[0].decode("ascii", "replace").upper() if words else ""
+    if verb == "AUTH":
+        return "AUTH" + (" " + words[1].decode("ascii", "replace")[:20] if len(words) > 1 else "") + (
+            " ********" if len(words) > 2 else "")  # fmt: skip
+    if verb in _COMMANDS:
+        return text
+    return f"<{len(raw)} bytes, not a command>"
+
+
+def _reply_only(reply: object) -> object:
+    """A reply as logged: without the client's text that aiosmtpd quotes in some of its replies
+    ('500 Error: command "…" not recognized', '421 4.7.0 … sent too many times')."""
+    if isinstance(reply, bytes) and (b'"' in reply or reply.endswith(b" sent too many times")):
+        return reply[:3].decode("ascii", "replace") + " (a reply quoting what the client sent)"
+    return reply
+
+
+class _NoSecrets(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            if record.msg in _CLIENT_TEXT:
+                record.args = tuple(_command_only(a) if isinstance(a, bytes | str) else a for a in record.args)
+            elif record.msg == "%r << %r":
+                record.args = tuple(_reply_only(a) for a in record.args)
+        return True
+
+
+_no_secrets = _NoSecrets()
+
+
 class _QuietSession(Session):
     # aiosmtpd sets login_data at every AUTH and logs a deprecation warning each time it does.
     @property
@@ -357,26 +483,93 @@ class _Session(SMTP):
             self.transport.write(f"421 4.7.0 Not authenticated within {AUTH_DEADLINE:g} seconds, closing\r\n".encode())
         self.transport.close()
 
-    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
-        # aiosmtpd parses PLAIN and LOGIN and then asks synchronously; the token is looked up in
-        # the database, so the answer here is provisional and auth_PLAIN/auth_LOGIN below decide.
-        return AuthResult(success=True, auth_data=auth_data)
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self._address is not None and self._ingress.auth_failures.refused(self._address):
+            await self.push(_LOCKED_OUT)
+            return
+        await super().smtp_AUTH(arg)
 
-    async def _decide(self, provisional: AuthResult) -> AuthResult:
-        if not provisional.success or not isinstance(provisional.auth_data, LoginPassword):
-            return provisional
-        found = await self._ingress.login(provisional.auth_data.login, provisional.auth_data.password)
+    # PLAIN and LOGIN are ours, not aiosmtpd's: its logs an answer that is not base64 (a token
+    # sent as is) and took an answer longer than a line for an internal error (451), reading the
+    # rest of that line as commands; and the token is looked up in the database, asynchronously.
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        blob = await self._answer(args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        fields = blob.split(b"\0")  # authorization id (unused), user, password (RFC 4616)
+        if len(fields) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._decide(fields[1], fields[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        user = await self._answer(args, self.AuthLoginUsernameChallenge)
+        if user is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._answer([], self.AuthLoginPasswordChallenge)
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._decide(user, password)
+
+    async def _answer(self, args: list[str], challenge: str) -> bytes | None:
+        """The decoded initial response in `args`, or the answer to a 334 `challenge`; None when
+        a refusal was sent."""
+        if len(args) > 1:
+            line = args[1].encode("utf-8", "surrogateescape")
+            line = b"" if line == b"=" else line  # RFC 4954 4: "=" is an empty initial response
+        else:
+            await self.push(b"334 " + base64.b64encode(challenge.encode()))
+            try:
+                line = (await self._reader.readuntil(b"\n")).strip()
+            except asyncio.IncompleteReadError:
+                return None  # the client went away
+            except asyncio.LimitOverrunError as e:  # no more than the reader's limit is buffered
+                if not await self._skip_line(e.consumed):
+                    return None
+                await self.push(_LINE_TOO_LONG)
+                return None
+            if line == b"*":
+                await self.push("501 5.7.0 Auth aborted")
+                return None
+        if len(line) > MAX_AUTH_LINE:
+            await self.push(_LINE_TOO_LONG)
+            return None
+        try:
+            return base64.b64decode(line, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return None
+
+    async def _skip_line(self, consumed: int) -> bool:
+        """Read past the end of an overlong line, keeping no more than the reader's limit; False
+        when the client went away. A line that never ends is ended by AUTH_DEADLINE."""
+        try:
+            await self._reader.readexactly(consumed)
+            while True:
+                try:
+                    await self._reader.readuntil(b"\n")
+                    return True
+                except asyncio.LimitOverrunError as e:
+                    await self._reader.readexactly(e.consumed)
+        except asyncio.IncompleteReadError:
+            return False
+
+    async def _decide(self, user: bytes, password: bytes) -> AuthResult:
+        address, failures = self._address, self._ingress.auth_failures
+        assert address is not None
+        if not failures.count(address):  # counted before the lookup: see AuthFailures
+            return AuthResult(success=False, handled=False, message=_LOCKED_OUT)
+        found = await self._ingress.login(user, password)
         if isinstance(found, str):
+            if not found.startswith("535"):
+                failures.take_back(address)  # the database could not tell: not a failure
             return AuthResult(success=False, handled=False, message=found)
+        failures.take_back(address)
         if self._deadline is not None:
             self._deadline.cancel()
         return AuthResult(success=True, auth_data=found)
-
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._decide(await super().auth_PLAIN(_, args))
-
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._decide(await super().auth_LOGIN(_, args))
 
 
 class _Handler:
