@@ -68,6 +68,23 @@ async def test_an_eleventh_connection_from_one_address_gets_421_at_the_greeting(
     assert after_one_left == 250
 
 
+async def test_the_connections_per_address_are_a_setting(mg: Mailgate, certificate: tuple[Path, Path]) -> None:
+    from mailgate.config import Config
+
+    assert Config.from_env({"MAILGATE_SMTP_MAX_CONNECTIONS_PER_ADDRESS": "40"}).smtp_max_connections_per_address == 40
+    async with ingress(mg, certificate, max_connections_per_address=2) as ing:
+
+        def connections() -> int:
+            with smtplib.SMTP("127.0.0.1", ing.port, timeout=10), smtplib.SMTP("127.0.0.1", ing.port, timeout=10):
+                try:
+                    smtplib.SMTP("127.0.0.1", ing.port, timeout=10).close()
+                except smtplib.SMTPConnectError as e:
+                    return e.smtp_code
+                return 220
+
+        assert await in_thread(connections) == 421
+
+
 def test_connections_are_counted_by_ipv4_address_and_by_ipv6_64() -> None:
     from mailgate.ingress import client_address
 

@@ -21,10 +21,11 @@ with a self-signed certificate). The rules:
   send as given. The server's sender policy applies to the From header at send time, as it does
   to an HTTP submit's `from`.
 - Bounds: connections at once (`MAILGATE_SMTP_MAX_CONNECTIONS`) and from one client address
-  (MAX_CONNECTIONS_PER_ADDRESS; an IPv6 client by its /64), time to authenticate (AUTH_DEADLINE),
-  messages per connection, AUTH attempts per connection and failed ones per client address
-  (`AuthFailures`, the admin sign-in's numbers), unknown commands (aiosmtpd: 5), line length (an
-  AUTH answer too), idle time, MIME parts and header fields of a message, and a per-token rate
+  (`MAILGATE_SMTP_MAX_CONNECTIONS_PER_ADDRESS`, 10; an IPv6 client by its /64), time to
+  authenticate (AUTH_DEADLINE), messages per connection, AUTH attempts per connection and failed
+  ones per client address (`AuthFailures`, the admin sign-in's numbers), unknown commands
+  (aiosmtpd: 5), line length (an AUTH answer too), idle time, MIME parts and header fields of a
+  message, and a per-token rate
   (`MAILGATE_SMTP_TOKEN_RATE` messages per second, bursts of that many times BURST_SECONDS).
 - No token reaches a log: aiosmtpd logs the lines a client sends, and a filter on its logger keeps
   only the command of a line (an AUTH line without its argument).
@@ -219,6 +220,7 @@ class IngressServer:
         tls: ssl.SSLContext,
         *,
         max_connections: int = 100,
+        max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
         token_rate: float = 50.0,
         max_size: int = DEFAULT_MAX_SIZE,
         hostname: str = "localhost",
@@ -226,7 +228,7 @@ class IngressServer:
         self.mg = mg
         self.host, self._port = host, port
         self.tls = tls
-        self.max_connections = max_connections
+        self.max_connections, self.max_connections_per_address = max_connections, max_connections_per_address
         self.max_size = max_size
         self.hostname = hostname
         self.rate = TokenRate(token_rate)
@@ -258,7 +260,7 @@ class IngressServer:
         """Take a new connection from `address`; else the greeting refusing it (RFC 5321 4.3.2)."""
         if len(self._sessions) >= self.max_connections:
             return "421 4.7.0 Too many connections, try again later"
-        if self._per_address.get(address, 0) >= MAX_CONNECTIONS_PER_ADDRESS:
+        if self._per_address.get(address, 0) >= self.max_connections_per_address:
             return "421 4.7.0 Too many connections from your address, try again later"
         self._sessions.add(session)
         self._per_address[address] = self._per_address.get(address, 0) + 1
