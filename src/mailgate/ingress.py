@@ -125,11 +125,12 @@ class TokenRate:
 class AuthFailures:
     """Failed AUTH per client address (`client_address`), in memory (per process): after
     `allowed` in a window of `window` seconds from the first, every AUTH from the address is
-    refused (454) until the window has passed. Counted as the admin sign-in's lockout counts
-    (accounts.py, the same numbers): an attempt is counted before its token is looked up, so
-    parallel guesses get no more than the allowed lookups, and it is taken back when the token was
-    good (or the database could not tell). At most `limit` addresses are remembered; past that the
-    oldest window is forgotten first."""
+    refused (454) until the window has passed. The admin sign-in's lockout (accounts.py) with
+    the same numbers, and as there, parallel guesses get no more token lookups than are allowed:
+    a lookup starts only while the failures so far and the lookups in flight stay below
+    `allowed`, else it waits for those to end (an application opening a pool of connections
+    authenticates them all; a guesser is refused). At most `limit` addresses are remembered;
+    past that the oldest window is forgotten first."""
 
     def __init__(
         self,
@@ -139,52 +140,63 @@ class AuthFailures:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.allowed, self.window, self.limit, self.clock = allowed, window, limit, clock
-        self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()  # (attempts, window start), oldest first
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # (failures, window start), oldest first
+        self._in_flight: dict[str, int] = {}  # lookups begun and not ended, by address
+        self._ended = asyncio.Event()  # set (and replaced) when a lookup ends
 
     def __len__(self) -> int:
-        return len(self._counts)
+        return len(self._failures)
 
-    def _attempts(self, address: str) -> int:
-        found = self._counts.get(address)
+    def _count(self, address: str) -> int:
+        found = self._failures.get(address)
         if found is None:
             return 0
         if found[1] <= self.clock() - self.window:
-            del self._counts[address]
+            del self._failures[address]
             return 0
         return found[0]
 
     def refused(self, address: str) -> bool:
-        """Whether an AUTH from `address` is refused now (nothing is counted)."""
-        return self._attempts(address) >= self.allowed
+        """Whether an AUTH from `address` is refused now."""
+        return self._count(address) >= self.allowed
 
-    def count(self, address: str) -> bool:
-        """Count an attempt from `address`; False when it is refused (and not counted: nothing
-        grows while refused)."""
-        attempts = self._attempts(address)
-        if attempts >= self.allowed:
-            return False
-        if attempts:
-            self._counts[address] = (attempts + 1, self._counts[address][1])
-            return True
+    async def begin(self, address: str) -> bool:
+        """A token lookup for `address` may begin (end() must follow); False when refused."""
+        while True:
+            failures, in_flight = self._count(address), self._in_flight.get(address, 0)
+            if failures >= self.allowed:
+                return False
+            if failures + in_flight < self.allowed:
+                self._in_flight[address] = in_flight + 1
+                return True
+            await self._ended.wait()  # in_flight > 0 here: one of them ends
+
+    def end(self, address: str, *, failed: bool) -> None:
+        left = self._in_flight.get(address, 0) - 1
+        if left > 0:
+            self._in_flight[address] = left
+        else:
+            self._in_flight.pop(address, None)
+        if failed:
+            self.fail(address)
+        self._ended.set()
+        self._ended = asyncio.Event()
+
+    def fail(self, address: str) -> None:
+        failures = self._count(address)
+        if failures:
+            self._failures[address] = (failures + 1, self._failures[address][1])
+            return
         at = self.clock()
-        while self._counts:  # windows that have passed, then the oldest while full
-            oldest, (_, start) = next(iter(self._counts.items()))
-            if start > at - self.window and len(self._counts) < self.limit:
+        while self._failures:  # windows that have passed, then the oldest while full
+            oldest, (_, start) = next(iter(self._failures.items()))
+            if start > at - self.window and len(self._failures) < self.limit:
                 break
-            del self._counts[oldest]
-        self._counts[address] = (1, at)
-        return True
-
-    def take_back(self, address: str) -> None:
-        """An attempt counted that was not a failure."""
-        attempts = self._attempts(address)
-        if attempts > 1:
-            self._counts[address] = (attempts - 1, self._counts[address][1])
-        elif attempts:
-            del self._counts[address]
+            del self._failures[oldest]
+        self._failures[address] = (1, at)
 
     def clear(self) -> None:
-        self._counts.clear()
+        self._failures.clear()
 
 
 def client_address(peer: Any) -> str:
@@ -561,14 +573,15 @@ class _Session(SMTP):
     async def _decide(self, user: bytes, password: bytes) -> AuthResult:
         address, failures = self._address, self._ingress.auth_failures
         assert address is not None
-        if not failures.count(address):  # counted before the lookup: see AuthFailures
+        if not await failures.begin(address):
             return AuthResult(success=False, handled=False, message=_LOCKED_OUT)
-        found = await self._ingress.login(user, password)
+        found: _Login | str = "454 4.7.0 The connection ended"
+        try:
+            found = await self._ingress.login(user, password)
+        finally:  # also when the connection ends meanwhile
+            failures.end(address, failed=isinstance(found, str) and found.startswith("535"))
         if isinstance(found, str):
-            if not found.startswith("535"):
-                failures.take_back(address)  # the database could not tell: not a failure
             return AuthResult(success=False, handled=False, message=found)
-        failures.take_back(address)
         if self._deadline is not None:
             self._deadline.cancel()
         return AuthResult(success=True, auth_data=found)
