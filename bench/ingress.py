@@ -220,7 +220,9 @@ def main() -> int:
     cert, key = self_signed(scratch)
     port, smtp_port = free_port(), free_port()
     env = {**os.environ, "MAILGATE_SECRET_KEYS": keys, "PYTHONPATH": str(ROOT / "src"),
-           "MAILGATE_SMTP_TOKEN_RATE": "100000"}  # fmt: skip
+           "MAILGATE_SMTP_TOKEN_RATE": "100000",
+           # every client is on 127.0.0.1, and a reconnecting one may briefly count twice
+           "MAILGATE_SMTP_MAX_CONNECTIONS_PER_ADDRESS": str(2 * args.smtp_clients)}  # fmt: skip
     log = (scratch / "server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mailgate.cli", "--database-url", url, "serve", "--no-worker", "--host", HOST,

@@ -270,12 +270,16 @@ async def test_a_bad_token_another_tenant_and_a_tenant_admin_token_are_refused(
                 with ing.connect() as smtp:
                     blob = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
                     codes.append(smtp.docmd("AUTH", "PLAIN " + blob)[0])
-            with ing.connect() as smtp:  # three tries, then the connection is closed
-                blob = base64.b64encode(b"\0acme\0mgt_wrong").decode()
-                codes += [smtp.docmd("AUTH", "PLAIN " + blob)[0] for _ in range(4)]
             return codes
 
-        assert await in_thread(tries) == [535] * 5 + [535, 535, 535, 421]
+        def one_connection() -> list[int]:
+            with ing.connect() as smtp:  # three tries, then the connection is closed
+                blob = base64.b64encode(b"\0acme\0mgt_wrong").decode()
+                return [smtp.docmd("AUTH", "PLAIN " + blob)[0] for _ in range(4)]
+
+        assert await in_thread(tries) == [535] * 5
+        ing.server.auth_failures.clear()  # five failures from 127.0.0.1 lock it out (test_review_ingress)
+        assert await in_thread(one_connection) == [535, 535, 535, 421]
         assert await stored(mg) == []
 
 

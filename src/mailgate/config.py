@@ -61,11 +61,13 @@ class Config:
     listen_port: int = 8000
     max_request_size: int = 50 * 1024 * 1024
     # The SMTP submission ingress (`mailgate serve --smtp-port`, ingress.py): its TLS certificate
-    # and key (PEM files; STARTTLS is required before AUTH), the connections it serves at once,
-    # and the messages a second one API token may submit through it (bursts of twice that).
+    # and key (PEM files; STARTTLS is required before AUTH), the connections it serves at once
+    # (from one client address: an IPv6 client by its /64), and the messages a second one API
+    # token may submit through it (bursts of twice that).
     smtp_cert: str = ""
     smtp_key: str = ""
     smtp_max_connections: int = 100
+    smtp_max_connections_per_address: int = 10
     smtp_token_rate: float = 50.0
     # Where mail servers may make mailgate connect besides public addresses (destinations.py):
     # tenants' own servers nowhere else by default, the global server (the operator's) also to

@@ -163,6 +163,7 @@ async def _start_ingress(
             shutil.rmtree(scratch, ignore_errors=True)
     assert port is not None
     ingress = IngressServer(mg, host, port, tls, max_connections=mg.config.smtp_max_connections,
+                            max_connections_per_address=mg.config.smtp_max_connections_per_address,
                             token_rate=mg.config.smtp_token_rate)  # fmt: skip
     try:
         await ingress.start()
