@@ -225,7 +225,9 @@ class BatchIn(_Input):
     others. `tenant` is every message's that names none (required with a system-admin token)."""
 
     tenant: TenantId | None = None
-    messages: list[dict[str, Any]] = Field(
+    # Any JSON value: an item that is not an object is answered in its own result (422), as every
+    # other bad item is, instead of refusing the whole batch.
+    messages: list[Any] = Field(
         min_length=1, max_length=MAX_BATCH, description="Each as POST /v1/messages takes it, plus `idempotency_key`."
     )
 
