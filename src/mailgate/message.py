@@ -310,6 +310,8 @@ class Message:
     left out: the mail server's sender address then fills it (`with_defaults`), and so does the
     Message-ID's domain. `message_id` and `date` are otherwise fixed at construction, so a
     message composed again for a retry is the same message and duplicates can be recognized.
+    A Message-ID mailgate made (`message_id_made`), not one given, follows the From when a mail
+    server sends the message as its own address (`in_domain`): same unique part, that domain.
     """
 
     __slots__ = (
@@ -322,6 +324,7 @@ class Message:
         "headers",
         "html",
         "message_id",
+        "message_id_made",
         "reply_to",
         "subject",
         "text",
@@ -405,6 +408,7 @@ class Message:
 
         self.headers = _check_headers(headers, problems)
 
+        self.message_id_made = message_id is None
         if message_id is None:
             if sender is not None:
                 message_id = new_message_id(sender.ascii_domain)
@@ -448,6 +452,23 @@ class Message:
                 domain = copy.from_.ascii_domain
             if domain is not None:
                 copy.message_id = new_message_id(domain)
+                copy.message_id_made = True
+        return copy
+
+    def in_domain(self, domain: str) -> Message:
+        """This message with its Message-ID in `domain` when mailgate made that Message-ID: the
+        same unique part, so each attempt sends the same Message-ID. A Message-ID its sender gave
+        is kept; so is one that would grow past MAX_MESSAGE_ID_LENGTH."""
+        if not self.message_id_made or self.message_id is None:
+            return self
+        unique = self.message_id[1:-1].rpartition("@")[0]
+        moved = f"<{unique}@{domain}>"
+        if moved == self.message_id or len(moved) > MAX_MESSAGE_ID_LENGTH:
+            return self
+        copy = Message.__new__(Message)
+        for slot in Message.__slots__:
+            setattr(copy, slot, getattr(self, slot))
+        copy.message_id = moved
         return copy
 
     def sender(self) -> Address:
@@ -469,6 +490,7 @@ class Message:
             "html": self.html,
             "headers": [list(h) for h in self.headers],
             "message_id": self.message_id,
+            "message_id_made": self.message_id_made,
             "date": self.date.isoformat(),
             "attachments": [
                 {"filename": a.filename, "content_type": a.content_type, "content_id": a.content_id}
@@ -485,6 +507,8 @@ class Message:
         m.subject, m.text, m.html = data["subject"], data["text"], data["html"]
         m.headers = [(n, v) for n, v in data["headers"]]
         m.message_id = data["message_id"]
+        # Stored before mailgate told its own Message-IDs apart: kept as they are, as before.
+        m.message_id_made = bool(data.get("message_id_made", False))
         m.date, m._date_header = _stored_date(data["date"])
         m.attachments = [
             Attachment(a["filename"], a["content_type"], content, a["content_id"])
