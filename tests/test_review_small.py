@@ -7,18 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import smtplib
+import ssl
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import TEST_KEY
-from mailgate import Mailgate, Message
+from mailgate import Mailgate, Message, MessageError
 from mailgate.config import Config
+from mailgate.ingress import IngressServer, self_signed, server_context
+from mailgate.message import Attachment
 from mailgate.settings.document import parse_server
-from smtp_servers import RecordingServer, ServerConfig, serve
+from smtp_servers import RecordingServer, ServerConfig, serve, serve_in_thread
 from test_batch import URL, api, count, message
 
 MAILGATE = str(Path(sys.executable).with_name("mailgate"))
@@ -128,3 +137,173 @@ async def test_a_from_the_domains_stopped_allowing_takes_the_message_id_along(fa
     # mailgate's own follows the From; the sender's own is sent as given.
     unique = _split(stored)[0]
     assert {m.parsed()["Message-ID"] for m in received} == {f"<{unique}@operator.example>", "<wire.7@bank.example>"}
+
+
+# ---- 3. an attachment's charset -----------------------------------------------------------------------
+
+LATIN = "Café, crème brûlée: 12 €\n"
+
+
+def attachment_parts(raw: bytes) -> list[EmailMessage]:
+    parsed = BytesParser(policy=default).parsebytes(raw)
+    assert isinstance(parsed, EmailMessage)
+    return list(parsed.iter_attachments())
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain; charset=iso-8859-15", 'text/plain;charset="ISO-8859-15"', "text/plain; Charset=latin-9"],
+)
+def test_an_attachment_may_say_its_charset_and_the_recipient_reads_it(content_type: str) -> None:
+    data = LATIN.encode("iso-8859-15")
+    m = Message(from_="a@example.com", to="b@example.org", text="x",
+                attachments=[Attachment("menu.txt", content_type, data)])  # fmt: skip
+    [part] = attachment_parts(m.compose())
+    assert part.get_content_type() == "text/plain" and part.get_filename() == "menu.txt"
+    assert part.get_content_charset() == "iso-8859-15"  # as mail clients name it
+    assert part.get_content() == LATIN and part.get_payload(decode=True) == data
+
+
+@pytest.mark.parametrize(
+    ("content_type", "why"),
+    [
+        ("text/plain; charset=klingon", "not a charset mailgate knows"),
+        ("text/plain; charset=rot13", "not a charset mailgate knows"),  # a codec, but not a text encoding
+        ("text/plain; charset=unicode_escape", "not a charset mailgate knows"),  # Python's only
+        ("text/plain; name=evil.exe", "charset is the one parameter taken"),
+        ("text/plain; charset=utf-8; format=flowed", "charset is the one parameter taken"),
+        ("text/plain; charset=utf-8\r\nBcc: x@example.org", "charset is the one parameter taken"),
+        ('text/plain; charset="utf-8', "charset is the one parameter taken"),
+        ("text/plain; charset=" + "u" * 41, "charset is the one parameter taken"),
+    ],
+)
+def test_any_other_parameter_or_charset_is_refused(content_type: str, why: str) -> None:
+    with pytest.raises(MessageError, match=why) as e:
+        Message(from_="a@example.com", to="b@example.org", attachments=[Attachment("a.txt", content_type, b"x")])
+    assert e.value.field == "attachments[0].content_type"
+
+
+async def test_the_api_takes_a_charset_and_the_recipient_reads_the_text(mg: Mailgate) -> None:
+    import base64
+
+    async with api(mg) as (http, _, sender, peer):
+        att = {"filename": "menu.txt", "content_type": "text/plain; charset=iso-8859-15",
+               "content_base64": base64.b64encode(LATIN.encode("iso-8859-15")).decode()}  # fmt: skip
+        reply = await http.post("/v1/messages", headers=sender,
+                                json={"to": ["r@example.org"], "text": "menu", "attachments": [att]})  # fmt: skip
+        assert reply.status_code == 202, reply.text
+        await mg.run_worker(until_idle=True)
+        [received] = await asyncio.wait_for(peer.wait_for_messages(1), 5)
+    [part] = attachment_parts(received.content)
+    assert part.get_content_charset() == "iso-8859-15" and part.get_content() == LATIN
+
+
+def test_mailgate_send_labels_a_utf8_text_file_and_leaves_other_bytes_unlabelled(tmp_path: Path) -> None:
+    notes, legacy = tmp_path / "notes.txt", tmp_path / "legacy.txt"
+    notes.write_text("Grüße aus Köln\n", encoding="utf-8")
+    legacy.write_bytes(LATIN.encode("iso-8859-15"))  # not UTF-8: what it is, mailgate can't know
+    with serve_in_thread(ServerConfig()) as server:
+        doc = tmp_path / "server.json"
+        doc.write_text(json.dumps(server_doc(server)))
+        out = subprocess.run([MAILGATE, "send", "--server", str(doc), "--to", "a@example.org", "--text", "see",
+                              "--attach", str(notes), "--attach", str(legacy)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        [received] = server.wait_for_messages_sync(1)
+    first, second = attachment_parts(received.content)
+    assert first.get_content_charset() == "utf-8" and first.get_content() == "Grüße aus Köln\n"
+    assert second.get_content_charset() is None and second.get_payload(decode=True) == LATIN.encode("iso-8859-15")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return self_signed(tmp_path_factory.mktemp("smtp-cert"))
+
+
+async def test_the_smtp_ingress_keeps_a_parts_own_charset(mg: Mailgate, certificate: tuple[Path, Path]) -> None:
+    async with serve(ServerConfig()) as peer:
+        await mg.tenants.add("acme")
+        smtp = {"host": peer.host, "port": peer.port, "security": "none"}
+        await mg.servers.set("global", {"from_address": SENDER, "from_policy": "any", "smtp": smtp})
+        token, _ = await mg.api_tokens.create("sender", "acme")
+        async with IngressServer(mg, "127.0.0.1", 0, server_context(*certificate)) as ingress:
+            msg = EmailMessage()
+            msg["From"], msg["To"], msg["Subject"] = "alerts@acme.example", "bob@example.org", "Menu"
+            msg.set_content("The menu is attached.\n")
+            msg.add_attachment(LATIN, subtype="plain", charset="iso-8859-15", filename="menu.txt")
+            msg.add_attachment("naïve\n", subtype="csv", charset="utf-8", filename="list.csv")
+
+            def submit() -> None:
+                with smtplib.SMTP("127.0.0.1", ingress.port, timeout=10) as smtp:
+                    smtp.starttls(context=ssl.create_default_context(cafile=str(certificate[0])))
+                    smtp.login("acme", token)
+                    smtp.send_message(msg)
+
+            await asyncio.to_thread(submit)
+            await mg.run_worker(until_idle=True)
+            [received] = await asyncio.wait_for(peer.wait_for_messages(1), 5)
+    menu, listed = attachment_parts(received.content)
+    # (smtplib sent the lines with CRLF, as SMTP does: that is the text as it arrived)
+    assert menu.get_content_charset() == "iso-8859-15" and menu.get_content() == LATIN.replace("\n", "\r\n")
+    assert listed.get_content_charset() == "utf-8" and listed.get_content() == "naïve\r\n"
+
+
+# ---- the Django backend, through a real `mailgate serve` -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_django(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    django = pytest.importorskip("django")
+    from served import served_with_smtp
+
+    with served_with_smtp(tmp_path_factory.mktemp("serve")) as served:
+        os.environ["TEST_MAILGATE_URL"], os.environ["TEST_MAILGATE_TOKEN"] = served.url, served.sender
+        os.environ["DJANGO_SETTINGS_MODULE"] = "django_project.settings"
+        django.setup()
+        from django.conf import settings
+        from django.test.utils import override_settings
+        from django.utils.functional import empty
+
+        try:
+            with override_settings(MAILGATE_URL=served.url, MAILGATE_TOKEN=served.sender):
+                yield served
+        finally:
+            # Django reads its settings module once a process: forgotten, so that test_django_backend's
+            # settings name its own `mailgate serve`, not this one (stopped by then).
+            settings._wrapped = empty
+            sys.modules.pop("django_project.settings", None)
+            del os.environ["TEST_MAILGATE_URL"], os.environ["TEST_MAILGATE_TOKEN"]
+
+
+def _delivered(served: Any, subject: str) -> EmailMessage:
+    served.smtp.wait_until_sync(lambda: any(m.parsed()["Subject"] == subject for m in served.smtp.messages), 20)
+    [found] = [m for m in served.smtp.messages if m.parsed()["Subject"] == subject]
+    parsed = BytesParser(policy=default).parsebytes(found.content)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def test_django_writes_a_text_attachment_in_the_messages_encoding_and_labels_it(served_django: Any) -> None:
+    from django.core.mail import EmailMessage as DjangoMessage
+
+    email = DjangoMessage("Menu in Latin-9", "The menu is attached.", "news@example.com", ["bob@example.org"])
+    email.encoding = "iso-8859-15"
+    email.attach("menu.txt", LATIN, "text/plain")
+    email.attach("data.bin", b"\x00\x01", "application/octet-stream")
+    assert email.send() == 1
+    menu, data = _delivered(served_django, "Menu in Latin-9").iter_attachments()
+    assert menu.get_content_charset() == "iso-8859-15" and menu.get_payload(decode=True) == LATIN.encode("iso-8859-15")
+    assert menu.get_content() == LATIN
+    assert data.get_content_charset() is None and data.get_payload(decode=True) == b"\x00\x01"
+
+
+def test_django_writes_a_text_attachment_in_default_charset_without_an_encoding(served_django: Any) -> None:
+    from django.core.mail import EmailMessage as DjangoMessage
+    from django.test.utils import override_settings
+
+    with override_settings(DEFAULT_CHARSET="utf-8"):
+        email = DjangoMessage("Menu in UTF-8", "The menu is attached.", "news@example.com", ["bob@example.org"])
+        email.attach("menu.txt", LATIN, "text/plain")
+        assert email.send() == 1
+    [menu] = _delivered(served_django, "Menu in UTF-8").iter_attachments()
+    assert menu.get_content_charset() == "utf-8" and menu.get_content() == LATIN
