@@ -6,16 +6,19 @@ ingress); `mailgate serve --demo` says how to send through its SMTP ingress. Rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import smtplib
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.policy import default
+from email.policy import SMTP, default
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from mailgate.message import Attachment
 from mailgate.settings.document import parse_server
 from smtp_servers import RecordingServer, ServerConfig, serve, serve_in_thread
 from test_batch import URL, api, count, message
+from test_serve import Served
 
 MAILGATE = str(Path(sys.executable).with_name("mailgate"))
 SENDER = "no-reply@operator.example"
@@ -307,3 +311,51 @@ def test_django_writes_a_text_attachment_in_default_charset_without_an_encoding(
         assert email.send() == 1
     [menu] = _delivered(served_django, "Menu in UTF-8").iter_attachments()
     assert menu.get_content_charset() == "utf-8" and menu.get_content() == LATIN
+
+
+# ---- 4. `mailgate serve --demo` says how to use its SMTP ingress -------------------------------------
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    drop = ("MAILGATE_DATABASE_URL", "MAILGATE_CONFIG_FILE")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "MAILGATE_SECRET_KEYS": TEST_KEY,
+            "MAILGATE_POLL_INTERVAL": "0.1"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def demo(tmp_path: Path, env: dict[str, str]) -> Iterator[Served]:
+    served = Served(tmp_path, env, ["--demo"])
+    try:
+        yield served
+    finally:
+        if served.process.poll() is None:
+            served.stop()
+
+
+def test_serve_demo_prints_how_to_send_through_its_smtp_ingress_and_that_works(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    with demo(tmp_path, env) as served:
+        deadline = time.monotonic() + 30
+        while "to send by SMTP" not in served.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = served.output()
+        found = re.search(r"to send by SMTP: host (\S+), port (\d+); STARTTLS is required and its certificate is "
+                          r"self-signed: tell the client not to verify it \(demo only\); user demo, password a "
+                          r"sender token of tenant demo, made \(and shown once\) with:\n +(\S+) (tokens create "
+                          r"--role sender --tenant demo)\n", out)  # fmt: skip
+        assert found is not None, out
+        host, port, command = found.group(1), int(found.group(2)), found.group(4).split()
+        token = served.cli(*command).splitlines()[0]  # the command as printed, run in its directory
+        unverified = ssl.create_default_context()
+        unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+        msg = EmailMessage(policy=SMTP)
+        msg["From"], msg["To"], msg["Subject"] = "app@example.com", "someone@example.com", "By SMTP"
+        msg.set_content("Through the demo's SMTP ingress.\n")
+        with smtplib.SMTP(host, port, timeout=10) as smtp:
+            smtp.starttls(context=unverified)
+            smtp.login("demo", token)
+            assert smtp.send_message(msg) == {}
+        queued = json.loads(served.cli("queue", "list", "--json"))
+        assert any(m["subject"] == "By SMTP" for m in queued), queued
