@@ -187,7 +187,7 @@ async def _demo_smtp_howto(mg: Mailgate, host: str, port: int, *, self_signed: b
     except NotFound:  # tenants existed before the first --demo start: no demo tenant was made
         tenant = "TENANT"
     certificate = ("its certificate is self-signed: tell the client not to verify it (demo only)" if self_signed
-                   else "its certificate is the one given (--smtp-cert)")  # fmt: skip
+                   else "its certificate is the one given (--smtp-cert or MAILGATE_SMTP_CERT)")  # fmt: skip
     print(f"mailgate: demo: to send by SMTP: host {host}, port {port}; STARTTLS is required and {certificate}; "
           f"user {tenant}, password a sender token of tenant {tenant}, made (and shown once) with:\n"
           f"    {_command()} tokens create --role sender --tenant {tenant}\n"
