@@ -70,6 +70,7 @@ from .message import (
     Address,
     Attachment,
     Message,
+    with_charset,
 )
 
 if TYPE_CHECKING:
@@ -747,7 +748,8 @@ def from_bytes(raw: bytes, rcpt_tos: list[str], *, max_size: int = DEFAULT_MAX_S
         filename = part.get_filename() or f"attachment-{i + 1}{mimetypes.guess_extension(content_type) or '.bin'}"
         cid = part["content-id"]
         content_id = str(cid).strip().strip("<>") if cid is not None else None
-        attachments.append(Attachment(filename, content_type, data, content_id or None))
+        charset = part.get_content_charset() if part.get_content_maintype() != "message" else None
+        attachments.append(Attachment(filename, with_charset(content_type, charset), data, content_id or None))
     if problems:
         raise MessageError(problems)
     return Message(

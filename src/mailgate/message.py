@@ -7,6 +7,8 @@ from the fields (see `_mime`); the result reads back identically through the std
 
 from __future__ import annotations
 
+import codecs
+import email.charset
 import os
 import re
 import time
@@ -64,7 +66,13 @@ FORBIDDEN_HEADERS = frozenset(
     )
 )
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ":"
-_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+_MIME_TYPE = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
+# A MIME type, and at most one parameter: charset (a text file's bytes mean nothing without it).
+_CONTENT_TYPE = re.compile(rf'({_MIME_TYPE})(?:[ \t]*;[ \t]*charset=("?)([A-Za-z0-9][A-Za-z0-9_.+-]{{0,39}})\2)?', re.I)
+# Codecs Python knows that are no MIME charset a mail client could read.
+_NOT_MIME_CHARSETS = frozenset(
+    ("idna", "punycode", "unicode-escape", "raw-unicode-escape", "undefined", "charmap", "utf-8-sig", "mbcs", "oem")
+)
 _CONTENT_ID = re.compile(r"[!-;=?-~]+")  # visible ASCII without "<" and ">"
 _MESSAGE_ID = re.compile(r"<[!-;=?-~]+@[!-;=?-~]+>|[!-;=?-~]+@[!-;=?-~]+")  # brackets: both or none
 _NAME_ADDR = re.compile(r"(.*?)\s*<([^<>]*)>")
@@ -310,6 +318,8 @@ class Message:
     left out: the mail server's sender address then fills it (`with_defaults`), and so does the
     Message-ID's domain. `message_id` and `date` are otherwise fixed at construction, so a
     message composed again for a retry is the same message and duplicates can be recognized.
+    A Message-ID mailgate made (`message_id_made`), not one given, follows the From when a mail
+    server sends the message as its own address (`in_domain`): same unique part, that domain.
     """
 
     __slots__ = (
@@ -322,6 +332,7 @@ class Message:
         "headers",
         "html",
         "message_id",
+        "message_id_made",
         "reply_to",
         "subject",
         "text",
@@ -405,6 +416,7 @@ class Message:
 
         self.headers = _check_headers(headers, problems)
 
+        self.message_id_made = message_id is None
         if message_id is None:
             if sender is not None:
                 message_id = new_message_id(sender.ascii_domain)
@@ -448,6 +460,23 @@ class Message:
                 domain = copy.from_.ascii_domain
             if domain is not None:
                 copy.message_id = new_message_id(domain)
+                copy.message_id_made = True
+        return copy
+
+    def in_domain(self, domain: str) -> Message:
+        """This message with its Message-ID in `domain` when mailgate made that Message-ID: the
+        same unique part, so each attempt sends the same Message-ID. A Message-ID its sender gave
+        is kept; so is one that would grow past MAX_MESSAGE_ID_LENGTH."""
+        if not self.message_id_made or self.message_id is None:
+            return self
+        unique = self.message_id[1:-1].rpartition("@")[0]
+        moved = f"<{unique}@{domain}>"
+        if moved == self.message_id or len(moved) > MAX_MESSAGE_ID_LENGTH:
+            return self
+        copy = Message.__new__(Message)
+        for slot in Message.__slots__:
+            setattr(copy, slot, getattr(self, slot))
+        copy.message_id = moved
         return copy
 
     def sender(self) -> Address:
@@ -469,6 +498,7 @@ class Message:
             "html": self.html,
             "headers": [list(h) for h in self.headers],
             "message_id": self.message_id,
+            "message_id_made": self.message_id_made,
             "date": self.date.isoformat(),
             "attachments": [
                 {"filename": a.filename, "content_type": a.content_type, "content_id": a.content_id}
@@ -485,6 +515,8 @@ class Message:
         m.subject, m.text, m.html = data["subject"], data["text"], data["html"]
         m.headers = [(n, v) for n, v in data["headers"]]
         m.message_id = data["message_id"]
+        # Stored before mailgate told its own Message-IDs apart: kept as they are, as before.
+        m.message_id_made = bool(data.get("message_id_made", False))
         m.date, m._date_header = _stored_date(data["date"])
         m.attachments = [
             Attachment(a["filename"], a["content_type"], content, a["content_id"])
@@ -592,6 +624,32 @@ def _stored_date(iso: str) -> tuple[datetime, str]:
     return date, format_datetime(date)
 
 
+def mime_charset(name: str) -> str | None:
+    """`name` as mail clients know the charset (lower case; the stdlib's aliases: latin-9 is
+    iso-8859-15), or None when it is no text encoding Python and mail clients share."""
+    canonical = email.charset.ALIASES.get(name.lower(), name.lower())
+    try:
+        codec = codecs.lookup(canonical)
+    except LookupError:
+        return None
+    return canonical if codec._is_text_encoding and codec.name not in _NOT_MIME_CHARSETS else None
+
+
+def split_content_type(content_type: str) -> tuple[str, str | None]:
+    """An attachment's validated content type as its MIME type and charset (or None)."""
+    found = _CONTENT_TYPE.fullmatch(content_type)
+    if found is None:
+        return content_type, None
+    return found.group(1), found.group(3)
+
+
+def with_charset(content_type: str, charset: str | None) -> str:
+    """`content_type` labelled with `charset` when that is a charset mailgate knows, else as it is."""
+    if charset is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}", charset) or not mime_charset(charset):
+        return content_type
+    return f"{content_type}; charset={charset}"
+
+
 def new_message_id(domain: str) -> str:
     return f"<{time.time_ns():x}.{os.urandom(8).hex()}@{domain}>"
 
@@ -623,8 +681,10 @@ def _text_part(text: str, subtype: str) -> tuple[str, bytes]:
 
 def _attachment_part(att: Attachment) -> tuple[str, bytes]:
     name_param, file_param = _mime.filename_params(att.filename)
+    mime_type, charset = split_content_type(att.content_type)
+    params = [f"charset={mime_charset(charset) or charset};"] if charset is not None else []
     headers = [
-        _mime.fold("Content-Type", [att.content_type + ";", name_param]),
+        _mime.fold("Content-Type", [mime_type + ";", *params, name_param]),
         _mime.fold("Content-Disposition", ["inline;" if att.inline else "attachment;", file_param]),
         "Content-Transfer-Encoding: base64\r\n",
     ]
@@ -665,8 +725,12 @@ def _attachment_problems(att: object) -> list[tuple[str, str]]:
     if not isinstance(content_type, str) or len(content_type) > MAX_CONTENT_TYPE_LENGTH:
         problems.append(("content_type", f"is a MIME type like application/pdf, at most {MAX_CONTENT_TYPE_LENGTH} "
                                          "characters"))  # fmt: skip
-    elif not _CONTENT_TYPE.fullmatch(content_type):
-        problems.append(("content_type", f"{content_type!r} is not a MIME type like application/pdf"))
+    elif (found := _CONTENT_TYPE.fullmatch(content_type)) is None:
+        problems.append(("content_type", f"{content_type!r} is not a MIME type like application/pdf or text/plain; "
+                                         "charset=iso-8859-1 (charset is the one parameter taken)"))  # fmt: skip
+    elif found.group(3) is not None and mime_charset(found.group(3)) is None:
+        problems.append(("content_type", f"{found.group(3)!r} is not a charset mailgate knows (like utf-8 or "
+                                         "iso-8859-1)"))  # fmt: skip
     if not isinstance(att.data, (bytes, bytearray, memoryview)):
         problems.append(("data", "must be bytes"))
     cid = att.content_id

@@ -251,6 +251,11 @@ class Mailgate:
         sender = resolution.server.known_sender if resolution.server else None
         domain = Address(sender).ascii_domain if sender else default_domain()
         ready = [m if m.message_id is not None else m.with_defaults(domain=domain) for m in messages]
+        if resolution.server is not None and sender is not None:
+            # A From the server will send as its own takes mailgate's Message-ID into its domain
+            # now, so the one stored is the one sent (the worker's fill_in does the same again).
+            server = resolution.server
+            ready = [m.in_domain(domain) if server.rewrites_from(m, policy=policy) else m for m in ready]
         return ready, "queued" if resolution.server is not None else "held"
 
     async def run_worker(self, stop: asyncio.Event | None = None, *, until_idle: bool = False) -> WorkerStats:

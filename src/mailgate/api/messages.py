@@ -67,6 +67,10 @@ async def submit_batch(body: BatchIn, mg: Service, who: Who) -> Any:
     # characters in memory from a request of ~32 MB.
     budget = mg.config.max_request_size
     for i, raw in enumerate(body.messages):
+        if not isinstance(raw, dict):
+            listed = _listed([(f"messages[{i}]", f"is {_json_kind(raw)}, not a JSON object (a message)")])
+            results[i] = _failed(422, "invalid_input", "the message is not valid", listed)
+            continue
         try:
             item = BatchItem.model_validate(raw)
             tenant = _tenant_of(item.tenant or body.tenant, who)
@@ -102,6 +106,16 @@ async def submit_batch(body: BatchIn, mg: Service, who: Who) -> Any:
                 answer = {"id": answer.id, "tenant": tenant, "status": answer.status, "replayed": answer.replayed}
             results[i] = answer
     return {"results": results}
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
 
 
 def _failed(status: int, code: str, message: str, problems: list[dict[str, str]] | None = None) -> dict[str, Any]:

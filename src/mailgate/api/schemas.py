@@ -68,7 +68,11 @@ AddressField = Annotated[str, Field(max_length=MAX_ADDRESS_TEXT)] | AddressIn
 
 class AttachmentIn(_Input):
     filename: str = Field(max_length=MAX_FILENAME_BYTES)
-    content_type: str = Field(max_length=MAX_CONTENT_TYPE_LENGTH, examples=["application/pdf"])
+    content_type: str = Field(
+        max_length=MAX_CONTENT_TYPE_LENGTH,
+        examples=["application/pdf", "text/plain; charset=iso-8859-1"],
+        description="A MIME type, with at most one parameter: the charset of a text file's bytes.",
+    )
     content_base64: str = Field(max_length=_MAX_BASE64, description="The file's bytes, base64-encoded.")
     content_id: str | None = Field(
         None,
@@ -225,7 +229,9 @@ class BatchIn(_Input):
     others. `tenant` is every message's that names none (required with a system-admin token)."""
 
     tenant: TenantId | None = None
-    messages: list[dict[str, Any]] = Field(
+    # Any JSON value: an item that is not an object is answered in its own result (422), as every
+    # other bad item is, instead of refusing the whole batch.
+    messages: list[Any] = Field(
         min_length=1, max_length=MAX_BATCH, description="Each as POST /v1/messages takes it, plus `idempotency_key`."
     )
 

@@ -269,6 +269,14 @@ async def _deliver(
         await pools.aclose()
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _read_content(
     from_: str | None, to: list[str], cc: list[str], bcc: list[str], reply_to: list[str], subject: str,
     text: str | None, text_file: Path | None, html_file: Path | None, attach: list[Path], header: list[str],
@@ -287,10 +295,13 @@ def _read_content(
         if not sep:
             raise MessageError([("headers", f"{h!r} is not 'Name: value'")])
         headers.append((name.strip(), value.strip()))
-    attachments = [
-        Attachment(p.name, mimetypes.guess_type(p.name)[0] or "application/octet-stream", p.read_bytes())
-        for p in attach
-    ]
+    attachments = []
+    for p in attach:
+        data = p.read_bytes()
+        content_type = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") and _is_utf8(data):  # else its charset is not known: left unsaid
+            content_type += "; charset=utf-8"
+        attachments.append(Attachment(p.name, content_type, data))
     return Content(from_, to, cc, bcc, reply_to, subject, text, html, headers, attachments)
 
 

@@ -173,7 +173,26 @@ async def _start_ingress(
     made = " with a self-signed certificate" if scratch is not None else ""
     print(f"mailgate: SMTP submission on {shown}:{ingress.port}{made} (STARTTLS, then AUTH PLAIN/LOGIN: user = "
           "tenant id, password = a sender API token)", flush=True)  # fmt: skip
+    if demo:
+        await _demo_smtp_howto(mg, shown, ingress.port, self_signed=scratch is not None)
     return ingress
+
+
+async def _demo_smtp_howto(mg: Mailgate, host: str, port: int, *, self_signed: bool) -> None:
+    """How to send to the demo's SMTP ingress, step by step: the line above is the short form."""
+    from ..errors import NotFound
+
+    try:
+        await mg.tenants.get("demo")
+        tenant = "demo"
+    except NotFound:  # tenants existed before the first --demo start: no demo tenant was made
+        tenant = "TENANT"
+    certificate = ("its certificate is self-signed: tell the client not to verify it (demo only)" if self_signed
+                   else "its certificate is the one given (--smtp-cert or MAILGATE_SMTP_CERT)")  # fmt: skip
+    print(f"mailgate: demo: to send by SMTP: host {host}, port {port}; STARTTLS is required and {certificate}; "
+          f"user {tenant}, password a sender token of tenant {tenant}, made (and shown once) with:\n"
+          f"    {_command()} tokens create --role sender --tenant {tenant}\n"
+          "          (in this directory, or with the same --database-url)", flush=True)  # fmt: skip
 
 
 DEMO_ADMIN = "demo-admin@example.com"

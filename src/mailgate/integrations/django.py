@@ -43,7 +43,7 @@ try:
 except ImportError as e:  # pragma: no cover - the extra is not installed
     raise ImportError("mailgate.integrations.django needs Django: pip install 'mailgate[django]'") from e
 
-from ..message import FORBIDDEN_HEADERS
+from ..message import FORBIDDEN_HEADERS, with_charset
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
@@ -144,7 +144,7 @@ def convert(email: EmailMessage) -> Converted:
     attachments = []
     for i, attachment in enumerate(email.attachments):
         try:
-            attachments.append(_attachment(attachment))
+            attachments.append(_attachment(attachment, email.encoding))
         except UnsupportedMessage as e:
             problems.append(f"attachment {i + 1}: {e}")
     if problems:
@@ -152,19 +152,29 @@ def convert(email: EmailMessage) -> Converted:
     return Converted(from_, to, cc, bcc, reply_to, str(email.subject), text, html, extra, attachments, message_id, key)
 
 
-def _attachment(attachment: Any) -> tuple[str, bytes, str, str | None]:
+def _attachment(attachment: Any, encoding: str | None = None) -> tuple[str, bytes, str, str | None]:
     if isinstance(attachment, MIMEMessage):
         return _mime_attachment(attachment)
     filename, content, mimetype = attachment
     if not filename:
         raise UnsupportedMessage("it has no file name (mailgate names every attachment)")
+    mimetype = str(mimetype)
     if mimetype == "message/rfc822":
         data = _message_bytes(content)
+    elif isinstance(content, str) and mimetype.startswith("text/"):
+        # As Django writes a text attachment: in the message's encoding, else DEFAULT_CHARSET,
+        # and labelled so; UTF-8 when that encoding can't hold the text.
+        charset = encoding or settings.DEFAULT_CHARSET or "utf-8"
+        try:
+            data = content.encode(charset)
+        except (LookupError, UnicodeEncodeError):
+            charset, data = "utf-8", content.encode("utf-8")
+        mimetype = with_charset(mimetype, charset)
     elif isinstance(content, str):
         data = content.encode("utf-8")
     else:
         data = bytes(content)
-    return str(filename), data, str(mimetype), None
+    return str(filename), data, mimetype, None
 
 
 def _message_bytes(content: Any) -> bytes:
@@ -192,7 +202,7 @@ def _mime_attachment(part: MIMEMessage) -> tuple[str, bytes, str, str | None]:
     filename = part.get_filename() or content_id  # an inline image is often named only by its Content-ID
     if not filename:
         raise UnsupportedMessage("it has no file name (mailgate names every attachment)")
-    return filename, data, content_type, content_id
+    return filename, data, with_charset(content_type, part.get_content_charset()), content_id
 
 
 # ---- in process ------------------------------------------------------------------------------------

@@ -429,15 +429,22 @@ class MailServer(_Section):
         under `domains` for a From it does not allow (the settings changed after the submit), the
         From becomes the server's sender address and name, and the message's own From its Reply-To
         — unless the message has a Reply-To of its own, which wins: its sender said where replies
-        go. A From that is the sender address already stays as it is, display name included."""
+        go. A From that is the sender address already stays as it is, display name included.
+        A rewritten From takes the Message-ID mailgate made along into its domain (`in_domain`:
+        DMARC and spam filters compare the two); a Message-ID the sender gave stays."""
         from_, reply_to = _sender_defaults(self.sender_address, self.from_name, self.reply_to)
+        own = message.from_
+        if own is not None and self.rewrites_from(message, policy=policy):
+            message = copy.copy(message.in_domain(from_.ascii_domain))  # a Message never changes: a new one
+            message.from_, message.reply_to = from_, list(message.reply_to) or [own]
+        return message.with_defaults(from_=from_, reply_to=reply_to)
+
+    def rewrites_from(self, message: Message, *, policy: FromPolicy | None = None) -> bool:
+        """Whether `fill_in` sends `message` From this server's sender address instead of its own."""
         own = message.from_
         policy = policy or self.from_policy or "fixed"
         rewrite = policy == "fixed" or self.from_refusal(message, policy=policy) is not None
-        if own is not None and rewrite and not self._is_sender(own.address):
-            message = copy.copy(message)  # a Message never changes: this is a new one
-            message.from_, message.reply_to = from_, list(message.reply_to) or [own]
-        return message.with_defaults(from_=from_, reply_to=reply_to)
+        return own is not None and rewrite and not self._is_sender(own.address)
 
     def _is_sender(self, address: str) -> bool:
         """Whether `address` is this server's sender address (case aside; False while a delegated
