@@ -215,10 +215,16 @@ async def test_autodiscover_skips_a_candidate_the_destination_policy_refuses(ews
 
 
 async def test_an_ews_url_httpx_refuses_is_a_broken_server_not_an_exception(ews: FakeEWS) -> None:
+    bad = "https://\uff0e\uff0e/EWS/Exchange.asmx"  # printable, a host name IDNA can't encode
     doc = ews_doc(ews)
-    doc["ews"]["url"] = "https://\uff0e\uff0e/EWS/Exchange.asmx"  # printable, a host name IDNA can't encode
-    async with transport_of(doc) as transport:
-        with pytest.raises(EWSError) as broken:  # was httpx2.InvalidURL
+    doc["ews"]["url"] = bad
+    with pytest.raises(SettingsError, match="ews.url"):  # as ews.url, refused at save
+        parse_server(doc)
+    # Named by Autodiscover, it reaches the transport: was httpx2.InvalidURL out of it.
+    ews.autodiscover_ews_url = bad
+    candidates = [ews.url + AUTODISCOVER_PATH]
+    async with transport_of(autodiscover_doc(ews), autodiscover_urls=lambda domain: candidates) as transport:
+        with pytest.raises(EWSError) as broken:
             await transport.check_mailbox()
     assert "The EWS URL" in broken.value.message and not broken.value.transient
 
