@@ -1,0 +1,57 @@
+"""The SMTP submission ingress, second review: MIME parts nested too deep, a TLS handshake that
+never completes, and AUTH mechanism names in lower case. Real clients (smtplib, raw sockets) on
+127.0.0.1, as in test_ingress."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from mailgate import Mailgate
+from mailgate.ingress import self_signed
+from test_ingress import in_thread, ingress, stored
+from test_review_ingress import TOP, _chain
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return self_signed(tmp_path_factory.mktemp("smtp-cert"))
+
+
+# ---- 1. MIME parts nested too deep ---------------------------------------------------------------------
+
+
+def _forwarded(depth: int) -> bytes:
+    """A message/rfc822 part inside a message/rfc822 part, `depth` of them around one text part."""
+    return b"Content-Type: message/rfc822\r\n\r\n" * depth + b"Content-Type: text/plain\r\n\r\nhi\r\n"
+
+
+async def test_parts_nested_more_than_20_deep_get_554_and_no_error_is_logged(
+    mg: Mailgate, certificate: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    # The message itself is 0 deep; _chain(n) and _forwarded(n) put a text part n deep.
+    too_deep = [TOP + _chain(21, b"a"), TOP + _forwarded(21), TOP + _chain(300, b"b"), TOP + _forwarded(300),
+                TOP + _chain(1_000, b"c"), TOP + _chain(5_000, b"d"), TOP + _forwarded(5_000)]  # fmt: skip
+    deepest_allowed = [TOP + _chain(20, b"e"), TOP + _forwarded(20)]
+    async with ingress(mg, certificate) as ing:
+
+        def sends() -> tuple[list[tuple[int, bytes]], int]:
+            replies = []
+            with ing.connect(login=("acme", ing.token)) as smtp:
+                for raw in too_deep + deepest_allowed:
+                    smtp.docmd("MAIL", "FROM:<a@acme.example>")
+                    smtp.docmd("RCPT", "TO:<bob@example.org>")
+                    replies.append(smtp.data(raw))
+                return replies, smtp.noop()[0]
+
+        replies, noop = await in_thread(sends)
+        refused = (554, b"5.6.0 message: has MIME parts nested more than 20 deep")
+        assert replies[: len(too_deep)] == [refused] * len(too_deep), replies
+        assert [code for code, _ in replies[len(too_deep) :]] == [250, 250], replies
+        assert noop == 250  # the session goes on
+        assert len(await stored(mg)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
