@@ -5,6 +5,9 @@ never completes, and AUTH mechanism names in lower case. Real clients (smtplib, 
 from __future__ import annotations
 
 import logging
+import smtplib
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,57 @@ async def test_parts_nested_more_than_20_deep_get_554_and_no_error_is_logged(
         assert len(await stored(mg)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+# ---- 2. a TLS handshake that never completes ------------------------------------------------------------
+
+
+def _starttls(port: int, then: bytes = b"") -> bytes:
+    """EHLO, STARTTLS and its 220 on a raw socket, then `then` and nothing more: what the server
+    sends next, b"" once it has closed the connection (a 10 s socket timeout otherwise)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as replies:
+        assert replies.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO client.example\r\n")
+        for _ in range(50):  # bounded: the EHLO reply's lines
+            if replies.readline()[:4] == b"250 ":
+                break
+        sock.sendall(b"STARTTLS\r\n")
+        assert replies.readline().startswith(b"220 ")
+        sock.sendall(then)
+        return sock.recv(100)
+
+
+def _taken_again(port: int) -> int:
+    """The reply to NOOP on a new connection, once the server has let the last one go (with
+    max_connections_per_address=1, 421 at the greeting until then; bounded: 100 × 0.05 s)."""
+    for _ in range(100):
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                return smtp.noop()[0]
+        except smtplib.SMTPConnectError:
+            time.sleep(0.05)
+    return 421
+
+
+@pytest.mark.parametrize("stalled_by", ["handshake timeout", "auth deadline", "a failed handshake"])
+async def test_a_handshake_that_stalls_or_fails_is_closed_and_its_connection_let_go(
+    mg: Mailgate,
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    stalled_by: str,
+) -> None:
+    caplog.set_level(logging.INFO)
+    then = b""
+    if stalled_by == "handshake timeout":
+        monkeypatch.setattr("mailgate.ingress.TLS_HANDSHAKE_TIMEOUT", 1.0)  # AUTH_DEADLINE stays 30 s
+    elif stalled_by == "auth deadline":  # connected, then STARTTLS just before the deadline
+        monkeypatch.setattr("mailgate.ingress.AUTH_DEADLINE", 1.0)  # TLS_HANDSHAKE_TIMEOUT stays 10 s
+    else:
+        then = b"\x16\x03\x01\x00\x05hello" * 4  # not a TLS ClientHello
+    async with ingress(mg, certificate, max_connections_per_address=1) as ing:
+        after_starttls = await in_thread(_starttls, ing.port, then)
+        again = await in_thread(_taken_again, ing.port)
+    assert after_starttls == b""  # closed, nothing said in clear
+    assert again == 250
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

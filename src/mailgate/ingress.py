@@ -21,11 +21,11 @@ with a self-signed certificate). The rules:
   send as given. The server's sender policy applies to the From header at send time, as it does
   to an HTTP submit's `from`.
 - Bounds: connections at once (`MAILGATE_SMTP_MAX_CONNECTIONS`) and from one client address
-  (`MAILGATE_SMTP_MAX_CONNECTIONS_PER_ADDRESS`, 10; an IPv6 client by its /64), time to
-  authenticate (AUTH_DEADLINE), messages per connection, AUTH attempts per connection and failed
-  ones per client address (`AuthFailures`, the admin sign-in's numbers), unknown commands
-  (aiosmtpd: 5), line length (an AUTH answer too), idle time, MIME parts, their depth and header fields of a
-  message, and a per-token rate
+  (`MAILGATE_SMTP_MAX_CONNECTIONS_PER_ADDRESS`, 10; an IPv6 client by its /64), time to complete
+  the TLS handshake (TLS_HANDSHAKE_TIMEOUT) and to authenticate (AUTH_DEADLINE), messages per
+  connection, AUTH attempts per connection and failed ones per client address (`AuthFailures`,
+  the admin sign-in's numbers), unknown commands (aiosmtpd: 5), line length (an AUTH answer too),
+  idle time, MIME parts, their depth and header fields of a message, and a per-token rate
   (`MAILGATE_SMTP_TOKEN_RATE` messages per second, bursts of that many times BURST_SECONDS).
 - No token reaches a log: aiosmtpd logs the lines a client sends, and a filter on its logger keeps
   only the command of a line (an AUTH line without its argument).
@@ -58,7 +58,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from .accounts import FAILURE_WINDOW, FAILURES_ALLOWED
 from .capture import _quiet_message_content, close_smtp_server
@@ -83,7 +83,7 @@ MAX_MESSAGES_PER_CONNECTION = 1_000  # then 421: a client reconnects, and connec
 MAX_AUTH_ATTEMPTS = 3  # per connection: a guessed token costs a new TLS handshake every 3 tries
 IDLE_TIMEOUT = 120.0  # seconds without a command before the connection is closed
 BURST_SECONDS = 2.0  # a token may send token_rate × this at once before the rate applies
-TLS_HANDSHAKE_TIMEOUT = 10.0
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds from STARTTLS to a completed handshake; then the connection is closed
 MAX_CONNECTIONS_PER_ADDRESS = 10  # from one client address at once (an IPv6 client: its /64); then 421
 AUTH_DEADLINE = 30.0  # seconds from connecting to a successful AUTH; then 421 and the connection is closed
 MAX_TRACKED_ADDRESSES = 10_000  # client addresses AuthFailures remembers (the oldest window goes first)
@@ -467,6 +467,7 @@ class _Session(SMTP):
         self._ingress = ingress
         self._address: str | None = None  # client_address, once the connection is taken
         self._deadline: asyncio.TimerHandle | None = None
+        self._handshake: asyncio.Timeout | None = None  # from STARTTLS to the end of its handshake
 
     def _create_session(self) -> Session:
         return _QuietSession(self.loop)
@@ -499,10 +500,27 @@ class _Session(SMTP):
         if self.transport is None or self.session is None or self.session.authenticated:
             return
         log.info("an SMTP client at %s did not authenticate within %s s", self._address, AUTH_DEADLINE)
-        if self._tls_protocol is None or self.transport is not self._original_transport:  # not amid the handshake
-            assert isinstance(self.transport, asyncio.WriteTransport)
-            self.transport.write(f"421 4.7.0 Not authenticated within {AUTH_DEADLINE:g} seconds, closing\r\n".encode())
+        if self._handshake is not None:  # amid the handshake: ended as a stalled one is (see smtp_STARTTLS)
+            self._handshake.reschedule(self.loop.time())
+            return
+        assert isinstance(self.transport, asyncio.WriteTransport)
+        self.transport.write(f"421 4.7.0 Not authenticated within {AUTH_DEADLINE:g} seconds, closing\r\n".encode())
         self.transport.close()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # A handshake that does not complete in TLS_HANDSHAKE_TIMEOUT ends as a failed one does:
+        # aiosmtpd closes the connection and calls connection_lost for TLSSetupException. Closing
+        # the transport amid the handshake is not enough: asyncio's SSL layer then tells neither
+        # aiosmtpd nor us, the session waits for a line forever and its connection stays counted
+        # against the client's address.
+        try:
+            async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT) as self._handshake:
+                await super().smtp_STARTTLS(arg)
+        except TimeoutError:
+            raise TLSSetupException("the TLS handshake did not complete in time") from None
+        finally:
+            self._handshake = None
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -643,6 +661,10 @@ class _Handler:
         return await self._ingress.store(login, envelope)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # the client's handshake failed or stalled; aiosmtpd closes
+            cause = error.__cause__ or error
+            log.info("an SMTP client's TLS handshake failed: %s", _one_line(f"{type(cause).__name__}: {cause}", 200))
+            return "421 4.7.0 TLS handshake failed"
         log.error("internal error in an SMTP session: %s", traceback_of(error))
         return "451 4.3.0 mailgate failed to answer this command (the operator's log says why)"
 
