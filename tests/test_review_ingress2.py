@@ -4,6 +4,7 @@ never completes, and AUTH mechanism names in lower case. Real clients (smtplib, 
 
 from __future__ import annotations
 
+import base64
 import logging
 import smtplib
 import socket
@@ -112,3 +113,28 @@ async def test_a_handshake_that_stalls_or_fails_is_closed_and_its_connection_let
     assert after_starttls == b""  # closed, nothing said in clear
     assert again == 250
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# ---- 3. AUTH mechanism names in lower case ---------------------------------------------------------------
+
+
+async def test_auth_mechanism_names_are_taken_in_any_case(mg: Mailgate, certificate: tuple[Path, Path]) -> None:
+    async with ingress(mg, certificate) as ing:
+        blob = base64.b64encode(f"\0acme\0{ing.token}".encode()).decode()
+
+        def sessions() -> list[tuple[int, bytes]]:
+            replies = []
+            with ing.connect() as smtp:
+                replies.append(smtp.docmd("AUTH", "plain " + blob))
+            with ing.connect() as smtp:
+                replies.append(smtp.docmd("auth", "Plain"))  # 334, then the answer
+                replies.append(smtp.docmd(blob))
+            with ing.connect() as smtp:
+                replies.append(smtp.docmd("AUTH", "login " + base64.b64encode(b"acme").decode()))
+                replies.append(smtp.docmd(base64.b64encode(ing.token.encode()).decode()))
+            with ing.connect() as smtp:
+                replies.append(smtp.docmd("AUTH", "cram-md5"))  # still not offered
+            return replies
+
+        replies = await in_thread(sessions)
+    assert [code for code, _ in replies] == [235, 334, 235, 334, 235, 504], replies

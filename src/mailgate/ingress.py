@@ -527,6 +527,12 @@ class _Session(SMTP):
         if self._address is not None and self._ingress.auth_failures.refused(self._address):
             await self.push(_LOCKED_OUT)
             return
+        # A mechanism is named in upper case only (RFC 4422 3.1), so "plain" can only mean PLAIN,
+        # and an SMTP command's argument values are not case-sensitive (RFC 5321 2.4): aiosmtpd's
+        # case-sensitive lookup answered "AUTH plain" 504.
+        words = arg.split(None, 1)
+        if words:
+            arg = " ".join([words[0].upper(), *words[1:]])
         await super().smtp_AUTH(arg)
 
     # PLAIN and LOGIN are ours, not aiosmtpd's: its logs an answer that is not base64 (a token
