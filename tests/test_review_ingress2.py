@@ -1,5 +1,5 @@
-"""The SMTP submission ingress, second review: MIME parts nested too deep, a TLS handshake that
-never completes, and AUTH mechanism names in lower case. Real clients (smtplib, raw sockets) on
+"""The SMTP submission ingress, second review: MIME parts or a header's comments nested too deep,
+a TLS handshake that never completes, and AUTH mechanism names in lower case. Real clients (smtplib, raw sockets) on
 127.0.0.1, as in test_ingress."""
 
 from __future__ import annotations
@@ -59,6 +59,43 @@ async def test_parts_nested_more_than_20_deep_get_554_and_no_error_is_logged(
         assert len(await stored(mg)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+async def test_a_header_with_comments_nested_too_deep_gets_554_and_no_error_is_logged(
+    mg: Mailgate, certificate: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    def nested(depth: int) -> bytes:  # folded: a line of DATA is at most 1,000 bytes
+        whole, rest = divmod(depth, 500)
+        middle = [b"(" * rest + b")" * rest] if rest else []
+        return b"\r\n ".join([b"(" * 500] * whole + middle + [b")" * 500] * whole)
+
+    head = b"To: bob@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+    messages = [
+        b"From: a@acme.example " + nested(1_000) + b"\r\n" + head + b"\r\nhi\r\n",
+        b"From: a@acme.example\r\n" + head + b"Content-Transfer-Encoding: 7bit " + nested(300) + b"\r\n\r\nhi\r\n",
+        b"From: a@acme.example\r\n" + head + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        + b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=x.pdf " + nested(5_000)
+        + b"\r\n\r\nhi\r\n--b--\r\n",
+        b"From: a@acme.example (a (comment)) \r\n" + head + b"\r\nhi\r\n",  # an ordinary one
+    ]  # fmt: skip
+    async with ingress(mg, certificate) as ing:
+
+        def sends() -> tuple[list[tuple[int, bytes]], int]:
+            replies = []
+            with ing.connect(login=("acme", ing.token)) as smtp:
+                for raw in messages:
+                    smtp.docmd("MAIL", "FROM:<a@acme.example>")
+                    smtp.docmd("RCPT", "TO:<bob@example.org>")
+                    replies.append(smtp.data(raw))
+                return replies, smtp.noop()[0]
+
+        replies, noop = await in_thread(sends)
+    refused = (554, b"5.6.0 message: has a header with comments nested too deep to be read")
+    assert replies[:3] == [refused] * 3, replies
+    assert replies[3][0] == 250 and noop == 250, replies
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # ---- 2. a TLS handshake that never completes ------------------------------------------------------------

@@ -685,6 +685,17 @@ def from_bytes(raw: bytes, rcpt_tos: list[str], *, max_size: int = DEFAULT_MAX_S
     has a Content-ID). Delivery follows the envelope: To/Cc keep only envelope recipients, the
     rest of the envelope becomes Bcc. MessageError lists what can't be sent as given."""
     try:
+        return _from_bytes(raw, rcpt_tos, max_size)
+    except RecursionError:
+        # The email package reads a header's comments inside comments recursively, when the
+        # header is first used: one nested ~300 deep in Content-Transfer-Encoding, ~1,000 deep in
+        # From or Content-Disposition, ran out of Python's recursion limit. (MIME parts are
+        # bounded by MAX_MIME_DEPTH before that.)
+        raise MessageError([("message", "has a header with comments nested too deep to be read")]) from None
+
+
+def _from_bytes(raw: bytes, rcpt_tos: list[str], max_size: int) -> Message:
+    try:
         msg = _parse(raw)
         head = _utf8_headers(raw) or msg
     except MessageError:
