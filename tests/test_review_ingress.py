@@ -257,13 +257,13 @@ TOP = b"From: a@acme.example\r\nTo: bob@example.org\r\nSubject: s\r\nMIME-Versio
 async def test_more_than_500_mime_parts_or_5000_header_fields_get_554(
     mg: Mailgate, certificate: tuple[Path, Path]
 ) -> None:
-    # Two chains of 260 multiparts: 524 parts, but one body and one attachment (under message.py's bounds).
-    parts = (TOP + b"Content-Type: multipart/mixed; boundary=top\r\n\r\n--top\r\n" + _chain(260, b"a")
-             + b"\r\n--top\r\n" + _chain(260, b"c") + b"\r\n--top--\r\n")  # fmt: skip
+    # 27 chains of 19 multiparts (20 deep, the most allowed): 542 parts.
+    chains = b"\r\n--top\r\n".join(_chain(19, b"%d-" % i) for i in range(27))
+    parts = TOP + b"Content-Type: multipart/mixed; boundary=top\r\n\r\n--top\r\n" + chains + b"\r\n--top--\r\n"
     received = TOP + b"Received: from x by y; Mon, 1 Jan 2024 00:00:00 +0000\r\n" * 5_001 + b"\r\nhi\r\n"
     in_a_part = (TOP + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n"
                  + b"X-A: 1\r\n" * 5_001 + b"\r\nhi\r\n--b--\r\n")  # fmt: skip
-    fine = TOP + b"Content-Type: multipart/mixed; boundary=top\r\n\r\n--top\r\n" + _chain(200, b"a") + b"\r\n--top--"
+    fine = TOP + b"Content-Type: multipart/mixed; boundary=top\r\n\r\n--top\r\n" + _chain(19, b"a") + b"\r\n--top--"
     async with ingress(mg, certificate) as ing:
 
         def sends() -> list[tuple[int, bytes]]:

@@ -21,11 +21,11 @@ with a self-signed certificate). The rules:
   send as given. The server's sender policy applies to the From header at send time, as it does
   to an HTTP submit's `from`.
 - Bounds: connections at once (`MAILGATE_SMTP_MAX_CONNECTIONS`) and from one client address
-  (`MAILGATE_SMTP_MAX_CONNECTIONS_PER_ADDRESS`, 10; an IPv6 client by its /64), time to
-  authenticate (AUTH_DEADLINE), messages per connection, AUTH attempts per connection and failed
-  ones per client address (`AuthFailures`, the admin sign-in's numbers), unknown commands
-  (aiosmtpd: 5), line length (an AUTH answer too), idle time, MIME parts and header fields of a
-  message, and a per-token rate
+  (`MAILGATE_SMTP_MAX_CONNECTIONS_PER_ADDRESS`, 10; an IPv6 client by its /64), time to complete
+  the TLS handshake (TLS_HANDSHAKE_TIMEOUT) and to authenticate (AUTH_DEADLINE), messages per
+  connection, AUTH attempts per connection and failed ones per client address (`AuthFailures`,
+  the admin sign-in's numbers), unknown commands (aiosmtpd: 5), line length (an AUTH answer too),
+  idle time, MIME parts, their depth and header fields of a message, and a per-token rate
   (`MAILGATE_SMTP_TOKEN_RATE` messages per second, bursts of that many times BURST_SECONDS).
 - No token reaches a log: aiosmtpd logs the lines a client sends, and a filter on its logger keeps
   only the command of a line (an AUTH line without its argument).
@@ -58,7 +58,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from .accounts import FAILURE_WINDOW, FAILURES_ALLOWED
 from .capture import _quiet_message_content, close_smtp_server
@@ -83,13 +83,19 @@ MAX_MESSAGES_PER_CONNECTION = 1_000  # then 421: a client reconnects, and connec
 MAX_AUTH_ATTEMPTS = 3  # per connection: a guessed token costs a new TLS handshake every 3 tries
 IDLE_TIMEOUT = 120.0  # seconds without a command before the connection is closed
 BURST_SECONDS = 2.0  # a token may send token_rate × this at once before the rate applies
-TLS_HANDSHAKE_TIMEOUT = 10.0
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds from STARTTLS to a completed handshake; then the connection is closed
 MAX_CONNECTIONS_PER_ADDRESS = 10  # from one client address at once (an IPv6 client: its /64); then 421
 AUTH_DEADLINE = 30.0  # seconds from connecting to a successful AUTH; then 421 and the connection is closed
 MAX_TRACKED_ADDRESSES = 10_000  # client addresses AuthFailures remembers (the oldest window goes first)
 MAX_AUTH_LINE = 1_000  # bytes of an AUTH answer (a token and a tenant id in base64 need ~150); then 501
 MAX_MIME_PARTS = 500  # entities of a message's MIME tree, the message itself included; then 554 5.6.0
 MAX_HEADER_FIELDS = 5_000  # header fields of a message, its parts' included; then 554 5.6.0
+# Parts inside parts (an attached message/rfc822 and its own parts included); then 554 5.6.0. Real
+# mail nests 3-5 deep, each message forwarded as an attachment 2-3 more. The email package and
+# from_bytes walk the tree recursively (~300 deep was a RecursionError), and each line of a part is
+# matched against every boundary open around it: 3 MB of short lines took 0.4 s to parse 1 deep,
+# 1.9 s 20 deep, 2.8 s 30 deep.
+MAX_MIME_DEPTH = 20
 # Headers a client adds that mean nothing once mailgate composes the message again (a DKIM or ARC
 # signature would fail, and the receiving side adds its own Authentication-Results).
 _DROPPED_HEADERS = frozenset({"bcc", "dkim-signature", "arc-seal", "arc-message-signature",
@@ -461,6 +467,7 @@ class _Session(SMTP):
         self._ingress = ingress
         self._address: str | None = None  # client_address, once the connection is taken
         self._deadline: asyncio.TimerHandle | None = None
+        self._handshake: asyncio.Timeout | None = None  # from STARTTLS to the end of its handshake
 
     def _create_session(self) -> Session:
         return _QuietSession(self.loop)
@@ -493,16 +500,39 @@ class _Session(SMTP):
         if self.transport is None or self.session is None or self.session.authenticated:
             return
         log.info("an SMTP client at %s did not authenticate within %s s", self._address, AUTH_DEADLINE)
-        if self._tls_protocol is None or self.transport is not self._original_transport:  # not amid the handshake
-            assert isinstance(self.transport, asyncio.WriteTransport)
-            self.transport.write(f"421 4.7.0 Not authenticated within {AUTH_DEADLINE:g} seconds, closing\r\n".encode())
+        if self._handshake is not None:  # amid the handshake: ended as a stalled one is (see smtp_STARTTLS)
+            self._handshake.reschedule(self.loop.time())
+            return
+        assert isinstance(self.transport, asyncio.WriteTransport)
+        self.transport.write(f"421 4.7.0 Not authenticated within {AUTH_DEADLINE:g} seconds, closing\r\n".encode())
         self.transport.close()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # A handshake that does not complete in TLS_HANDSHAKE_TIMEOUT ends as a failed one does:
+        # aiosmtpd closes the connection and calls connection_lost for TLSSetupException. Closing
+        # the transport amid the handshake is not enough: asyncio's SSL layer then tells neither
+        # aiosmtpd nor us, the session waits for a line forever and its connection stays counted
+        # against the client's address.
+        try:
+            async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT) as self._handshake:
+                await super().smtp_STARTTLS(arg)
+        except TimeoutError:
+            raise TLSSetupException("the TLS handshake did not complete in time") from None
+        finally:
+            self._handshake = None
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         if self._address is not None and self._ingress.auth_failures.refused(self._address):
             await self.push(_LOCKED_OUT)
             return
+        # A mechanism is named in upper case only (RFC 4422 3.1), so "plain" can only mean PLAIN,
+        # and an SMTP command's argument values are not case-sensitive (RFC 5321 2.4): aiosmtpd's
+        # case-sensitive lookup answered "AUTH plain" 504.
+        words = arg.split(None, 1)
+        if words:
+            arg = " ".join([words[0].upper(), *words[1:]])
         await super().smtp_AUTH(arg)
 
     # PLAIN and LOGIN are ours, not aiosmtpd's: its logs an answer that is not base64 (a token
@@ -637,6 +667,10 @@ class _Handler:
         return await self._ingress.store(login, envelope)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # the client's handshake failed or stalled; aiosmtpd closes
+            cause = error.__cause__ or error
+            log.info("an SMTP client's TLS handshake failed: %s", _one_line(f"{type(cause).__name__}: {cause}", 200))
+            return "421 4.7.0 TLS handshake failed"
         log.error("internal error in an SMTP session: %s", traceback_of(error))
         return "451 4.3.0 mailgate failed to answer this command (the operator's log says why)"
 
@@ -650,6 +684,17 @@ def from_bytes(raw: bytes, rcpt_tos: list[str], *, max_size: int = DEFAULT_MAX_S
     text/plain and text/html parts as the bodies, every other part an attachment (inline when it
     has a Content-ID). Delivery follows the envelope: To/Cc keep only envelope recipients, the
     rest of the envelope becomes Bcc. MessageError lists what can't be sent as given."""
+    try:
+        return _from_bytes(raw, rcpt_tos, max_size)
+    except RecursionError:
+        # The email package reads a header's comments inside comments recursively, when the
+        # header is first used: one nested ~300 deep in Content-Transfer-Encoding, ~1,000 deep in
+        # From or Content-Disposition, ran out of Python's recursion limit. (MIME parts are
+        # bounded by MAX_MIME_DEPTH before that.)
+        raise MessageError([("message", "has a header with comments nested too deep to be read")]) from None
+
+
+def _from_bytes(raw: bytes, rcpt_tos: list[str], max_size: int) -> Message:
     try:
         msg = _parse(raw)
         head = _utf8_headers(raw) or msg
@@ -766,11 +811,22 @@ _PARSED: ContextVar[list[int] | None] = ContextVar("_PARSED", default=None)
 class _CountedMessage(EmailMessage):
     """An EmailMessage that counts, while _parse runs, the parts and header fields the parser
     makes: a message of a million empty parts is refused at the 501st, not built (~70 µs and a few
-    KB each) and then refused."""
+    KB each) and then refused. It also knows how deep it is: the parser attaches each part to
+    the one around it as it starts reading it, so a part nested too deep is refused before the
+    parser (one generator per level) goes any deeper."""
+
+    _depth = 0  # the message itself; a part inside it 1, and so on
 
     def __init__(self, policy: Any = None) -> None:
         super().__init__(policy)
         _count(0, MAX_MIME_PARTS, "MIME parts")
+
+    def attach(self, payload: Any) -> None:
+        if isinstance(payload, _CountedMessage) and _PARSED.get() is not None:
+            payload._depth = self._depth + 1
+            if payload._depth > MAX_MIME_DEPTH:
+                raise MessageError([("message", f"has MIME parts nested more than {MAX_MIME_DEPTH} deep")])
+        super().attach(payload)
 
     def set_raw(self, name: str, value: Any) -> None:
         _count(1, MAX_HEADER_FIELDS, "header fields")
