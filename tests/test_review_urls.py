@@ -9,12 +9,19 @@ its own in place of the Authorization mailgate sets, to wherever the URL points;
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx2
 import pytest
+from sqlalchemy import text
 
 import test_hostile
+from conftest import TEST_KEY
+from mailgate import Mailgate
+from mailgate.db.engine import connect, upgrade
+from mailgate.db.engine import database_url as parse_url
+from mailgate.settings.document import lookup
 from test_hostile import Operator, problems, smtp_server
 
 relay = test_hostile.relay
@@ -97,3 +104,74 @@ def test_a_url_whose_port_is_not_0_to_65535_is_refused_naming_its_field(
     reply = admin.put(f"/v1/tenants/{tenant}/server", json=with_url(field, url))
     assert reply.status_code == 422, reply.text
     assert list(problems(reply)) == [field] and "port" in problems(reply)[field], reply.text
+
+
+# ---- 2. migration 0013: stored URLs lose their user names and passwords -----------------------
+
+TOKEN = {"grant": "client_credentials", "provider": "generic", "client_id": "c"}
+STORED = {
+    "global": {"kind": "smtp", "from_address": "no-reply@operator.example",
+               "smtp": {"host": "smtp.operator.example", "port": 587},
+               "auth": {**OAUTH, "token": {**TOKEN, "token_url": "https://notify:S3cret@login.example/oauth2/token"}}},
+    "acme": {"kind": "graph", "from_address": "no-reply@acme.example",
+             "graph": {"authority": "https://u:p@login.microsoftonline.com", "endpoint": "https://u@graph.microsoft.com",
+                       "directory_id": "d", "client_id": "c", "mailbox": "no-reply@acme.example"}},
+    "globex": {"kind": "ews", "from_address": "no-reply@globex.example",
+               "auth": {"method": "password", "username": "GLOBEX\\notify"},
+               "ews": {"url": "https://GLOBEX%5Cnotify:pw@mail.globex.example:8443/EWS/Exchange.asmx",
+                       "mailbox": "no-reply@globex.example"}},
+    "initech": {"kind": "smtp", "from_address": "no-reply@initech.example",
+                "smtp": {"host": "smtp.initech.example"},
+                "auth": {**OAUTH, "token": {**TOKEN, "grant": "delegated", "token_url": "https://login.example/token",
+                                            "authorize_url": "https://a:b@login.example/authorize"}}},
+    "hooli": {"kind": "smtp", "from_address": "no-reply@hooli.example", "smtp": {"host": "smtp.hooli.example"},
+              "auth": {**OAUTH, "token": {**TOKEN, "provider": "microsoft", "authority": "https://x@login.example",
+                                          "directory_id": "d", "token_url": None}}},
+    "umbrella": {"kind": "smtp", "from_address": "no-reply@umbrella.example",  # nothing to change
+                 "smtp": {"host": "smtp.umbrella.example"},
+                 "auth": {**OAUTH, "token": {**TOKEN, "token_url": "https://login.example/user@x/token"}}},
+}  # fmt: skip
+MIGRATED = {
+    ("global", "auth.token.token_url"): "https://login.example/oauth2/token",
+    ("acme", "graph.authority"): "https://login.microsoftonline.com",
+    ("acme", "graph.endpoint"): "https://graph.microsoft.com",
+    ("globex", "ews.url"): "https://mail.globex.example:8443/EWS/Exchange.asmx",
+    ("initech", "auth.token.authorize_url"): "https://login.example/authorize",
+    ("initech", "auth.token.token_url"): "https://login.example/token",
+    ("hooli", "auth.token.authority"): "https://login.example",
+    ("umbrella", "auth.token.token_url"): "https://login.example/user@x/token",  # an @ in the path stays
+}
+
+
+async def test_stored_urls_with_a_user_name_or_password_lose_them_in_the_upgrade(database_url: str) -> None:
+    db = connect(parse_url(database_url))
+    try:
+        await upgrade(db, "0012")
+        async with db.engine.begin() as conn:
+            for scope, document in STORED.items():
+                if scope != "global":
+                    await conn.execute(
+                        text("INSERT INTO tenants (id, name, may_use_own_server, may_set_support_address, created_at, "
+                             "updated_at) VALUES (:id, :id, true, false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
+                        {"id": scope},
+                    )  # fmt: skip
+                await conn.execute(
+                    text("INSERT INTO mail_servers (scope, tenant_id, enabled, document, version, created_at, "
+                         "updated_at, updated_by) VALUES (:scope, :tenant, true, :doc, 1, CURRENT_TIMESTAMP, "
+                         "CURRENT_TIMESTAMP, 'old')"),
+                    {"scope": scope, "tenant": None if scope == "global" else scope, "doc": json.dumps(document)},
+                )  # fmt: skip
+        await upgrade(db)
+    finally:
+        await db.dispose()
+    async with Mailgate.open(database_url, secret_keys=TEST_KEY) as mg:
+        for (scope, path), url in MIGRATED.items():
+            server = await mg.servers.with_secrets(scope)  # loads: the settings refuse none of its URLs
+            assert server is not None
+            model, name = lookup(server, path)
+            assert getattr(model, name) == url, (scope, path)
+        for scope in STORED:
+            info = await mg.servers.get(scope)
+            assert info is not None and "S3cret" not in json.dumps(info.document)
+            expected = (1, "old") if scope == "umbrella" else (2, "mailgate upgrade (0013)")
+            assert (info.version, info.updated_by) == expected, scope
