@@ -16,16 +16,25 @@ import httpx2
 import pytest
 from sqlalchemy import text
 
+import test_ews
+import test_graph
 import test_hostile
 from conftest import TEST_KEY
+from fakes.ews import FakeEWS
+from fakes.identity import FakeIdentityProvider
 from mailgate import Mailgate
 from mailgate.db.engine import connect, upgrade
 from mailgate.db.engine import database_url as parse_url
 from mailgate.settings.document import lookup
+from test_ews import MAILBOX, oauth_doc
+from test_graph import deliver, note, status
 from test_hostile import Operator, problems, smtp_server
 
 relay = test_hostile.relay
 operator = test_hostile.operator
+mg = test_graph.mg
+idp = test_ews.idp
+ews_oauth = test_ews.ews_oauth
 
 OAUTH = {"method": "oauth2", "username": "u@tenant.example"}
 
@@ -175,3 +184,23 @@ async def test_stored_urls_with_a_user_name_or_password_lose_them_in_the_upgrade
             assert info is not None and "S3cret" not in json.dumps(info.document)
             expected = (1, "old") if scope == "umbrella" else (2, "mailgate upgrade (0013)")
             assert (info.version, info.updated_by) == expected, scope
+
+
+# ---- 4. the OAuth2 access token Exchange echoes ---------------------------------------------------
+
+
+async def test_the_access_token_exchange_echoes_is_redacted(
+    idp: FakeIdentityProvider, ews_oauth: FakeEWS, mg: Mailgate
+) -> None:
+    await mg.servers.set("global", oauth_doc(idp, ews_oauth))
+    [pk] = await deliver(mg, note())
+    assert await status(mg, pk) == "sent"
+    token = ews_oauth.requests[-1].headers["authorization"].removeprefix("Bearer ")
+    ews_oauth.fail_next("ErrorInvalidRecipients", operation="CreateItem",
+                        text=f"{MAILBOX} may not send with the token {token} (Bearer {token})")  # fmt: skip
+    [pk] = await deliver(mg, note())
+    assert await status(mg, pk) == "failed"
+    assert len(idp.token_requests) == 1  # the same token: the one Exchange echoed is the one in use
+    text = (await mg.queue.get(pk)).attempts[-1]["text"]
+    assert "ErrorInvalidRecipients" in text and MAILBOX in text  # the rest of Exchange's text is kept
+    assert token not in text and token[:40] not in text and text.count("[redacted]") == 2, text
