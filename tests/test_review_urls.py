@@ -9,7 +9,12 @@ its own in place of the Authorization mailgate sets, to wherever the URL points;
 
 from __future__ import annotations
 
+import contextlib
+import html
 import json
+import re
+import sqlite3
+import subprocess
 from typing import Any
 
 import httpx2
@@ -28,7 +33,8 @@ from mailgate.db.engine import database_url as parse_url
 from mailgate.settings.document import lookup
 from test_ews import MAILBOX, oauth_doc
 from test_graph import deliver, note, status
-from test_hostile import Operator, problems, smtp_server
+from test_hostile import ADMIN_EMAIL, ADMIN_PASSWORD, Operator, problems, smtp_server, wait_for
+from test_serve import MAILGATE
 
 relay = test_hostile.relay
 operator = test_hostile.operator
@@ -204,3 +210,62 @@ async def test_the_access_token_exchange_echoes_is_redacted(
     text = (await mg.queue.get(pk)).attempts[-1]["text"]
     assert "ErrorInvalidRecipients" in text and MAILBOX in text  # the rest of Exchange's text is kept
     assert token not in text and token[:40] not in text and text.count("[redacted]") == 2, text
+
+
+# ---- 3. a stored document this version refuses ----------------------------------------------------
+
+
+def signed_in(operator: Operator) -> httpx2.Client:
+    """A browser signed in to the admin pages as a system admin."""
+    subprocess.run([MAILGATE, "users", "create", ADMIN_EMAIL, "--role", "system-admin", "--password-stdin"],
+                   cwd=operator.served.cwd, env=operator.served.env, input=ADMIN_PASSWORD, capture_output=True,
+                   text=True, timeout=60, check=True)  # fmt: skip
+    browser = httpx2.Client(base_url=operator.served.url, timeout=30)
+    page = browser.get("/admin/login")
+    token = html.unescape(re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1))  # type: ignore[union-attr]
+    reply = browser.post("/admin/login", data={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD, "csrf_token": token})
+    assert reply.status_code == 303, reply.text
+    return browser
+
+
+def test_a_stored_host_that_can_not_be_a_dns_name_makes_only_its_tenants_mail_wait(operator: Operator) -> None:
+    """A document saved before smtp.host refused 'a..b' no longer loads: before this, its tenant's
+    admin could not read it (422), nor save a corrected one (422 for the stored host), nor switch
+    it off; and the system admin's list of every tenant was a 422 page."""
+    tenant, admin, sender = operator.tenant()
+    _, _, other = operator.tenant()
+    document = {**smtp_server("smtp.tenant.example", 587),
+                "auth": {"method": "password", "username": "notify", "password": "stored-Pa55"}}  # fmt: skip
+    assert admin.put(f"/v1/tenants/{tenant}/server", json=document).status_code == 200
+    with contextlib.closing(sqlite3.connect(operator.served.cwd / "mailgate.db")) as db, db:
+        db.execute("UPDATE mail_servers SET document = json_set(document, '$.smtp.host', 'a..b') WHERE scope = ?",
+                   (tenant,))  # fmt: skip
+    message = {"to": ["bob@example.org"], "subject": "s", "text": "t"}
+    refused = wait_for(lambda: (r := sender.post("/v1/messages", json=message)).status_code != 202 and r, "queued")
+    assert refused.status_code == 409 and refused.json()["code"] == "sending_disabled", refused.text
+    assert "smtp.host" in refused.text and "save them again" in refused.text
+
+    shown = admin.get(f"/v1/tenants/{tenant}/server")  # as stored, to be corrected
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["server"]["smtp"]["host"] == "a..b" and shown.json()["server"]["auth"]["password"] == {
+        "set": True}  # fmt: skip
+    assert admin.get(f"/v1/tenants/{tenant}/server/health").status_code == 200
+    assert admin.post(f"/v1/tenants/{tenant}/server/disable").status_code == 200
+    assert admin.post(f"/v1/tenants/{tenant}/server/enable").status_code == 200
+    with contextlib.closing(signed_in(operator)) as browser:
+        for path in ("/admin/tenants", f"/admin/tenants/{tenant}", f"/admin/tenants/{tenant}/support"):
+            page = browser.get(path)
+            assert page.status_code == 200, (path, page.text)
+        assert "do not load" in browser.get(f"/admin/tenants/{tenant}").text
+
+    reply = other.post("/v1/messages", json=message)  # the other tenants send as before
+    url = reply.headers["location"]
+    wait_for(lambda: other.get(url).json()["status"] == "sent", "the other tenant's message was not sent")
+
+    document["smtp"]["host"] = "smtp2.tenant.example"
+    kept = {**document, "auth": {**document["auth"], "password": {"set": True}}}
+    again = admin.put(f"/v1/tenants/{tenant}/server", json=kept)  # its destination is not known: not kept
+    assert again.status_code == 422 and "give it again" in problems(again)["auth.password"], again.text
+    fixed = admin.put(f"/v1/tenants/{tenant}/server", json=document)
+    assert fixed.status_code == 200, fixed.text
+    assert wait_for(lambda: (r := sender.post("/v1/messages", json=message)).status_code == 202 and r, "refused")

@@ -28,6 +28,8 @@ from pydantic import (
 from ..errors import SettingsError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ..message import Address, Message
 
 Security = Literal["none", "starttls", "starttls-required", "tls"]
@@ -657,10 +659,13 @@ def _is_marker(value: object) -> bool:
     return isinstance(value, dict) and set(value) == {"set"} and isinstance(value["set"], bool)
 
 
-def public_document(stored: dict[str, Any], secrets_set: set[str], server: MailServer) -> dict[str, Any]:
-    """A stored document as it may be shown: each of its secret fields as {"set": bool}."""
+def public_document(
+    stored: dict[str, Any], secrets_set: set[str], server: MailServer | Iterable[str]
+) -> dict[str, Any]:
+    """A stored document as it may be shown: each of its secret fields (those of `server`'s kind
+    and auth method, or the paths given) as {"set": bool}."""
     doc = copy.deepcopy(stored)
-    for path in secret_fields(server):
+    for path in secret_fields(server) if isinstance(server, MailServer) else server:
         *parents, name = path.split(".")
         node = doc
         for part in parents:
