@@ -1,10 +1,14 @@
-"""Review of the URLs in a mail server document, and of what a stored document that no longer
-parses does, against the real HTTP API (`mailgate serve`, test_hostile's operator).
+"""Review of the URLs in a mail server document, of what a stored document that no longer parses
+does, and of the access token Exchange echoes: against the real HTTP API (`mailgate serve`,
+test_hostile's operator), the migrations on SQLite and PostgreSQL, and the fake EWS server.
 
 Each test ran against the code before its fix and failed there: every URL field but ews.url took
 a user name and password (https://user:pass@host/…), which httpx sends as Basic credentials of
 its own in place of the Authorization mailgate sets, to wherever the URL points; a port past
-65535 was saved.
+65535 was saved; a document stored with such a URL did not load after the upgrade; a stored
+smtp.host the settings now refuse ('a..b') locked its admin out (422 on reading, switching and
+saving a corrected document) and made the system admin's tenant list a 422 page; an access token
+Exchange echoed in an error reached the attempt log.
 """
 
 from __future__ import annotations
