@@ -40,13 +40,18 @@ ews = test_ews.ews
 
 @contextlib.asynccontextmanager
 async def transport_of(
-    doc: dict[str, Any], policy: DestinationPolicy | None = None, **kw: Any
+    doc: dict[str, Any], policy: DestinationPolicy | None = None, *, url: str | None = None, **kw: Any
 ) -> AsyncIterator[EWSTransport]:
-    """An EWSTransport of `doc` over mailgate's own (guarded, with `policy`) clients."""
+    """An EWSTransport of `doc` over mailgate's own (guarded, with `policy`) clients. `url`: an
+    ews.url the settings refuse, put in past them (a document stored before they did)."""
     from mailgate._http import new_client
 
+    server = parse_server(doc)
+    if url is not None:
+        assert server.ews is not None
+        server = server.model_copy(update={"ews": server.ews.model_copy(update={"url": url})})
     http = new_client(policy)
-    transport = EWSTransport(parse_server(doc), http, new_http=lambda: new_client(policy), **kw)
+    transport = EWSTransport(server, http, new_http=lambda: new_client(policy), **kw)
     try:
         yield transport
     finally:
@@ -218,7 +223,7 @@ async def test_an_ews_url_httpx_refuses_is_a_broken_server_not_an_exception(ews:
     bad = "https://\uff0e\uff0e/EWS/Exchange.asmx"  # printable, a host name IDNA can't encode
     doc = ews_doc(ews)
     doc["ews"]["url"] = bad
-    with pytest.raises(SettingsError, match="ews.url"):  # as ews.url, refused at save
+    with pytest.raises(SettingsError, match=r"ews\.url"):  # as ews.url, refused at save
         parse_server(doc)
     # Named by Autodiscover, it reaches the transport: was httpx2.InvalidURL out of it.
     ews.autodiscover_ews_url = bad
@@ -229,12 +234,16 @@ async def test_an_ews_url_httpx_refuses_is_a_broken_server_not_an_exception(ews:
     assert "The EWS URL" in broken.value.message and not broken.value.transient
 
 
-async def test_an_ews_url_with_a_port_out_of_range_marks_the_server_broken(ews: FakeEWS, mg: Mailgate) -> None:
+async def test_an_ews_url_with_a_port_out_of_range_is_refused_at_save_and_never_requested(
+    ews: FakeEWS, mg: Mailgate
+) -> None:
     doc = ews_doc(ews)
-    doc["ews"]["url"] = "http://127.0.0.1:99999/EWS/Exchange.asmx"
-    await mg.servers.set("global", doc)
-    [pk] = await deliver(mg, note())  # was an ExceptionGroup (OverflowError) out of the transport
-    assert await status(mg, pk) == "deferred"
-    reason = (await mg.resolve("acme")).broken_reason
-    assert reason is not None and "The EWS URL is not a URL" in reason and "ews.url" in reason
-    assert not ews.requests
+    url = doc["ews"]["url"] = "http://127.0.0.1:99999/EWS/Exchange.asmx"
+    with pytest.raises(SettingsError) as refused:
+        await mg.servers.set("global", doc)
+    assert [f for f, _ in refused.value.problems] == ["ews.url"] and "port" in refused.value.problems[0][1]
+    async with transport_of(ews_doc(ews), url=url) as transport:  # was an ExceptionGroup (OverflowError)
+        with pytest.raises(EWSError) as broken:
+            await transport.check_mailbox()
+    assert "The EWS URL is not a URL" in broken.value.message and "ews.url" in broken.value.message
+    assert not broken.value.transient and not ews.requests

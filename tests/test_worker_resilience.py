@@ -206,8 +206,8 @@ async def test_a_tenant_whose_stored_settings_cant_be_read_waits_alone(open_mg: 
             await asyncio.wait_for(worker, 10)
     assert [str(m.parsed()["Subject"]) for m in server.messages] == ["b"]
     last_error = str((await mg.queue.get(waiting)).summary.last_error)
-    assert last_error.startswith("mailgate could not read the mail server settings of a (SettingsError: smtp.port")
-    assert last_error.endswith("; saving the settings again may fix it")
+    assert "the stored settings of a's own mail server do not load in this version of mailgate (smtp.port" in \
+        last_error and last_error.endswith(": save them again")  # fmt: skip
 
 
 async def test_a_failing_sender_gives_its_messages_back_and_other_lanes_keep_going(

@@ -32,7 +32,7 @@ DEFAULT_URL = "sqlite:///mailgate.db"
 ENV_URL = "MAILGATE_DATABASE_URL"
 # The newest migration in migrations/versions. A database at this revision is used as it is,
 # without loading Alembic; tests/test_db.py keeps the two in step.
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0013"
 MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x6D61696C67617465  # "mailgate": one schema upgrade at a time on PostgreSQL
 

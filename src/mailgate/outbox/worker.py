@@ -353,7 +353,7 @@ class Worker:
                 resolutions[tenant] = await self._undecryptable(tenant, e)
             except DATABASE_ERRORS:
                 raise
-            except Exception as e:  # e.g. a stored document this version refuses: not the others' problem
+            except Exception as e:  # whatever this tenant's settings raise: not the others' problem
                 why = f"mailgate could not read the mail server settings of {tenant} ({_failure(e)})"
                 log.error("%s; its messages wait: %s", why, traceback_of(e))
                 resolutions[tenant] = _Unresolved(f"{why}; saving the settings again may fix it")

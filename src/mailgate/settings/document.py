@@ -28,6 +28,8 @@ from pydantic import (
 from ..errors import SettingsError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ..message import Address, Message
 
 Security = Literal["none", "starttls", "starttls-required", "tls"]
@@ -155,7 +157,9 @@ def _dns_name_or_ip(host: str) -> bool:
 
 def _web_url(value: str | None) -> str | None:
     """An https URL; plain http only to a loopback address (a local test or proxy): a client
-    secret or a token never crosses a network unencrypted."""
+    secret or a token never crosses a network unencrypted. No user name or password in it
+    (user:password@, user@): httpx would send them as Basic credentials of their own, in place
+    of the Authorization mailgate sets, to wherever the URL points. A port is 0 to 65535."""
     if value is None:
         return None
     from urllib.parse import urlsplit
@@ -164,7 +168,16 @@ def _web_url(value: str | None) -> str | None:
         url = urlsplit(value)
         host = url.hostname or ""
     except ValueError:
-        raise ValueError(f"{value!r} is not a URL") from None
+        raise ValueError(f"{_without_userinfo(value)!r} is not a URL") from None
+    if "@" in url.netloc:  # not echoed: it may be a password
+        raise ValueError(
+            "give the URL without a user name or password (user:password@ or user@): mailgate sends the "
+            "credentials of the document's own secret fields, never ones written into a URL"
+        )
+    try:
+        url.port  # noqa: B018 -- raises ValueError when the port is not a number from 0 to 65535
+    except ValueError:
+        raise ValueError(f"{value!r}: its port is not a number from 0 to 65535") from None
     if url.scheme not in ("https", "http") or not host or any(c.isspace() for c in value):
         raise ValueError(f"{value!r} is not an http(s) URL")
     if not _dns_name_or_ip(host):
@@ -174,6 +187,12 @@ def _web_url(value: str | None) -> str | None:
     if url.query or url.fragment:
         raise ValueError(f"{value!r}: give the URL without a query or fragment")
     return value.rstrip("/") if url.path in ("", "/") else value
+
+
+def _without_userinfo(value: str) -> str:
+    """`value` with what may be a user name and password (between "//" and the last "@" before
+    the path) left out, to quote it in a problem."""
+    return re.sub(r"(//)[^/?#]*@", r"\1…@", value, count=1)
 
 
 WebURL = Annotated[str, Field(min_length=1, max_length=2000)]
@@ -284,18 +303,6 @@ class EWSSettings(_Section):
     save_to_sent_items: bool = True  # CreateItem with SendAndSaveCopy, else SendOnly
 
     _urls = field_validator("url")(classmethod(lambda cls, v: _web_url(v)))
-
-    @field_validator("url")
-    @classmethod
-    def _no_credentials_in_url(cls, value: str | None) -> str | None:
-        # httpx would send user:password@ as Basic credentials of its own, instead of
-        # the auth section's, to wherever the URL points.
-        from urllib.parse import urlsplit
-
-        if value is not None and "@" in urlsplit(value).netloc:
-            raise ValueError("give the EWS URL without a user name or password (user:password@): the "
-                             "credentials belong in the auth section")  # fmt: skip
-        return value
 
     @field_validator("mailbox")
     @classmethod
@@ -652,10 +659,13 @@ def _is_marker(value: object) -> bool:
     return isinstance(value, dict) and set(value) == {"set"} and isinstance(value["set"], bool)
 
 
-def public_document(stored: dict[str, Any], secrets_set: set[str], server: MailServer) -> dict[str, Any]:
-    """A stored document as it may be shown: each of its secret fields as {"set": bool}."""
+def public_document(
+    stored: dict[str, Any], secrets_set: set[str], server: MailServer | Iterable[str]
+) -> dict[str, Any]:
+    """A stored document as it may be shown: each of its secret fields (those of `server`'s kind
+    and auth method, or the paths given) as {"set": bool}."""
     doc = copy.deepcopy(stored)
-    for path in secret_fields(server):
+    for path in secret_fields(server) if isinstance(server, MailServer) else server:
         *parents, name = path.split(".")
         node = doc
         for part in parents:

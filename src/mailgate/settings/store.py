@@ -345,13 +345,14 @@ class Servers(_Part):
             row = await _server_row(s, scope, lock=True)
             stored: dict[str, ServerSecret] = {}
             old: MailServer | None = None
+            unloadable: str | None = None
             if row is not None:
                 stored = {x.field: x for x in await s.scalars(_secrets_of(row))}
-                old = _stored_server(row)
+                old, unloadable = _old_server(row)
             server, stale = _consented(server, old, given, cleared, set(stored))
             if stale:
                 cleared = cleared | {GRAPH_REFRESH_TOKEN}
-            kept = _kept_secrets(server, fields, given, cleared, set(stored), old)
+            kept = _kept_secrets(server, fields, given, cleared, set(stored), old, unloadable)
 
             old_public = _server_info(row, set(stored)).document if row is not None else {}
             old_enabled = row.enabled if row is not None else None
@@ -411,11 +412,11 @@ class Servers(_Part):
             await _check_scope(s, scope)
             row = await _server_row(s, scope)
             stored = {x.field: x for x in await s.scalars(_secrets_of(row))} if row is not None else {}
-            old = _stored_server(row) if row is not None else None
+            old, unloadable = _old_server(row) if row is not None else (None, None)
         server, stale = _consented(server, old, given, cleared, set(stored))
         if stale:
             cleared = cleared | {GRAPH_REFRESH_TOKEN}
-        kept = _kept_secrets(server, fields, given, cleared, set(stored), old)
+        kept = _kept_secrets(server, fields, given, cleared, set(stored), old, unloadable)
         values = {**given, **{p: self.keyring.decrypt(scope, p, stored[p].ciphertext) for p in kept}}
         doc = {**storable_document(server), "enabled": server.enabled}
         for path, value in values.items():
@@ -497,18 +498,30 @@ class Servers(_Part):
                 why = f"the global mail server {state}: sending is disabled for every tenant"
                 return Resolution(tenant_id, None, None, None, None, why)
             if own is not None and own.enabled and tenant.may_use_own_server:
-                server = await self._with_secrets(s, own) if secrets else _stored_server(own)
                 why = f"{tenant_id} sends through its own mail server"
-                return Resolution(tenant_id, "tenant", server, own.id, own.version, why, own.broken_reason)
+                return await self._resolution(s, tenant_id, "tenant", own, why, secrets=secrets)
             if own is None:
                 why = f"{tenant_id} has no mail server of its own"
             elif not tenant.may_use_own_server:
                 why = f"{tenant_id} has a mail server of its own but may not use it"
             else:
                 why = f"{tenant_id}'s own mail server is switched off"
-            server = await self._with_secrets(s, glob) if secrets else _stored_server(glob)
             why += ": it uses the global one"
-            return Resolution(tenant_id, "global", server, glob.id, glob.version, why, glob.broken_reason)
+            return await self._resolution(s, tenant_id, "global", glob, why, secrets=secrets)
+
+    async def _resolution(
+        self, s: AsyncSession, tenant_id: str, source: Literal["tenant", "global"], row: MailServerRow, why: str,
+        *, secrets: bool,
+    ) -> Resolution:  # fmt: skip
+        """The tenant's resolution to `row`'s server. A stored document this version of mailgate
+        refuses (saved before a check it now makes) sends nothing: the tenant's messages wait, as
+        they do for a broken server, and the reason says which field and to save it again."""
+        try:
+            server = await self._with_secrets(s, row) if secrets else _stored_server(row)
+        except SettingsError as e:
+            unloadable = _unloadable(row.scope, e)
+            return Resolution(tenant_id, source, None, row.id, row.version, f"{why}, but {unloadable}", unloadable)
+        return Resolution(tenant_id, source, server, row.id, row.version, why, row.broken_reason)
 
     async def mark_broken(self, server_id: int, version: int, reason: str) -> bool:
         """Note that the server refused us for good (credentials, TLS, security settings), unless
@@ -753,13 +766,19 @@ def _kept_secrets(
     cleared: set[str],
     stored: set[str],
     old: MailServer | None,
+    unloadable: str | None = None,
 ) -> set[str]:
     """The stored secrets that stay: those neither given nor cleared — refused (SettingsError) when
-    a destination field changed, since a stored secret is never sent where it was not saved for;
+    a destination field changed, since a stored secret is never sent where it was not saved for,
+    or when the stored document does not load (`unloadable`: its destination is not known);
     and every required secret must be given or kept."""
     kept = {path for path in fields if path not in given and path not in cleared and path in stored}
     problems: list[tuple[str, str]] = []
-    if kept and old is not None:
+    if kept and unloadable is not None:
+        why = unloadable.removesuffix(": save them again")
+        problems += [(path, f"give it again: {why}, and a stored secret is never sent to a destination it was "
+                            "not saved for") for path in sorted(kept)]  # fmt: skip
+    elif kept and old is not None:
         before = destination(old)
         moved = [k for k, v in destination(server).items() if before.get(k) != v]
         if moved:
@@ -948,9 +967,25 @@ def _stored_server(row: MailServerRow) -> MailServer:
     return parse_server({**row.document, "enabled": row.enabled})
 
 
+def _old_server(row: MailServerRow) -> tuple[MailServer | None, str | None]:
+    """(the stored server, None), or (None, why it does not load) for a document stored before a
+    check this version makes: a save replaces it (its stored secrets must be given again)."""
+    try:
+        return _stored_server(row), None
+    except SettingsError as e:
+        return None, _unloadable(row.scope, e)
+
+
+def _unloadable(scope: str, e: SettingsError) -> str:
+    whose = "the global mail server" if scope == GLOBAL else f"{scope}'s own mail server"
+    return f"the stored settings of {whose} do not load in this version of mailgate ({e}): save them again"
+
+
 def _server_info(row: MailServerRow, secrets_set: set[str]) -> ServerInfo:
-    server = _stored_server(row)
-    document = {"enabled": row.enabled, **public_document(row.document, secrets_set, server)}
+    try:
+        document = {"enabled": row.enabled, **public_document(row.document, secrets_set, _stored_server(row))}
+    except SettingsError:  # shown as stored, to be corrected: each stored secret as {"set": true}
+        document = {"enabled": row.enabled, **public_document(row.document, secrets_set, secrets_set)}
     return ServerInfo(row.scope, row.version, row.enabled, document, row.created_at, row.updated_at, row.updated_by)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import logging
@@ -145,9 +146,11 @@ class EWSTransport:
         else:
             raise ValueError("an ews server needs auth password or oauth2")
         # What Exchange may echo in an error text that must not reach the attempt log: the
-        # password, the Basic credentials, the user name (_redacted: also its user part).
+        # password, the Basic credentials, the user name (_redacted: also its user part), the
+        # access tokens of the latest requests (_bearers: a renewed one while the old is in flight).
         basic = base64.b64encode(f"{self._username}:{self._password or ''}".encode()).decode("ascii")
         self._secrets: tuple[str | None, ...] = (self._password, basic) if self._username else (self._password,)
+        self._bearers: collections.deque[str] = collections.deque(maxlen=4)
         self._new_http = new_http
         self._lanes: list[httpx2.AsyncClient] = []  # NTLM: idle clients, each one authenticated connection
         self._all_lanes: set[httpx2.AsyncClient] = set()
@@ -281,6 +284,8 @@ class EWSTransport:
             token = await self.tokens() if self.tokens is not None else None
             if token is not None:
                 authorization = f"Bearer {token.value}"
+                if token.value not in self._bearers:
+                    self._bearers.append(token.value)
             else:
                 pair = f"{self._username}:{self._password or ''}".encode()
                 authorization = "Basic " + base64.b64encode(pair).decode("ascii")
@@ -513,7 +518,7 @@ class EWSTransport:
 
     def _said(self, text: str, limit: int = 300) -> str:
         """Exchange's text, fit to show (foreign_text), without our credentials in it."""
-        return foreign_text(self._redacted(text), limit, secrets=self._secrets)
+        return foreign_text(self._redacted(text), limit, secrets=(*self._secrets, *self._bearers))
 
     def _redacted(self, text: str) -> str:
         """`text` without the user name it echoes: DOMAIN\\user, or user@domain, in any case, and
