@@ -10,6 +10,7 @@ import smtplib
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,17 @@ def _forwarded(depth: int) -> bytes:
     return b"Content-Type: message/rfc822\r\n\r\n" * depth + b"Content-Type: text/plain\r\n\r\nhi\r\n"
 
 
+def _one_session(ing: Any, messages: list[bytes]) -> tuple[list[tuple[int, bytes]], int]:
+    """Each message sent in one authenticated session: the DATA replies, and then NOOP's code."""
+    replies = []
+    with ing.connect(login=("acme", ing.token)) as smtp:
+        for raw in messages:
+            smtp.docmd("MAIL", "FROM:<a@acme.example>")
+            smtp.docmd("RCPT", "TO:<bob@example.org>")
+            replies.append(smtp.data(raw))
+        return replies, smtp.noop()[0]
+
+
 async def test_parts_nested_more_than_20_deep_get_554_and_no_error_is_logged(
     mg: Mailgate, certificate: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -41,17 +53,7 @@ async def test_parts_nested_more_than_20_deep_get_554_and_no_error_is_logged(
                 TOP + _chain(1_000, b"c"), TOP + _chain(5_000, b"d"), TOP + _forwarded(5_000)]  # fmt: skip
     deepest_allowed = [TOP + _chain(20, b"e"), TOP + _forwarded(20)]
     async with ingress(mg, certificate) as ing:
-
-        def sends() -> tuple[list[tuple[int, bytes]], int]:
-            replies = []
-            with ing.connect(login=("acme", ing.token)) as smtp:
-                for raw in too_deep + deepest_allowed:
-                    smtp.docmd("MAIL", "FROM:<a@acme.example>")
-                    smtp.docmd("RCPT", "TO:<bob@example.org>")
-                    replies.append(smtp.data(raw))
-                return replies, smtp.noop()[0]
-
-        replies, noop = await in_thread(sends)
+        replies, noop = await in_thread(_one_session, ing, too_deep + deepest_allowed)
         refused = (554, b"5.6.0 message: has MIME parts nested more than 20 deep")
         assert replies[: len(too_deep)] == [refused] * len(too_deep), replies
         assert [code for code, _ in replies[len(too_deep) :]] == [250, 250], replies
@@ -81,17 +83,7 @@ async def test_a_header_with_comments_nested_too_deep_gets_554_and_no_error_is_l
         b"From: a@acme.example (a (comment)) \r\n" + head + b"\r\nhi\r\n",  # an ordinary one
     ]  # fmt: skip
     async with ingress(mg, certificate) as ing:
-
-        def sends() -> tuple[list[tuple[int, bytes]], int]:
-            replies = []
-            with ing.connect(login=("acme", ing.token)) as smtp:
-                for raw in messages:
-                    smtp.docmd("MAIL", "FROM:<a@acme.example>")
-                    smtp.docmd("RCPT", "TO:<bob@example.org>")
-                    replies.append(smtp.data(raw))
-                return replies, smtp.noop()[0]
-
-        replies, noop = await in_thread(sends)
+        replies, noop = await in_thread(_one_session, ing, messages)
     refused = (554, b"5.6.0 message: has a header with comments nested too deep to be read")
     assert replies[:3] == [refused] * 3, replies
     assert replies[3][0] == 250 and noop == 250, replies

@@ -30,8 +30,9 @@ from mailgate.config import Config
 from mailgate.ingress import IngressServer, self_signed, server_context
 from mailgate.message import Attachment
 from mailgate.settings.document import parse_server
-from smtp_servers import RecordingServer, ServerConfig, serve, serve_in_thread
+from smtp_servers import ServerConfig, serve, serve_in_thread
 from test_batch import URL, api, count, message
+from test_from_policy import server_doc
 from test_serve import Served
 
 MAILGATE = str(Path(sys.executable).with_name("mailgate"))
@@ -71,12 +72,6 @@ def _split(message_id: str) -> tuple[str, str]:
 
 def ceo(**kw: Any) -> Message:
     return Message(from_="The CEO <ceo@bank.example>", to="alice@example.org", subject="Wire", text="now", **kw)
-
-
-def server_doc(server: RecordingServer, **changes: Any) -> dict[str, Any]:
-    return {"from_address": SENDER, "from_name": "Operator",
-            "smtp": {"host": server.host, "port": server.port, "security": "none"},
-            "connection": {"connect_timeout": 5, "protocol_timeout": 5}, **changes}  # fmt: skip
 
 
 @pytest.fixture
