@@ -285,6 +285,28 @@ async def test_invalid_recipients_fail_the_message_not_the_server(
     assert result.outcome == "permanent" and result.code == 400 and "ErrorInvalidRecipients" in result.text
 
 
+async def test_an_access_token_graph_echoes_is_not_repeated(
+    idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
+) -> None:
+    from mailgate.message import Envelope
+    from mailgate.oauth import TokenCache, graph_token_source
+    from mailgate.transports.graph import GraphTransport
+
+    graph.refuse_next(400, "ErrorInvalidRecipients", "Request with Bearer {token} has no valid recipient.")
+    server = parse_server(graph_doc(idp, graph))
+    cache = TokenCache()
+    try:
+        transport = GraphTransport(server, cache.handle(graph_token_source(server)), cache.http)
+        raw = b"From: notifications@contoso.example\r\nTo: a@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+        delivery = await transport.send(Envelope(MAILBOX, ("a@example.org",)), raw)
+    finally:
+        await cache.aclose()
+    [result] = delivery.results
+    assert idp.issued and result.outcome == "permanent" and "has no valid recipient" in result.text
+    assert not [token for token in idp.issued if token[:40] in result.text], result.text  # not even cut short
+    assert "[redacted]" in result.text
+
+
 async def test_a_token_graph_refuses_is_renewed_once_then_the_server_is_broken(
     idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
 ) -> None:

@@ -179,8 +179,8 @@ async def test_an_outcome_with_text_no_database_stores_is_written_and_reads_back
 
 async def test_a_tenant_whose_stored_settings_cant_be_read_waits_alone(open_mg: Opener) -> None:
     """A stored document this version refuses (written by an older one, or in the database by
-    hand): that tenant's messages wait with the reason, the other tenants' are sent, the worker
-    runs on."""
+    hand): that tenant's messages are held with the reason (a save releases them), the other
+    tenants' are sent, the worker runs on."""
     mg = await open_mg()
     async with serve(ServerConfig()) as server:
         await mg.servers.set("global", server_doc(server))
@@ -199,7 +199,7 @@ async def test_a_tenant_whose_stored_settings_cant_be_read_waits_alone(open_mg: 
         worker = asyncio.create_task(mg.run_worker(stop))
         try:
             await wait_until(lambda: _settled(mg, [sent]))
-            await wait_until(lambda: _all(mg, [waiting], "deferred"))
+            await wait_until(lambda: _all(mg, [waiting], "held"))  # until the settings are saved again
             assert not worker.done()
         finally:
             stop.set()

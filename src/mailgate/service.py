@@ -238,7 +238,9 @@ class Mailgate:
 
     def _prepare(self, resolution: Resolution, messages: Sequence[Message]) -> tuple[list[Message], str]:
         """The messages with their Message-IDs, and the status to store them in; or SendingDisabled."""
-        if resolution.server is None and not self.config.hold_when_disabled:
+        # Held, not refused, when the server's stored settings don't load in this version
+        # (broken_reason without a server): nothing the sender did, and a save releases them.
+        if resolution.server is None and not self.config.hold_when_disabled and resolution.broken_reason is None:
             raise SendingDisabled(resolution.reason)
         if resolution.server is not None:  # the server's sender policy: a From it won't send is refused now
             server = resolution.server

@@ -339,7 +339,8 @@ class FakeGraph(ThreadedFake):
 
     def refuse_next(self, status: int, code: str, message: str, count: int = 1) -> None:
         """The next `count` API requests, once authenticated, get this documented Graph error
-        (e.g. 403 ErrorQuotaExceeded) instead of being processed."""
+        (e.g. 403 ErrorQuotaExceeded) instead of being processed. "{token}" in the message
+        becomes the request's access token (a server that echoes what it was sent)."""
         with self._lock:
             self._refusals.extend((status, code, message) for _ in range(count))
 
@@ -406,7 +407,9 @@ class FakeGraph(ThreadedFake):
         with self._lock:
             refusal = self._refusals.pop(0) if self._refusals else None
         if refusal is not None:
-            raise _GraphError(*refusal)
+            status, code, message = refusal
+            bearer = request.headers.get("authorization", "").partition(" ")[2].strip()
+            raise _GraphError(status, code, message.replace("{token}", bearer))
         route = next(((m, h, p) for pattern, h, p in _ROUTES if (m := pattern.match(request.path))), None)
         if route is None:
             raise _GraphError(404, "ResourceNotFound", f"Resource not found for the segment '{request.path}'.")

@@ -603,8 +603,8 @@ class Worker:
         if resolution is None:
             gone = "the tenant was removed"
             return self._settle(c, finish, _every(c, (REFUSED, None, None, gone)), "permanent", gone)
-        if resolution.server is None:
-            if self.config.hold_when_disabled:
+        if resolution.server is None:  # disabled, or its stored settings don't load (broken_reason)
+            if self.config.hold_when_disabled or resolution.broken_reason is not None:
                 return finish("held", resolution.reason, status=HELD, count_attempt=False, last_error=resolution.reason)
             return self._retry_later(c, finish, "transient", resolution.reason, None, server=None)
         assert resolution.broken_reason is not None  # marked earlier: wait, without trying

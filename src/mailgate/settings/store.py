@@ -137,7 +137,9 @@ class ServerHealth:
 @dataclass(frozen=True)
 class Resolution:
     """Which mail server a tenant sends through, and why. `server` carries its secrets (as
-    SecretStr); it is None when sending is disabled for the tenant."""
+    SecretStr); it is None when sending is disabled for the tenant, or (with `broken_reason`)
+    when the server's stored settings don't load in this version: its messages are then held
+    until the settings are saved again."""
 
     tenant: str
     source: Literal["tenant", "global"] | None

@@ -278,7 +278,9 @@ class GraphTransport:
             parsed = None
         if r.status_code < 300:
             return parsed
-        return self._refusal(r.status_code, parsed, r.headers.get("Retry-After"), upload)
+        # Our access token (not on an upload: that URL is pre-authenticated) is never repeated.
+        bearer = headers.get("Authorization", "").removeprefix("Bearer ")
+        return self._refusal(r.status_code, parsed, r.headers.get("Retry-After"), upload, secrets=(bearer,))
 
     def _lost(self, what: str, final: bool) -> GraphError:
         if final:  # the request went out: Graph may have accepted it (reference §10.6)
@@ -286,7 +288,9 @@ class GraphTransport:
                               transient=True, uncertain=True)  # fmt: skip
         return GraphError(what, transient=True)
 
-    def _refusal(self, status: int, body: Any, retry_after_header: str | None, upload: bool) -> Any:
+    def _refusal(
+        self, status: int, body: Any, retry_after_header: str | None, upload: bool, *, secrets: tuple[str, ...] = ()
+    ) -> Any:
         # Only Graph's error shape ({"error": {"code", "message"}}), bounded: the endpoint is a
         # setting, and what it says is shown to the tenant's admin and stored.
         graph_code = message = None
@@ -294,7 +298,8 @@ class GraphTransport:
         if isinstance(error, dict):
             code = error.get("code")
             graph_code = code if isinstance(code, str) and _GRAPH_CODE.fullmatch(code) else None
-            message = foreign_text(error["message"]) if isinstance(error.get("message"), str) else None
+            text = error.get("message")
+            message = foreign_text(text, secrets=secrets) if isinstance(text, str) else None
         explanation = explain_graph_error(status, graph_code, delegated=self.delegated)
         said = f"HTTP {status}" + (f" {graph_code}" if graph_code else "") + (f": {message}" if message else "")
         text = f"Graph refused{' the upload' if upload else ''} ({said}). {explanation}"
