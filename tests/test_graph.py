@@ -265,9 +265,9 @@ async def test_permission_and_mailbox_refusals_mark_the_server_broken(
     assert reason is not None and expected in reason and "Fix:" in reason
 
 
-async def test_invalid_recipients_fail_the_message_not_the_server(
-    idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
-) -> None:
+async def send_raw(idp: FakeIdentityProvider, graph: FakeGraph, raw: bytes) -> Any:
+    """The one recipient's result of sending pre-built MIME to a@example.org straight through a
+    GraphTransport of graph_doc."""
     from mailgate.message import Envelope
     from mailgate.oauth import TokenCache, graph_token_source
     from mailgate.transports.graph import GraphTransport
@@ -276,32 +276,28 @@ async def test_invalid_recipients_fail_the_message_not_the_server(
     cache = TokenCache()
     try:
         transport = GraphTransport(server, cache.handle(graph_token_source(server)), cache.http)
-        # A pre-built message whose headers name no recipient: Graph has nobody to send to.
-        raw = b"From: notifications@contoso.example\r\nSubject: x\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n"
         delivery = await transport.send(Envelope(MAILBOX, ("a@example.org",)), raw)
     finally:
         await cache.aclose()
     [result] = delivery.results
+    return result
+
+
+async def test_invalid_recipients_fail_the_message_not_the_server(
+    idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
+) -> None:
+    # A pre-built message whose headers name no recipient: Graph has nobody to send to.
+    raw = b"From: notifications@contoso.example\r\nSubject: x\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n"
+    result = await send_raw(idp, graph, raw)
     assert result.outcome == "permanent" and result.code == 400 and "ErrorInvalidRecipients" in result.text
 
 
 async def test_an_access_token_graph_echoes_is_not_repeated(
     idp: FakeIdentityProvider, graph: FakeGraph, mg: Mailgate
 ) -> None:
-    from mailgate.message import Envelope
-    from mailgate.oauth import TokenCache, graph_token_source
-    from mailgate.transports.graph import GraphTransport
-
     graph.refuse_next(400, "ErrorInvalidRecipients", "Request with Bearer {token} has no valid recipient.")
-    server = parse_server(graph_doc(idp, graph))
-    cache = TokenCache()
-    try:
-        transport = GraphTransport(server, cache.handle(graph_token_source(server)), cache.http)
-        raw = b"From: notifications@contoso.example\r\nTo: a@example.org\r\nSubject: x\r\n\r\nbody\r\n"
-        delivery = await transport.send(Envelope(MAILBOX, ("a@example.org",)), raw)
-    finally:
-        await cache.aclose()
-    [result] = delivery.results
+    raw = b"From: notifications@contoso.example\r\nTo: a@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+    result = await send_raw(idp, graph, raw)
     assert idp.issued and result.outcome == "permanent" and "has no valid recipient" in result.text
     assert not [token for token in idp.issued if token[:40] in result.text], result.text  # not even cut short
     assert "[redacted]" in result.text
