@@ -68,7 +68,8 @@ FORBIDDEN_HEADERS = frozenset(
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ":"
 _MIME_TYPE = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
 # A MIME type, and at most one parameter: charset (a text file's bytes mean nothing without it).
-_CONTENT_TYPE = re.compile(rf'({_MIME_TYPE})(?:[ \t]*;[ \t]*charset=("?)([A-Za-z0-9][A-Za-z0-9_.+-]{{0,39}})\2)?', re.I)
+_CHARSET = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}"  # a charset's name (RFC 2978 names are at most 40 characters)
+_CONTENT_TYPE = re.compile(rf'({_MIME_TYPE})(?:[ \t]*;[ \t]*charset=("?)({_CHARSET})\2)?', re.I)
 # Codecs Python knows that are no MIME charset a mail client could read.
 _NOT_MIME_CHARSETS = frozenset(
     ("idna", "punycode", "unicode-escape", "raw-unicode-escape", "undefined", "charmap", "utf-8-sig", "mbcs", "oem")
@@ -448,9 +449,7 @@ class Message:
     ) -> Message:
         """A copy with what it leaves out taken from a mail server's settings: the From mailbox,
         Reply-To, and a Message-ID (in `domain`, else the From address's domain)."""
-        copy = Message.__new__(Message)
-        for slot in Message.__slots__:
-            setattr(copy, slot, getattr(self, slot))
+        copy = self._copy()
         if copy.from_ is None:
             copy.from_ = from_
         if not copy.reply_to:
@@ -473,10 +472,15 @@ class Message:
         moved = f"<{unique}@{domain}>"
         if moved == self.message_id or len(moved) > MAX_MESSAGE_ID_LENGTH:
             return self
+        copy = self._copy()
+        copy.message_id = moved
+        return copy
+
+    def _copy(self) -> Message:
+        """A copy to change before anyone sees it (a Message never changes once made)."""
         copy = Message.__new__(Message)
         for slot in Message.__slots__:
             setattr(copy, slot, getattr(self, slot))
-        copy.message_id = moved
         return copy
 
     def sender(self) -> Address:
@@ -645,7 +649,7 @@ def split_content_type(content_type: str) -> tuple[str, str | None]:
 
 def with_charset(content_type: str, charset: str | None) -> str:
     """`content_type` labelled with `charset` when that is a charset mailgate knows, else as it is."""
-    if charset is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}", charset) or not mime_charset(charset):
+    if charset is None or not re.fullmatch(_CHARSET, charset) or not mime_charset(charset):
         return content_type
     return f"{content_type}; charset={charset}"
 

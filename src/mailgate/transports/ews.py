@@ -148,8 +148,8 @@ class EWSTransport:
         # What Exchange may echo in an error text that must not reach the attempt log: the
         # password, the Basic credentials, the user name (_redacted: also its user part), the
         # access tokens of the latest requests (_bearers: a renewed one while the old is in flight).
-        basic = base64.b64encode(f"{self._username}:{self._password or ''}".encode()).decode("ascii")
-        self._secrets: tuple[str | None, ...] = (self._password, basic) if self._username else (self._password,)
+        self._basic = base64.b64encode(f"{self._username}:{self._password or ''}".encode()).decode("ascii")
+        self._secrets: tuple[str | None, ...] = (self._password, self._basic) if self._username else (self._password,)
         self._bearers: collections.deque[str] = collections.deque(maxlen=4)
         self._new_http = new_http
         self._lanes: list[httpx2.AsyncClient] = []  # NTLM: idle clients, each one authenticated connection
@@ -287,8 +287,7 @@ class EWSTransport:
                 if token.value not in self._bearers:
                     self._bearers.append(token.value)
             else:
-                pair = f"{self._username}:{self._password or ''}".encode()
-                authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+                authorization = "Basic " + self._basic
             try:
                 return await self._post(self.http, url, body, authorization, final=final)
             except _Unauthorized as u:
